@@ -1,0 +1,63 @@
+# paraformer-edu: the two commands of the README are `make book` and `make test`.
+# Both do all the set-up on a fresh machine (a virtual environment in .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The corpus and other caches live inside the checkout, so a fresh clone builds its own.
+export PARAFORMER_EDU_CACHE ?= $(CURDIR)/.cache
+export PYTHONWARNINGS ?= ignore::DeprecationWarning:jupyter_client.connect
+export MPLBACKEND ?= Agg
+CHAPTERS := $(sort $(wildcard chapters/[0-9][0-9]_*.py))
+NOTEBOOKS := $(CHAPTERS:.py=.ipynb)
+NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=3600 --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: book test setup export sync execute check-sync html clean
+
+## book: set up, execute every chapter in order (stores outputs), build the HTML book
+book: setup export sync execute html
+
+## test: set up, check package and pairs are in sync, run pytest and nbval, build the book
+test: setup
+	$(BIN)/python tools/export.py --check
+	$(BIN)/python tools/check_pairs.py
+	$(BIN)/python -m pytest tests $(NOTEBOOKS) $(NBVAL) -q
+	$(MAKE) html
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+## export: write paraformer_edu/<module>.py from the chapters' exported cells
+export: setup
+	$(BIN)/python tools/export.py
+
+## sync: update every chapter's .ipynb from its .py (inputs only; outputs kept)
+sync: setup
+	for f in $(CHAPTERS); do $(BIN)/jupytext --to ipynb --update -q $$f || exit 1; done
+
+## execute: run chapters (all, or CH=01_speech_as_data) top to bottom in a fresh kernel, storing outputs
+execute: setup
+	for f in $(if $(CH),chapters/$(CH).ipynb,$(NOTEBOOKS)); do \
+	  echo "executing $$f"; \
+	  $(BIN)/jupytext --to ipynb --update -q $${f%.ipynb}.py && \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=3600 --log-level=WARN $$f || exit 1; \
+	done
+
+check-sync: setup
+	$(BIN)/python tools/export.py --check
+	$(BIN)/python tools/check_pairs.py
+
+## html: build the book from the stored outputs (Jupyter Book 1, warnings are errors)
+html: setup
+	$(BIN)/jupyter-book build . -W -n --keep-going -q
+
+clean:
+	rm -rf _build
