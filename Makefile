@@ -18,12 +18,12 @@ NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=3600 --nbval-sanitize-
 ## book: set up, execute every chapter in order (stores outputs), build the HTML book
 book: setup export sync execute html
 
-## test: set up, check package and pairs are in sync, run pytest and nbval, build the book
+## test: set up, check package and pairs are in sync, build the book, run pytest and nbval
 test: setup
 	$(BIN)/python tools/export.py --check
 	$(BIN)/python tools/check_pairs.py
+	$(MAKE) --no-print-directory html
 	$(BIN)/python -m pytest tests $(NOTEBOOKS) $(NBVAL) -q
-	$(MAKE) html
 
 setup: $(VENV)/.installed
 
