@@ -1,0 +1,724 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The encoder
+#
+# Chapter 1 turned speech into 60 ms frames of 560 numbers, and chapter 3 built
+# attention. This chapter puts them together into Paraformer's **encoder**: the network
+# that reads the frames $X \in \mathbb{R}^{T \times 560}$ and writes one vector per frame,
+# $H \in \mathbb{R}^{T \times D}$, for the predictor (chapter 5) and the decoder to use.
+#
+# Paraformer's encoder is a stack of **SAN-M** layers {cite:p}`gao2020sanm`: a Transformer
+# encoder layer whose self-attention carries a small **memory block** (an FSMN, a
+# depthwise convolution over time) on its values. Attention sees the whole utterance;
+# the memory block adds the local context that speech is full of (a phone lasts a few
+# frames) for a few thousand parameters.
+#
+# On top of the encoder sits a **CTC head** {cite:p}`graves2006ctc`: a linear layer that
+# predicts, at every frame, a token or a *blank*. Paraformer trains it as an auxiliary
+# loss; on its own it is already a complete recognizer. We derive its loss from scratch.
+#
+# **Learning goals.** After this chapter you can
+#
+# - write the FSMN memory block, see its receptive field, and say why it must be masked
+#   at the padding both before and after its convolution;
+# - assemble the SAN-M layer (chapter 3's multi-head attention plus the memory block,
+#   pre-LayerNorm, feed-forward) and the encoder, whose first layer maps the 560-d
+#   input to the model width;
+# - count the parameters of each part and measure how the forward time grows with
+#   the input length, and so size an encoder that trains on a 2-core CPU;
+# - derive the CTC loss (collapse, the extended label sequence, the forward algorithm in
+#   log space) and check it against `torch.nn.functional.ctc_loss`;
+# - decode a CTC output greedily.
+
+# %%
+# In Colab, install the book's package first:
+# # !pip install -q "paraformer-edu[book] @ git+https://github.com/paraformer-edu/paraformer-edu"
+import itertools
+import math
+import time
+from dataclasses import replace
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import paraformer_edu
+
+torch.manual_seed(0)
+print("paraformer_edu", paraformer_edu.__version__)
+
+# %% [markdown]
+# ## The memory block (FSMN)
+#
+# A feedforward sequential memory network (FSMN) gives every frame a *memory* of its
+# neighbours: a learned, per-channel weighted sum of the frames around it. SAN-M applies
+# it to the values $V = X W^V$ of self-attention, in the symmetric form FunASR uses,
+# with a window of $2N+1$ frames ($N = 5$: kernel size 11, 5 frames each side):
+#
+# $$
+# m_t = v_t + \sum_{i=-N}^{N} a_i \odot v_{t+i}
+# $$
+#
+# where $a_i \in \mathbb{R}^D$ are learned and $\odot$ multiplies channel by channel.
+# That is a *depthwise* 1-d convolution (one filter per channel, `groups=D`, no bias)
+# plus a skip connection. Batches are padded, so two details matter:
+#
+# - **mask before the convolution**: frames past the end of an utterance hold padding,
+#   and the last $N$ valid frames would otherwise mix it into their memory;
+# - **mask after it**: the convolution spreads valid frames into the padding; zeroing
+#   the output there keeps padded frames at zero for everything downstream.
+#
+# With the padding mask $M_t \in \{0, 1\}$ (1 on valid frames) the block computes
+# $m_t = M_t \big(M_t v_t + \sum_i a_i \odot M_{t+i} v_{t+i}\big)$.
+
+# %%
+#| default_exp encoder
+#| export
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# %%
+#| export
+class FSMNMemory(nn.Module):
+    """SAN-M's memory block: m = v + depthwise Conv1d(v) over time, masked at the padding."""
+
+    def __init__(self, d_model: int, kernel_size: int = 11, shift: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=False)
+        left = (kernel_size - 1) // 2 + shift  # shift > 0 looks further into the past
+        self.padding = (left, kernel_size - 1 - left)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Memory of the values v (B, T, D) given the padding mask (B, T), True on valid frames."""
+        keep = mask.unsqueeze(-1).to(v.dtype)  # (B, T, 1)
+        v = v * keep  # (B, T, D): padding cannot leak into valid frames
+        m = self.conv(F.pad(v.transpose(1, 2), self.padding))  # (B, D, T)
+        m = self.dropout(m.transpose(1, 2) + v)  # (B, T, D)
+        return m * keep  # (B, T, D): valid frames cannot leak into padding
+
+
+# %% [markdown]
+# An independent reference, one frame at a time, straight from the equation, checks
+# the convolution's orientation and padding (a padded batch of two utterances):
+
+# %%
+def fsmn_reference(block, v, lengths):
+    """The memory m_t = v_t + sum_i a_i * v_{t+i}, looping over frames of each utterance."""
+    a = block.conv.weight[:, 0, :]  # (D, K): the filter a_i of every channel
+    left = block.padding[0]
+    m = torch.zeros_like(v)  # (B, T, D)
+    for b, length in enumerate(lengths.tolist()):
+        for t in range(length):
+            for j in range(a.size(1)):
+                if 0 <= t + j - left < length:
+                    m[b, t] += a[:, j] * v[b, t + j - left]  # (D,)
+            m[b, t] += v[b, t]  # (D,)
+    return m
+
+
+block = FSMNMemory(d_model=8, kernel_size=11)
+v = torch.randn(2, 20, 8)  # (B, T, D)
+lengths = torch.tensor([20, 13])  # (B,)
+mask = torch.arange(20) < lengths[:, None]  # (B, T)
+with torch.no_grad():
+    diff = (block(v, mask) - fsmn_reference(block, v, lengths)).abs().max().item()  # scalar
+print(f"FSMN block vs frame-by-frame reference: max abs diff {diff:.0e}")
+assert diff < 1e-6
+
+# %% [markdown]
+# **What a frame remembers.** Send an impulse (one valid frame set to 1) through the
+# block: its output is the filter itself, spread over 11 frames. Stacking layers widens
+# the window by $2N = 10$ frames per layer: through six layers a frame's memory alone
+# spans $6 \cdot 10 + 1 = 61$ frames, 3.7 seconds at 60 ms. (Attention, meanwhile, sees
+# the whole utterance from the first layer.) The right panel also shows the masks at
+# work: an impulse in the last valid frame does not spill into the padding.
+
+# %%
+torch.manual_seed(0)
+blocks = [FSMNMemory(d_model=1, kernel_size=11) for _ in range(6)]
+T = 80
+impulse = torch.zeros(1, T, 1)  # (B, T, D)
+impulse[0, 40] = 1.0
+mask = torch.ones(1, T, dtype=torch.bool)  # (B, T)
+spread = []
+with torch.no_grad():
+    x = impulse
+    for blk in blocks:
+        x = blk(x, mask)  # (B, T, D)
+        spread.append(x[0, :, 0].abs())  # (T,)
+    short = torch.arange(T)[None] < 61  # (B, T): an utterance of 61 frames
+    end = torch.zeros(1, T, 1)  # (B, T, D)
+    end[0, 60] = 1.0
+    at_end = blocks[0](end, short)[0, :, 0]  # (T,)
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90)
+for n, s in enumerate(spread, 1):
+    if n in (1, 2, 4, 6):
+        axes[0].plot((s / s.max()).numpy(), label=f"{n} layer{'s' * (n > 1)}")
+axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks",
+            xlabel="frame (60 ms)", ylabel="|memory| (normalised)")
+axes[0].legend(fontsize=8)
+axes[1].stem(at_end.numpy(), basefmt=" ")
+axes[1].axvspan(60.5, T, color="0.85", label="padding")
+axes[1].set(title="Impulse at the last valid frame (61 frames)", xlabel="frame")
+axes[1].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+width = [int((s > 0).sum()) for s in spread]
+print("frames reached after 1..6 blocks:", width)
+print("memory that leaks into the padding:", float(at_end[61:].abs().sum()))
+
+# %% [markdown]
+# ## SAN-M: self-attention with a memory
+#
+# A SAN-M self-attention layer computes queries, keys and values from its input $X$,
+# runs chapter 3's multi-head attention, and adds the memory of the values
+# {cite:p}`gao2020sanm`:
+#
+# $$
+# \operatorname{SANM}(X) = \operatorname{MultiHead}(Q, K, V) + \operatorname{FSMN}(V),
+# \qquad Q = XW^Q,\; K = XW^K,\; V = XW^V
+# $$
+#
+# The memory is added *after* the attention's output projection $W^O$ and is not
+# projected itself. Attention gives every frame a content-based view of the whole
+# utterance; the memory gives it a fixed, position-based view of its neighbourhood,
+# for $D \cdot 11$ parameters (2,112 at $D = 192$, against $4D^2 \approx 147{,}000$ for
+# the attention's projections). Keys at padded frames are masked, as in chapter 3.
+#
+# The input width $d_\text{in}$ may differ from the model width $D$: the encoder's first
+# layer reads the 560-d features directly and its projections $W^Q, W^K, W^V$ map them
+# to $D$. With `kernel_size=0` there is no memory block, and the layer is a plain
+# Transformer self-attention: the comparison we need later.
+
+# %%
+#| export
+class SANMAttention(nn.Module):
+    """SAN-M self-attention: multi-head attention plus the FSMN memory of its values."""
+
+    def __init__(self, d_in: int, d_model: int, n_heads: int, kernel_size: int = 11,
+                 dropout: float = 0.0, attention_dropout: float = 0.0):
+        super().__init__()
+        assert d_model % n_heads == 0, "d_model must be a multiple of n_heads"
+        self.n_heads, self.d_k = n_heads, d_model // n_heads
+        self.linear_q = nn.Linear(d_in, d_model)
+        self.linear_k = nn.Linear(d_in, d_model)
+        self.linear_v = nn.Linear(d_in, d_model)
+        self.linear_out = nn.Linear(d_model, d_model)
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.memory = FSMNMemory(d_model, kernel_size, dropout=dropout) if kernel_size > 0 else None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, h, T, d_k)."""
+        return x.view(x.size(0), x.size(1), self.n_heads, self.d_k).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """SANM(X) for x (B, T, d_in) and the padding mask (B, T); returns (B, T, D)."""
+        B, T, _ = x.shape
+        q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)  # (B, T, D) each
+        scores = self._split(q) @ self._split(k).transpose(-2, -1) / math.sqrt(self.d_k)  # (B, h, T, T)
+        scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)  # (B, h, T, T): no padded keys
+        weights = self.attention_dropout(scores.softmax(-1))  # (B, h, T, T)
+        heads = weights @ self._split(v)  # (B, h, T, d_k)
+        y = self.linear_out(heads.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        if self.memory is not None:
+            y = y + self.memory(v, mask)  # (B, T, D)
+        return y
+
+
+# %% [markdown]
+# ## The encoder layer
+#
+# Around the attention sits the usual Transformer machinery, with the LayerNorm
+# *before* each sub-layer (pre-LN, easier to train without a long warm-up) and a
+# position-wise feed-forward network $\operatorname{FFN}(x) = W_2 \operatorname{ReLU}(W_1 x + b_1) + b_2$
+# of width $d_\text{ffn} = 4D$:
+#
+# $$
+# Y = X + \operatorname{SANM}(\operatorname{LN}(X)), \qquad
+# Z = Y + \operatorname{FFN}(\operatorname{LN}(Y))
+# $$
+#
+# (dropout on each sub-layer's output in training). The first layer cannot add its
+# 560-d input to a $D$-wide output, so, as in FunASR, it has **no residual** around its
+# attention: $Y = \operatorname{SANM}(\operatorname{LN}(X))$. Its projections do the
+# work of an input layer. (The alternative, a `Linear(560, D)` in front of identical
+# layers, costs about the same; we follow the reference implementation.)
+
+# %%
+#| export
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network W2 ReLU(W1 x + b1) + b2."""
+
+    def __init__(self, d_model: int, d_ffn: int, dropout: float = 0.0):
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, d_ffn)
+        self.w_2 = nn.Linear(d_ffn, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FFN(x) for x (B, T, D)."""
+        return self.w_2(self.dropout(torch.relu(self.w_1(x))))  # (B, T, D)
+
+
+class SANMEncoderLayer(nn.Module):
+    """Pre-LN SAN-M encoder layer; no residual around the attention when d_in != d_model."""
+
+    def __init__(self, d_in: int, d_model: int, n_heads: int, d_ffn: int,
+                 kernel_size: int = 11, dropout: float = 0.1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_in)
+        self.self_attn = SANMAttention(d_in, d_model, n_heads, kernel_size, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.feed_forward = FeedForward(d_model, d_ffn, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.residual = d_in == d_model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One layer: x (B, T, d_in), mask (B, T) -> (B, T, D)."""
+        y = self.dropout(self.self_attn(self.norm1(x), mask))  # (B, T, D)
+        x = x + y if self.residual else y  # (B, T, D)
+        return x + self.dropout(self.feed_forward(self.norm2(x)))  # (B, T, D)
+
+
+# %% [markdown]
+# **A Transformer layer beside it.** With `kernel_size=0` the same class is a pre-LN
+# Transformer encoder layer, which PyTorch implements too: copy the weights into
+# `torch.nn.TransformerEncoderLayer(norm_first=True)` and the outputs agree. The SAN-M
+# layer with the same weights differs by exactly its memory term (checked here after
+# the attention sub-layer, where the memory enters).
+
+# %%
+torch.manual_seed(0)
+d, h, f = 16, 4, 64
+ours = SANMEncoderLayer(d, d, h, f, kernel_size=0, dropout=0.0).eval()
+ref = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=True, norm_first=True).eval()
+with torch.no_grad():
+    attn = ours.self_attn
+    ref.self_attn.in_proj_weight.copy_(torch.cat([attn.linear_q.weight, attn.linear_k.weight, attn.linear_v.weight]))
+    ref.self_attn.in_proj_bias.copy_(torch.cat([attn.linear_q.bias, attn.linear_k.bias, attn.linear_v.bias]))
+    ref.self_attn.out_proj.load_state_dict(attn.linear_out.state_dict())
+    ref.linear1.load_state_dict(ours.feed_forward.w_1.state_dict())
+    ref.linear2.load_state_dict(ours.feed_forward.w_2.state_dict())
+    ref.norm1.load_state_dict(ours.norm1.state_dict())
+    ref.norm2.load_state_dict(ours.norm2.state_dict())
+
+    x = torch.randn(3, 12, d)  # (B, T, D)
+    lengths = torch.tensor([12, 9, 5])  # (B,)
+    mask = torch.arange(12) < lengths[:, None]  # (B, T)
+    valid = mask[..., None]  # (B, T, 1)
+    diff = ((ours(x, mask) - ref(x, src_key_padding_mask=~mask)) * valid).abs().max().item()
+    print(f"kernel_size=0 vs torch.nn.TransformerEncoderLayer: max abs diff {diff:.0e}")
+    assert diff < 1e-5
+
+    sanm = SANMAttention(d, d, h, kernel_size=11)
+    plain = SANMAttention(d, d, h, kernel_size=0)
+    plain.load_state_dict(sanm.state_dict(), strict=False)  # the same projections, no memory
+    memory = sanm.memory(sanm.linear_v(x), mask)  # (B, T, D)
+    diff = (sanm(x, mask) - plain(x, mask) - memory).abs().max().item()
+    print(f"SAN-M attention - plain attention - FSMN(V): max abs diff {diff:.0e}")
+    assert diff < 1e-5
+
+# %% [markdown]
+# ## The encoder
+#
+# The encoder takes chapter 1's features, 60 ms low-frame-rate frames of 560 numbers
+# (7 stacked 80-d fbank frames) normalised by the global CMVN. As in FunASR, it scales
+# them by $\sqrt{D}$ and adds sinusoidal positions (chapter 3) of the input width:
+#
+# $$
+# X'_t = \sqrt{D}\, X_t + \operatorname{PE}_t
+# $$
+#
+# then runs $L$ layers and a final LayerNorm. Because a LayerNorm comes first in layer
+# 0, the scale is not a gain: $\operatorname{LN}(\sqrt{D}\,x + p) \approx
+# \operatorname{LN}(x + p / \sqrt{D})$, so it sets how loudly the positions speak
+# relative to the features (at $D = 192$, about $1/14$). Output frames past an
+# utterance's length are set to zero, and the lengths pass through unchanged (LFR already
+# did the subsampling).
+#
+# The book's default sizes are below; the section on size and speed explains them.
+
+# %%
+#| export
+def _sinusoidal_positions(length: int, d: int) -> torch.Tensor:
+    """Sinusoidal position encodings (T, d): sin on even, cos on odd channels."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]  # (T, 1)
+    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (d/2,)
+    pe = torch.zeros(length, d)  # (T, d)
+    pe[:, 0::2] = torch.sin(position * frequency)  # (T, d/2)
+    pe[:, 1::2] = torch.cos(position * frequency)  # (T, d/2)
+    return pe
+
+
+# %%
+#| export
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Sizes of the SAN-M encoder; the defaults are the book's model, sized for a 2-core CPU."""
+
+    d_input: int = 560  # LFR features: 7 stacked 80-d fbank frames
+    d_model: int = 192
+    n_heads: int = 4
+    n_layers: int = 6
+    d_ffn: int = 768  # 4 * d_model
+    kernel_size: int = 11  # FSMN memory: 5 frames each side; 0 = plain Transformer layers
+    dropout: float = 0.1
+
+
+class SANMEncoder(nn.Module):
+    """Paraformer's encoder: scaled input + positions, SAN-M layers, final LayerNorm."""
+
+    def __init__(self, config: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        self.config = c = config
+        self.layers = nn.ModuleList(
+            SANMEncoderLayer(c.d_input if i == 0 else c.d_model, c.d_model, c.n_heads, c.d_ffn,
+                             c.kernel_size, c.dropout) for i in range(c.n_layers))
+        self.after_norm = nn.LayerNorm(c.d_model)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, d_model) and lengths."""
+        mask = torch.arange(x.size(1), device=x.device) < lengths[:, None]  # (B, T)
+        x = x.masked_fill(~mask[..., None], 0.0)  # (B, T, d_input): whatever the padding held
+        pe = _sinusoidal_positions(x.size(1), x.size(2)).to(x)  # (T, d_input)
+        x = x * math.sqrt(self.config.d_model) + pe  # (B, T, d_input)
+        for layer in self.layers:
+            x = layer(x, mask)  # (B, T, D)
+        h = self.after_norm(x).masked_fill(~mask[..., None], 0.0)  # (B, T, D)
+        return h, lengths
+
+
+# %%
+torch.manual_seed(0)
+config = EncoderConfig()
+encoder = SANMEncoder(config).eval()
+print(config)
+x = torch.randn(4, 50, config.d_input)  # (B, T, 560): stands in for chapter 1's features
+lengths = torch.tensor([50, 41, 30, 7])  # (B,)
+with torch.no_grad():
+    h, h_lengths = encoder(x, lengths)  # (B, T, D), (B,)
+print("features", tuple(x.shape), "-> h", tuple(h.shape), "lengths", h_lengths.tolist())
+
+# %% [markdown]
+# Two properties a padded batch must have, checked on the untrained encoder in
+# evaluation mode (dropout off): each utterance encodes the same alone as in the batch,
+# and the values in the padding do not matter (fill it with large garbage: the valid
+# outputs do not move, the padded ones stay zero). The FSMN masks and the attention's
+# key mask are what make both true.
+
+# %%
+with torch.no_grad():
+    alone = [encoder(x[b:b + 1, :n], lengths[b:b + 1])[0][0] for b, n in enumerate(lengths.tolist())]
+    diff = max((h[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(lengths.tolist()))
+    print(f"batched vs one at a time: max abs diff {diff:.0e}")
+    assert diff < 1e-5
+
+    mask = torch.arange(50) < lengths[:, None]  # (B, T)
+    garbage = x.masked_fill(~mask[..., None], 1e4) + 100 * torch.randn_like(x) * ~mask[..., None]  # (B, T, 560)
+    h_garbage, _ = encoder(garbage, lengths)  # (B, T, D)
+    diff = (h_garbage - h).abs().max().item()
+    print(f"garbage in the padding: max abs change of the outputs {diff:.0e}")
+    assert diff < 1e-5
+
+# %% [markdown]
+# ## CTC: a loss without alignments
+#
+# The encoder emits $T$ frames; the transcript has $U$ tokens, $U < T$, and nobody told
+# us which frames belong to which token. Connectionist temporal classification
+# {cite:p}`graves2006ctc` sidesteps the question: the model predicts, at every frame,
+# a distribution over the vocabulary plus one extra symbol, the **blank** `_` ("no new
+# token here"). A frame-level path $\pi \in \{\_, \ldots\}^T$ maps to a transcript by
+# the **collapse** $\mathcal{B}$: merge repeated symbols, then drop the blanks. With
+# the alphabet $\{\_, E, R, O\}$:
+#
+# $$
+# \mathcal{B}(\texttt{\_ER\_RRR\_ORR}) = \texttt{ERROR}
+# $$
+#
+# The blank between the two `R`s is what keeps them apart: `_ERRRRR_ORR` collapses to
+# `EROR`.
+
+# %%
+#| export
+def ctc_collapse(path: list[int], blank: int = 0) -> list[int]:
+    """The CTC collapse B: merge repeated symbols, then drop blanks."""
+    merged = [s for i, s in enumerate(path) if i == 0 or s != path[i - 1]]
+    return [s for s in merged if s != blank]
+
+
+# %%
+alphabet = "_ERO"  # blank is symbol 0
+encode = lambda text: [alphabet.index(c) for c in text]
+decode = lambda ids: "".join(alphabet[i] for i in ids)
+for path in ["_ER_RRR_ORR", "EERRR_ROOR_", "_ERRRRR_ORR", "ER_ROR"]:
+    print(f"{path:>12} -> {decode(ctc_collapse(encode(path)))}")
+assert decode(ctc_collapse(encode("_ER_RRR_ORR"))) == "ERROR"
+
+# %% [markdown]
+# CTC assumes the frames are conditionally independent given the input, so a path has
+# probability $\prod_t p_t(\pi_t)$, where $p_t$ is the softmax output at frame $t$.
+# The probability of a transcript $y$ sums over every path that collapses to it, and
+# the loss is its negative log:
+#
+# $$
+# P(y \mid X) = \sum_{\pi \in \mathcal{B}^{-1}(y)} \prod_{t=1}^{T} p_t(\pi_t),
+# \qquad \mathcal{L}_\text{CTC} = -\log P(y \mid X)
+# $$
+#
+# For a tiny case we can enumerate all $4^T$ paths: with $T = 7$ frames, there are
+# 16,384 of them.
+
+# %%
+def ctc_brute_force(log_probs, target, blank=0):
+    """-log P(y|X) by enumerating every path (tiny T and V only)."""
+    T, V = log_probs.shape
+    total, count = torch.tensor(0.0, dtype=log_probs.dtype), 0
+    for path in itertools.product(range(V), repeat=T):
+        if ctc_collapse(list(path), blank) == target:
+            total = total + log_probs[torch.arange(T), list(path)].sum().exp()  # scalar
+            count += 1
+    return -total.log(), count
+
+
+torch.manual_seed(0)
+log_probs = torch.randn(7, 4, dtype=torch.float64).log_softmax(-1)  # (T, V)
+brute, n_paths = ctc_brute_force(log_probs, encode("ERROR"))
+print(f"{n_paths} of {4 ** 7} paths collapse to ERROR; -log P = {brute.item():.6f}")
+
+# %% [markdown]
+# Enumeration grows as $V^T$; the **forward algorithm** does the same sum in
+# $O(T \cdot U)$. Write the target with a blank before, between and after its tokens,
+# the **extended label sequence** $y'$ of length $S = 2U + 1$:
+# `ERROR` $\to$ `_E_R_R_O_R_`. Every valid path walks through $y'$ from left to right,
+# one state per frame: it stays, moves one state on, or skips a blank, a skip
+# being allowed only into a token that differs from the token two states back (the
+# blank between the two `R`s cannot be skipped). The forward variable
+# $\alpha_t(s)$, the total probability of all path prefixes that end in state $s$ at
+# frame $t$, obeys
+#
+# $$
+# \alpha_t(s) = \Big(\alpha_{t-1}(s) + \alpha_{t-1}(s-1)
+#   + [\,y'_s \ne \_ \,\wedge\, y'_s \ne y'_{s-2}\,]\; \alpha_{t-1}(s-2)\Big)\, p_t(y'_s)
+# $$
+#
+# starting from $\alpha_1(1) = p_1(\_)$, $\alpha_1(2) = p_1(y_1)$, and a path must end
+# in the last token or the final blank: $P(y \mid X) = \alpha_T(S) + \alpha_T(S-1)$.
+# Products of hundreds of probabilities underflow, so we work with $\log \alpha$:
+# products become sums and sums become `logsumexp`.
+
+# %%
+#| export
+def extend_with_blanks(target: torch.Tensor, blank: int = 0) -> torch.Tensor:
+    """The extended label sequence y' = (_, y1, _, y2, ..., yU, _) of length 2U+1."""
+    ext = torch.full((2 * len(target) + 1,), blank, dtype=torch.long)  # (S,)
+    ext[1::2] = target  # (S,)
+    return ext
+
+
+def ctc_trellis(log_probs: torch.Tensor, target: torch.Tensor, blank: int = 0) -> torch.Tensor:
+    """The forward variables log alpha_t(s) of one utterance: log_probs (T, V) -> (T, S)."""
+    ext = extend_with_blanks(target, blank)  # (S,)
+    emit = log_probs[:, ext]  # (T, S): log p_t(y'_s)
+    can_skip = torch.zeros(len(ext), dtype=torch.bool)  # (S,)
+    can_skip[2:] = (ext[2:] != blank) & (ext[2:] != ext[:-2])
+    alpha = torch.full_like(emit, -math.inf)  # (T, S)
+    alpha[0, :2] = emit[0, :2]
+    for t in range(1, len(emit)):
+        stay = alpha[t - 1]  # (S,)
+        step = F.pad(alpha[t - 1, :-1], (1, 0), value=-math.inf)  # (S,): from s-1
+        skip = F.pad(alpha[t - 1, :-2], (2, 0), value=-math.inf)  # (S,): from s-2
+        skip = skip.masked_fill(~can_skip, -math.inf)  # (S,)
+        alpha[t] = torch.logsumexp(torch.stack([stay, step, skip]), 0) + emit[t]  # (S,)
+    return alpha
+
+
+# %%
+alpha = ctc_trellis(log_probs, torch.tensor(encode("ERROR")))  # (T, S)
+forward = -torch.logaddexp(alpha[-1, -1], alpha[-1, -2])  # scalar
+library = F.ctc_loss(log_probs[:, None], torch.tensor([encode("ERROR")]),  # (T, B=1, V) layout
+                     torch.tensor([7]), torch.tensor([5]), reduction="sum")
+print(f"brute force {brute.item():.6f} | forward algorithm {forward.item():.6f} | F.ctc_loss {library.item():.6f}")
+diff = max(abs(forward - brute).item(), abs(forward - library).item())
+print(f"max abs diff {diff:.0e}")
+assert diff < 1e-9
+
+# %% [markdown]
+# The same recursion with every probability set to 1 *counts* the paths (a check on the
+# transition rule, not only on the arithmetic), and on a longer utterance the trellis
+# shows where the probability flows. Below, 11 frames whose outputs favour the path
+# `_ER_RRR_ORR`: the bright cells follow it, and the cells a valid path can never reach
+# (top right, bottom left) stay empty.
+
+# %%
+counted = ctc_trellis(torch.zeros(7, 4, dtype=torch.float64), torch.tensor(encode("ERROR")))  # (T, S)
+n_counted = round(torch.logaddexp(counted[-1, -1], counted[-1, -2]).exp().item())
+print("paths counted by the recursion:", n_counted)
+assert n_counted == n_paths
+
+torch.manual_seed(0)
+path = encode("_ER_RRR_ORR")
+logits = 0.5 * torch.randn(11, 4) + 3 * F.one_hot(torch.tensor(path), 4)  # (T, V)
+alpha = ctc_trellis(logits.log_softmax(-1), torch.tensor(encode("ERROR")))  # (T, S)
+states = [0, 1, 3, 4, 5, 5, 5, 6, 7, 9, 9]  # where `_ER_RRR_ORR` sits in `_E_R_R_O_R_`
+
+fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+image = ax.imshow(alpha.T.masked_fill(alpha.T.isinf(), float("nan")).numpy(), origin="lower", cmap="viridis", aspect="auto")
+ax.plot(range(11), states, "w.-", label="path _ER_RRR_ORR")
+ax.set_yticks(range(11), list("_E_R_R_O_R_"))
+ax.set_xticks(range(11), list("_ER_RRR_ORR"))
+ax.set(xlabel="frame t (the path's symbol)", ylabel="state s of y'", title=r"CTC trellis: $\log \alpha_t(s)$")
+fig.colorbar(image, ax=ax)
+ax.legend(loc="upper left", fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **The batched loss.** Training needs the loss of a padded batch: log-probabilities
+# $(B, T, V)$ with lengths $T_b$, and padded targets $(B, U)$ with lengths $U_b$. The
+# recursion runs over time once for the whole batch, vectorised over utterances and
+# states; an utterance's $\alpha$ stops changing after its last frame, and its end
+# states $2U_b$ and $2U_b - 1$ are picked per utterance. Two practical details: a large
+# negative number stands in for $\log 0$ (a true $-\infty$ makes `logsumexp`'s gradient
+# `nan` on unreachable states), and the reductions follow `F.ctc_loss` (`"mean"` divides
+# each loss by its target length, then averages over the batch). Unlike `F.ctc_loss`,
+# which wants $(T, B, V)$, ours takes the batch-first layout the encoder produces.
+
+# %%
+#| export
+_LOG_ZERO = -1e30  # log 0 that keeps gradients finite
+
+
+def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+             target_lengths: torch.Tensor, blank: int = 0, reduction: str = "mean") -> torch.Tensor:
+    """CTC loss by the forward algorithm in log space; log_probs (B, T, V), targets (B, U)."""
+    B, T, V = log_probs.shape
+    valid = torch.arange(targets.size(1), device=targets.device) < target_lengths[:, None]  # (B, U)
+    ext = torch.full((B, 2 * targets.size(1) + 1), blank, dtype=torch.long, device=targets.device)  # (B, S)
+    ext[:, 1::2] = targets.masked_fill(~valid, blank)  # (B, S)
+    can_skip = F.pad((ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2]), (2, 0))  # (B, S)
+    emit = log_probs.gather(2, ext.unsqueeze(1).expand(B, T, -1))  # (B, T, S)
+    alpha = F.pad(emit[:, 0, :2], (0, ext.size(1) - 2), value=_LOG_ZERO)  # (B, S)
+    for t in range(1, T):
+        step = F.pad(alpha[:, :-1], (1, 0), value=_LOG_ZERO)  # (B, S)
+        skip = F.pad(alpha[:, :-2], (2, 0), value=_LOG_ZERO).masked_fill(~can_skip, _LOG_ZERO)  # (B, S)
+        new = torch.logsumexp(torch.stack([alpha, step, skip]), 0) + emit[:, t]  # (B, S)
+        alpha = torch.where((t < input_lengths)[:, None], new, alpha)  # (B, S)
+    end = 2 * target_lengths[:, None]  # (B, 1)
+    last = alpha.gather(1, end).squeeze(1)  # (B,)
+    before = alpha.gather(1, (end - 1).clamp(min=0)).squeeze(1).masked_fill(target_lengths == 0, _LOG_ZERO)  # (B,)
+    loss = -torch.logaddexp(last, before)  # (B,)
+    loss = loss.masked_fill(loss > -_LOG_ZERO / 2, math.inf)  # (B,): no valid path
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return (loss / target_lengths.clamp(min=1)).mean()
+
+
+# %% [markdown]
+# Check it against `F.ctc_loss` on random logits: batches with padding in both the frames
+# and the targets, an empty target, repeated tokens, every reduction, and the gradients.
+# One subtlety: compare the gradients with respect to the **logits**. PyTorch's
+# `ctc_loss` backward returns a gradient for `log_probs` that is only correct once it has
+# gone back through a `log_softmax` (its formula folds in the softmax); after the
+# `log_softmax` the two agree exactly.
+
+# %%
+def compare_with_torch(seed, B=5, T=40, V=7, U=12, dtype=torch.float64):
+    """Largest |ours - F.ctc_loss| over the three reductions, for loss and logit gradients."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=dtype, requires_grad=True)  # (B, T, V)
+    input_lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # (B,)
+    input_lengths[0] = T
+    target_lengths = torch.randint(0, U + 1, (B,), generator=g).clamp(max=input_lengths // 2)  # (B,)
+    targets = torch.randint(1, V, (B, U), generator=g)  # (B, U), padded with random tokens
+    targets[1, :4] = torch.tensor([3, 3, 3, 3])  # repeats need blanks between them
+    worst = 0.0
+    for reduction in ["none", "sum", "mean"]:
+        log_probs = logits.log_softmax(-1)  # (B, T, V)
+        ours = ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction=reduction)
+        g_ours, = torch.autograd.grad(ours.sum(), logits)  # (B, T, V)
+        log_probs = logits.log_softmax(-1)  # (B, T, V)
+        ref = F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, reduction=reduction)
+        g_ref, = torch.autograd.grad(ref.sum(), logits)  # (B, T, V)
+        worst = max(worst, (ours - ref).abs().max().item(), (g_ours - g_ref).abs().max().item())
+    return worst
+
+
+diff64 = max(compare_with_torch(seed) for seed in range(10))
+diff32 = max(compare_with_torch(seed, dtype=torch.float32) for seed in range(10))
+print(f"10 random batches, 3 reductions, losses and gradients: max abs diff {diff64:.0e} (float64), "
+      f"{diff32:.0e} (float32)")
+assert diff64 < 1e-10 and diff32 < 1e-4
+
+# %% [markdown]
+# ## The CTC head and greedy decoding
+#
+# The CTC head is one linear layer from the encoder width to the vocabulary (the blank
+# included, at index 0), followed by a log-softmax:
+#
+# $$
+# \log p_t = \operatorname{log\,softmax}(W h_t + b), \qquad W \in \mathbb{R}^{V \times D}
+# $$
+#
+# Our `ctc_loss` equals PyTorch's, so for training the head uses `F.ctc_loss`, whose
+# C++ kernel is much faster than a Python loop over frames; `zero_infinity=True` turns
+# the loss of an utterance too short for its transcript into 0 instead of `inf`.
+
+# %%
+#| export
+class CTCHead(nn.Module):
+    """Linear map from encoder states to per-frame log-probabilities over tokens and blank."""
+
+    def __init__(self, d_model: int, vocab_size: int, blank: int = 0):
+        super().__init__()
+        self.linear = nn.Linear(d_model, vocab_size)
+        self.blank = blank
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, T, V) for encoder states h (B, T, D)."""
+        return self.linear(h).log_softmax(-1)  # (B, T, V)
+
+    def loss(self, h: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+             target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """CTC loss of padded targets (B, U) given encoder states h (B, T, D) and lengths (B,)."""
+        log_probs = self(h).transpose(0, 1)  # (T, B, V): the layout F.ctc_loss wants
+        return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=self.blank,
+                          reduction=reduction, zero_infinity=True)
+
+
+# %% [markdown]
+# **Greedy decoding** takes the most likely symbol at every frame and collapses the
+# path: $\hat{y} = \mathcal{B}(\arg\max_k p_1(k), \ldots, \arg\max_k p_T(k))$. It is not
+# the most likely *transcript* (that would sum over paths, as the loss does), but for a
+# trained model whose frames are confident it is close, and it costs one `argmax`.
+
+# %%
+#| export
+def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
+    """Best path per frame, collapsed: log_probs (B, T, V), lengths (B,) -> token ids per utterance."""
+    best = log_probs.argmax(-1)  # (B, T)
+    return [ctc_collapse(best[b, :n].tolist(), blank) for b, n in enumerate(lengths.tolist())]
+
+
+# %%
+paths = torch.tensor([encode("_ER_RRR_ORR"), encode("OO__RR_E_EE")])  # (B, T)
+frames = F.one_hot(paths, 4).float().log_softmax(-1)  # (B, T, V): each frame favours one symbol
+hypotheses = ctc_greedy_decode(frames, torch.tensor([11, 9]))  # the second: 2 padded frames
+print([decode(ids) for ids in hypotheses])
+assert [decode(ids) for ids in hypotheses] == ["ERROR", "ORE"]
