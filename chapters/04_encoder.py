@@ -42,6 +42,7 @@
 # %%
 # In Colab, install the book's package first:
 # # !pip install -q "paraformer-edu[book] @ git+https://github.com/paraformer-edu/paraformer-edu"
+# %matplotlib inline
 import itertools
 import math
 import time
@@ -141,12 +142,30 @@ print(f"FSMN block vs frame-by-frame reference: max abs diff {diff:.0e}")
 assert diff < 1e-6
 
 # %% [markdown]
-# **What a frame remembers.** Send an impulse (one valid frame set to 1) through the
-# block: its output is the filter itself, spread over 11 frames. Stacking layers widens
-# the window by $2N = 10$ frames per layer: through six layers a frame's memory alone
-# spans $6 \cdot 10 + 1 = 61$ frames, 3.7 seconds at 60 ms. (Attention, meanwhile, sees
-# the whole utterance from the first layer.) The right panel also shows the masks at
-# work: an impulse in the last valid frame does not spill into the padding.
+# And why the first mask matters: fill the second utterance's padding with garbage and
+# compare with the same convolution applied without masks. Without them, the garbage
+# reaches the memory of the last $N = 5$ valid frames.
+
+# %%
+garbage = torch.where(mask[..., None], v, torch.full_like(v, 100.0))  # (B, T, D)
+with torch.no_grad():
+    unmasked = block.conv(F.pad(garbage.transpose(1, 2), block.padding)).transpose(1, 2) + garbage  # (B, T, D)
+    masked = block(garbage, mask)  # (B, T, D)
+    clean = block(v, mask)  # (B, T, D)
+changed = lambda m: [t for t in range(13) if not torch.allclose(m[1, t], clean[1, t], atol=1e-5)]
+print("valid frames of utterance 2 changed by the garbage, without masks:", changed(unmasked))
+print("                                                 with masks:   ", changed(masked))
+assert changed(unmasked) == [8, 9, 10, 11, 12] and changed(masked) == []
+
+# %% [markdown]
+# **What a frame remembers.** Send an impulse (one frame set to 1) through a stack of
+# blocks (one channel, random filters) and colour the frames it reaches (white: not
+# reached). Each block widens the window by $2N = 10$ frames: through six layers a
+# frame's memory alone spans $6 \cdot 10 + 1 = 61$ frames, 3.7 seconds at 60 ms.
+# (Attention, meanwhile, sees the whole utterance from the first layer.) The right
+# panel shows the masks at work in an utterance of 61 frames: an impulse in the last
+# valid frame enters the memory of the five frames before it (and its own, through the
+# skip connection $v_t$), and nothing reaches the padding.
 
 # %%
 torch.manual_seed(0)
@@ -166,16 +185,15 @@ with torch.no_grad():
     end[0, 60] = 1.0
     at_end = blocks[0](end, short)[0, :, 0]  # (T,)
 
+reach = torch.stack(spread)  # (L, T): |memory| after 1..6 blocks
 fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90)
-for n, s in enumerate(spread, 1):
-    if n in (1, 2, 4, 6):
-        axes[0].plot((s / s.max()).numpy(), label=f"{n} layer{'s' * (n > 1)}")
-axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks",
-            xlabel="frame (60 ms)", ylabel="|memory| (normalised)")
-axes[0].legend(fontsize=8)
+axes[0].imshow(reach.log10().clamp(min=-6).masked_fill(reach == 0, float("nan")).numpy(),
+               aspect="auto", cmap="viridis", extent=(-0.5, T - 0.5, 6.5, 0.5))
+axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks", xlabel="frame (60 ms)",
+            ylabel="blocks", xlim=(5, 75))
 axes[1].stem(at_end.numpy(), basefmt=" ")
 axes[1].axvspan(60.5, T, color="0.85", label="padding")
-axes[1].set(title="Impulse at the last valid frame (61 frames)", xlabel="frame")
+axes[1].set(title="Impulse at the last valid frame (61 frames)", xlabel="frame", ylabel="memory")
 axes[1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
@@ -722,3 +740,240 @@ frames = F.one_hot(paths, 4).float().log_softmax(-1)  # (B, T, V): each frame fa
 hypotheses = ctc_greedy_decode(frames, torch.tensor([11, 9]))  # the second: 2 padded frames
 print([decode(ids) for ids in hypotheses])
 assert [decode(ids) for ids in hypotheses] == ["ERROR", "ORE"]
+
+# %% [markdown]
+# ## Size and speed
+#
+# **Where the parameters are.** A helper sums the parameters of each part: the
+# attention's four projections, the FSMN memory, the feed-forward network, the
+# LayerNorms, and the CTC head. The same encoder with `kernel_size=0` (Transformer
+# layers) sits beside it for comparison.
+
+# %%
+#| export
+def count_parameters(module: nn.Module, contains: str = "") -> int:
+    """Number of parameters of a module whose name contains a substring ("" counts all)."""
+    return sum(p.numel() for name, p in module.named_parameters() if contains in name)
+
+
+# %%
+vocab_size = 200  # replaced by chapter 2's tokenizer below
+encoder = SANMEncoder(EncoderConfig())
+transformer = SANMEncoder(EncoderConfig(kernel_size=0))
+head = CTCHead(EncoderConfig().d_model, vocab_size)
+parts = {"attention Q, K, V, out": "self_attn.linear", "FSMN memory": "memory", "feed-forward": "feed_forward",
+         "LayerNorms": "norm"}
+print(f"{'part':<24}{'layer 0':>10}{'layer 1..5':>12}{'SAN-M':>12}{'Transformer':>13}")
+for part, key in parts.items():
+    print(f"{part:<24}{count_parameters(encoder.layers[0], key):>10,}{count_parameters(encoder.layers[1], key):>12,}"
+          f"{count_parameters(encoder, key):>12,}{count_parameters(transformer, key):>13,}")
+print(f"{'CTC head (V=' + str(vocab_size) + ')':<24}{'':>10}{'':>12}{count_parameters(head):>12,}{count_parameters(head):>13,}")
+total, total_t = count_parameters(encoder) + count_parameters(head), count_parameters(transformer) + count_parameters(head)
+print(f"{'total':<24}{count_parameters(encoder.layers[0]):>10,}{count_parameters(encoder.layers[1]):>12,}"
+      f"{total:>12,}{total_t:>13,}")
+print(f"the memory blocks add {count_parameters(encoder, 'memory') / total_t:.2%} to the model")
+
+# %% [markdown]
+# **How the forward time grows with the input.** Self-attention compares every frame
+# with every other one, $O(T^2 D)$; the projections, the memory and the feed-forward
+# network are linear in $T$. At 60 ms per frame, typical utterances (a few seconds,
+# well under 100 frames) sit in the linear regime; the quadratic term shows only for
+# long inputs. The cell below times one utterance (batch 1, evaluation mode, no
+# gradients) at lengths from 1.5 to 48 seconds on this machine's CPU. Timings vary from
+# run to run and machine to machine, so the cell's output is not checked
+# (`NBVAL_IGNORE_OUTPUT`).
+
+# %%
+def time_forward(model, T, B=1, repeats=5):
+    """Best wall time (s) of a few forward passes over B random utterances of T frames."""
+    x, lengths = torch.randn(B, T, model.config.d_input), torch.full((B,), T)  # (B, T, 560), (B,)
+    times = []
+    with torch.inference_mode():
+        model(x, lengths)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x, lengths)
+            times.append(time.perf_counter() - start)
+    return min(times)  # the least disturbed by whatever else runs on the machine
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+torch.manual_seed(0)
+frames = [25, 50, 100, 200, 400, 800]
+models = {"SAN-M": SANMEncoder(EncoderConfig()).eval(), "Transformer": SANMEncoder(EncoderConfig(kernel_size=0)).eval()}
+seconds = {name: [time_forward(model, T) for T in frames] for name, model in models.items()}
+print(f"{'frames':>7}{'audio (s)':>10}{'SAN-M (ms)':>12}{'Transformer (ms)':>18}{'SAN-M RTF':>11}")
+for i, T in enumerate(frames):
+    print(f"{T:>7}{T * 0.06:>10.1f}{1000 * seconds['SAN-M'][i]:>12.1f}{1000 * seconds['Transformer'][i]:>18.1f}"
+          f"{seconds['SAN-M'][i] / (T * 0.06):>11.4f}")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(6, 3.5), dpi=90)
+audio = [T * 0.06 for T in frames]
+for name, times in seconds.items():
+    ax.plot(audio, [1000 * t for t in times], "o-", label=name)
+linear = [1000 * seconds["SAN-M"][1] * a / audio[1] for a in audio]
+ax.plot(audio, linear, "k:", label="linear in T (from 3 s)")
+ax.set(xscale="log", yscale="log", xlabel="audio length (s)", ylabel="forward time (ms)",
+       title="Encoder forward time, batch 1, CPU")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **Can it train on a 2-core CPU?** What limits the book is training: a forward pass,
+# a backward pass (about twice the forward) and an optimiser step per batch, thousands
+# of times. The cell below times one training step of the encoder and CTC head on a
+# batch of 16 four-second utterances (67 frames) for three sizes. Our prototype (a
+# 6-layer, $D = 192$ Transformer encoder with CTC, about 2.8 M parameters) reached a
+# usable character error rate on about five hours of synthetic speech in 10 to 20
+# minutes on this kind of machine; a model twice the size would need twice the time for
+# the same number of updates.
+
+# %%
+def time_training_step(config, vocab_size, B=16, T=67, repeats=3):
+    """Best wall time (s) of a few training steps (forward, CTC loss, backward, Adam)."""
+    model, head = SANMEncoder(config).train(), CTCHead(config.d_model, vocab_size)
+    optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
+    x, lengths = torch.randn(B, T, config.d_input), torch.full((B,), T)  # (B, T, 560), (B,)
+    targets, target_lengths = torch.randint(1, vocab_size, (B, 25)), torch.full((B,), 25)  # (B, U), (B,)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        h, h_lengths = model(x, lengths)  # (B, T, D)
+        loss = head.loss(h, h_lengths, targets, target_lengths)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])  # the first step allocates: skip it
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+torch.manual_seed(0)
+sizes = {"small: 6 x 144": EncoderConfig(d_model=144, d_ffn=576),
+         "default: 6 x 192": EncoderConfig(),
+         "default, no dropout": EncoderConfig(dropout=0.0),
+         "larger: 8 x 256": EncoderConfig(d_model=256, d_ffn=1024, n_layers=8)}
+print(f"{'encoder':<20}{'parameters':>12}{'step (ms)':>11}{'utterances/s':>14}")
+for name, cfg in sizes.items():
+    step = time_training_step(cfg, vocab_size)
+    n = count_parameters(SANMEncoder(cfg)) + cfg.d_model * vocab_size + vocab_size
+    print(f"{name:<20}{n:>12,}{1000 * step:>11.0f}{16 / step:>14.0f}")
+
+# %% [markdown]
+# ## Summary
+#
+# - The **FSMN memory block** adds to each value vector a learned per-channel weighted
+#   sum of its neighbours, $m_t = v_t + \sum_{i=-5}^{5} a_i \odot v_{t+i}$: a depthwise
+#   convolution without bias. It is masked before the convolution (padding must not
+#   reach valid frames) and after it (valid frames must not leak into padding). Each
+#   layer widens its window by 10 frames (0.6 s).
+# - A **SAN-M layer** is pre-LN multi-head self-attention plus the memory of its values,
+#   then a pre-LN feed-forward network. The encoder scales its 560-d LFR input by
+#   $\sqrt{D}$, adds sinusoidal positions, and lets the first layer's projections map
+#   560 to $D$ without a residual, as FunASR does. We use SAN-M because it is
+#   Paraformer's encoder and because the memory buys local context for 0.4% of the
+#   parameters; with `kernel_size=0` the same code is a Transformer encoder.
+# - The book's default, `EncoderConfig()`: 6 layers, $D = 192$, 4 heads, feed-forward
+#   768, kernel 11, dropout 0.1, about 2.9 M parameters with its CTC head; small enough
+#   to train on a 2-core CPU, and its forward time is linear in the input length for
+#   utterances of usual length.
+# - **CTC** sums over all frame-level paths that collapse to the transcript. The forward
+#   algorithm over the extended label sequence $y'$ does it in $O(TU)$, in log space;
+#   ours equals `F.ctc_loss` in value and gradient. **Greedy decoding** takes the best
+#   symbol per frame and collapses.
+#
+# In `paraformer_edu.encoder`: `EncoderConfig`, `SANMEncoder`, `SANMEncoderLayer`,
+# `SANMAttention`, `FSMNMemory`, `FeedForward`, `CTCHead`, `ctc_loss`, `ctc_trellis`,
+# `extend_with_blanks`, `ctc_collapse`, `ctc_greedy_decode`, `count_parameters`.
+# Chapter 5 reads the encoder's output $H$ with the CIF predictor to decide how many
+# tokens the utterance holds, and where.
+#
+# ## Exercises
+#
+# 1. **The best path.** Replace `logsumexp` by `max` in the recursion and keep, for each
+#    state, where its best predecessor was (stay, step or skip). Tracing back from the
+#    better of the two end states gives the single most likely path, the Viterbi
+#    alignment that forced aligners use. Find it for the trellis example above: which
+#    path is it, and what does it collapse to?
+
+# %% tags=["hide-input"]
+def ctc_viterbi(log_probs, target, blank=0):
+    """Most likely path through the CTC trellis, as the state index s of y' at every frame."""
+    ext = extend_with_blanks(target, blank)  # (S,)
+    emit = log_probs[:, ext]  # (T, S)
+    can_skip = torch.zeros(len(ext), dtype=torch.bool)  # (S,)
+    can_skip[2:] = (ext[2:] != blank) & (ext[2:] != ext[:-2])
+    score = torch.full_like(emit, -math.inf)  # (T, S)
+    back = torch.zeros(emit.shape, dtype=torch.long)  # (T, S): 0 stay, 1 step, 2 skip
+    score[0, :2] = emit[0, :2]
+    for t in range(1, len(emit)):
+        step = F.pad(score[t - 1, :-1], (1, 0), value=-math.inf)  # (S,)
+        skip = F.pad(score[t - 1, :-2], (2, 0), value=-math.inf).masked_fill(~can_skip, -math.inf)  # (S,)
+        best, back[t] = torch.stack([score[t - 1], step, skip]).max(0)  # (S,), (S,)
+        score[t] = best + emit[t]  # (S,)
+    s = len(ext) - 1 if score[-1, -1] >= score[-1, -2] else len(ext) - 2
+    states = [s]
+    for t in range(len(emit) - 1, 0, -1):
+        s -= back[t, s].item()
+        states.append(s)
+    return states[::-1]
+
+
+best_states = ctc_viterbi(logits.log_softmax(-1), torch.tensor(encode("ERROR")))
+best_path = extend_with_blanks(torch.tensor(encode("ERROR")))[best_states].tolist()
+print("best path", decode(best_path), "-> collapses to", decode(ctc_collapse(best_path)))
+assert best_states == states and decode(ctc_collapse(best_path)) == "ERROR"
+
+# %% [markdown]
+# 2. **A memory that only looks back.** A streaming recognizer cannot wait for future
+#    frames. `FSMNMemory(..., shift=s)` moves the window $s$ frames into the past (FunASR
+#    calls it `sanm_shfit`). Choose the shift that makes an 11-frame memory causal, and
+#    check with an impulse at frame 40 which frames' memories it reaches. Is the
+#    encoder then causal?
+
+# %% tags=["hide-input"]
+causal = FSMNMemory(d_model=1, kernel_size=11, shift=5)  # window: 10 frames back, 0 ahead
+print("padding (left, right):", causal.padding)
+impulse = torch.zeros(1, 80, 1)  # (B, T, D)
+impulse[0, 40] = 1.0
+with torch.no_grad():
+    reached = causal(impulse, torch.ones(1, 80, dtype=torch.bool))[0, :, 0].nonzero().flatten().tolist()
+print("frames whose memory holds frame 40:", reached)
+assert reached == list(range(40, 51))
+# Frames 40..50 remember frame 40, no earlier frame does: the memory is causal. The
+# encoder is not: its self-attention still sees the whole utterance. A streaming
+# encoder also needs a causal (or chunk-wise) attention mask.
+
+# %% [markdown]
+# 3. **How fast can CTC talk?** A path for $y$ needs one frame per token, plus one blank
+#    between every two equal neighbours: at least $U + r$ frames, with $r$ the number of
+#    adjacent repeats. Write `min_frames(y)`, and check that `ctc_loss` (and
+#    `F.ctc_loss`) is finite with $T = U + r$ frames and infinite with one frame fewer,
+#    for `ERROR` and a few random targets. At 60 ms per frame, what is the highest token
+#    rate CTC can follow? English runs about 16 characters per second (spaces included).
+
+# %% tags=["hide-input"]
+def min_frames(target):
+    """Fewest frames a CTC path for target needs: one per token, one blank per adjacent repeat."""
+    return len(target) + sum(a == b for a, b in zip(target[:-1], target[1:]))
+
+
+torch.manual_seed(0)
+targets = [encode("ERROR")] + [torch.randint(1, 4, (n,)).tolist() for n in (3, 6, 9)]
+for target in targets:
+    n = min_frames(target)
+    for T in (n - 1, n):
+        log_probs = torch.randn(1, T, 4).log_softmax(-1)  # (B, T, V)
+        args = (torch.tensor([target]), torch.tensor([T]), torch.tensor([len(target)]))
+        ours = ctc_loss(log_probs, *args, reduction="sum").item()
+        ref = F.ctc_loss(log_probs.transpose(0, 1), *args, reduction="sum").item()
+        assert math.isinf(ours) == math.isinf(ref) == (T < n)
+    print(f"{decode(target):<10} U={len(target)} needs {n} frames")
+print(f"at most {1 / 0.06:.1f} tokens per second at 60 ms frames")
+# One token per frame at most: 16.7 tokens/s, and fewer when tokens repeat. English
+# characters (about 16/s) sit right at the limit, which is why the book recognises
+# BPE units (about 6.6/s) at 60 ms frames.

@@ -268,6 +268,14 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int
     return [ctc_collapse(best[b, :n].tolist(), blank) for b, n in enumerate(lengths.tolist())]
 
 
+def count_parameters(module: nn.Module, contains: str = "") -> int:
+    """Number of parameters of a module whose name contains a substring ("" counts all).
+
+    Defined in chapter 4, "The encoder".
+    """
+    return sum(p.numel() for name, p in module.named_parameters() if contains in name)
+
+
 __all__ = [
     "FSMNMemory",
     "SANMAttention",
@@ -281,4 +289,5 @@ __all__ = [
     "ctc_loss",
     "CTCHead",
     "ctc_greedy_decode",
+    "count_parameters",
 ]
