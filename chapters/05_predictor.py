@@ -1,0 +1,957 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The predictor: continuous integrate-and-fire
+#
+# The encoder of chapter 4 writes one vector per 60 ms frame, $H \in \mathbb{R}^{T \times D}$.
+# A non-autoregressive decoder wants something else: one vector per *token*, all at once,
+# and so it must first know **how many tokens** the utterance holds. Paraformer gets both
+# from a small **predictor** built on *continuous integrate-and-fire* (CIF)
+# {cite:p}`dong2020cif`. A tiny network gives every frame a weight $\alpha_t \in (0, 1)$,
+# "how much of a token this frame carries". Walking along the frames, CIF adds the
+# weights up like a neuron integrating its input; whenever the sum reaches a threshold
+# $\beta = 1$ it **fires** a token whose embedding is the weighted sum of the frames
+# it integrated. The number of tokens is about $\sum_t \alpha_t$, and the token
+# embeddings $E_{ac}$ (B, N, D) are what the decoder of chapter 6 reads.
+#
+# CIF is simple to write as a loop over frames and fiddly to write fast: the loop is
+# the slow part of Paraformer's decoding on a CPU, and the vectorised versions in the
+# wild have had bugs (a training bug that got one rolled back in FunASR, peaks and
+# weights swapped in timestamps). So we write it three ways and show they agree.
+#
+# **Learning goals.** After this chapter you can
+#
+# - compute CIF by hand on a handful of frames (accumulator, fire, the split of a
+#   frame's weight between two tokens) and write it as the paper's loop;
+# - write a vectorised CIF from a float64 cumulative sum, including frames whose weight
+#   crosses more than one firing boundary, and check it against the loop and against the
+#   PyPI package `torch-cif` (and say where their conventions differ);
+# - train the predictor: scale the weights to the target length so it fires exactly
+#   $|y|$ times, and learn the length with the quantity (MAE) loss;
+# - decode the length at inference with FunASR's tail rule, and know what it does for
+#   sums like 2.999999 and 3.000001;
+# - turn firing positions into token timestamps;
+# - measure how fast each version is.
+
+# %%
+# In Colab, install the book's package first:
+# # !pip install -q "paraformer-edu[book] @ git+https://github.com/paraformer-edu/paraformer-edu"
+# %matplotlib inline
+import math
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch_cif import cif_function
+
+import paraformer_edu
+
+torch.manual_seed(0)
+print("paraformer_edu", paraformer_edu.__version__)
+
+# %% [markdown]
+# ## Integrate and fire, by hand
+#
+# Take eight frames with weights $\alpha = (0.3, 0.5, 0.4, 0.9, 0.1, 0.2, 0.5, 0.7)$ and
+# the threshold $\beta = 1$. An accumulator $a$ starts at 0. Frame by frame
+# {cite:p}`dong2020cif`:
+#
+# $$
+# a_t = a_{t-1} + \alpha_t .
+# $$
+#
+# While $a_t < \beta$ nothing happens: the frame's weight joins the token being built,
+# whose embedding so far is $c = \sum \alpha_t h_t$. When $a_t \ge \beta$ the token is
+# complete and CIF **fires**. The frame's weight is split in two: the part
+# $\alpha_{t1} = \beta - a_{t-1}$ completes the current token, the rest
+# $\alpha_{t2} = \alpha_t - \alpha_{t1}$ starts the next one:
+#
+# $$
+# e_i = c + \alpha_{t1} h_t, \qquad c \leftarrow \alpha_{t2} h_t, \qquad a_t \leftarrow \alpha_{t2}.
+# $$
+#
+# Every token is a weighted sum of consecutive frames whose weights add up to exactly
+# $\beta$. The table follows the example; check a few lines by hand.
+
+# %%
+def max_abs_diff(a, b):
+    """Largest absolute difference of two tensors of the same shape (0 if empty)."""
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+alpha_example = torch.tensor([0.3, 0.5, 0.4, 0.9, 0.1, 0.2, 0.5, 0.7])  # (T,)
+
+
+def cif_trace(alpha, beta=1.0):
+    """Rows (t, alpha_t, a_{t-1}, a_{t-1} + alpha_t, fired token, alpha_t1, alpha_t2) of the loop."""
+    rows, a, token = [], 0.0, 0
+    for t, w in enumerate(alpha.tolist()):
+        if a + w >= beta:
+            rows.append((t, w, a, a + w, token, beta - a, w - (beta - a)))
+            a, token = w - (beta - a), token + 1
+        else:
+            rows.append((t, w, a, a + w, None, None, None))
+            a += w
+    return rows
+
+
+print(f"{'t':>2} {'alpha_t':>8} {'a_(t-1)':>8} {'a+alpha':>8}  {'fires':<8} {'alpha_t1':>9} {'alpha_t2':>9}")
+for t, w, before, after, token, part, rest in cif_trace(alpha_example):
+    fired = f"token {token}" if token is not None else ""
+    tail = f"{part:>9.1f} {rest:>9.1f}" if token is not None else ""
+    print(f"{t:>2} {w:>8.1f} {before:>8.1f} {after:>8.1f}  {fired:<8} {tail}")
+print(f"sum of alpha = {alpha_example.sum():.1f}: 3 tokens fired, 0.6 left over at the end")
+
+# %% [markdown]
+# Three tokens fire, at frames 2, 3 and 7, and a weight of 0.6 is left over: a fourth
+# token that never reached the threshold. What to do with it is the *tail* question we
+# come back to below. The plot shows the same story: the accumulator climbs, drops by
+# $\beta$ at each fire, and the running sum $\sum_{s \le t} \alpha_s$ fires each time it
+# crosses a whole number.
+
+# %%
+a_plus, a_after, a = [], [], 0.0
+for w in alpha_example.tolist():
+    a_plus.append(a + w)  # a_{t-1} + alpha_t: fires when it reaches beta = 1
+    a = a + w - (1.0 if a + w >= 1.0 else 0.0)
+    a_after.append(a)
+fire_frames = [row[0] for row in cif_trace(alpha_example) if row[4] is not None]
+t = torch.arange(len(alpha_example))  # (T,)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), dpi=90)
+axes[0].bar(t, alpha_example, color="C0", alpha=0.5, label=r"$\alpha_t$")
+axes[0].plot(t, a_plus, "o", color="C1", label=r"$a_{t-1} + \alpha_t$")
+axes[0].step(t, a_after, where="mid", color="C1", lw=1, label="accumulator after firing")
+axes[0].plot(fire_frames, [a_plus[f] for f in fire_frames], "rv", markersize=9, label="fire")
+axes[0].axhline(1.0, color="0.5", ls=":", lw=1)
+axes[0].set(xlabel="frame t", title=r"Integrate and fire ($\beta = 1$)", ylim=(0, 2.1))
+axes[0].legend(fontsize=8, loc="upper left", ncol=2)
+axes[1].plot(t, alpha_example.cumsum(0), "o-", color="C2", label=r"$\sum_{s \leq t} \alpha_s$")
+for k in (1, 2, 3):
+    axes[1].axhline(k, color="0.5", ls=":", lw=1)
+axes[1].plot(fire_frames, alpha_example.cumsum(0)[fire_frames], "rv", markersize=9, label="fire")
+axes[1].set(xlabel="frame t", title="The same fires: the running sum crosses 1, 2, 3")
+axes[1].legend(fontsize=8, loc="upper left")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Way 1: the paper's loop
+#
+# The loop below is the paper's recipe for one utterance, with one generalisation: a
+# frame whose weight is large enough can complete a token *and* a whole next one
+# ($a_{t-1} + \alpha_t \ge 2\beta$). With sigmoid weights and $\beta = 1$ that cannot
+# happen, but it does at training time, where the weights are scaled up to the target
+# length (next sections), and with a threshold $\beta < 1$. The `while` fires as many
+# times as needed; the reference must be complete. The accumulator is kept in float64,
+# so that long utterances do not drift. The function also returns what is left at the
+# end: the partial embedding $c$ and its weight $a$.
+
+# %%
+#| default_exp predictor
+#| export
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# %%
+#| export
+def integrate_and_fire(h: torch.Tensor, alpha: torch.Tensor, beta: float = 1.0):
+    """The paper's loop for one utterance: h (T, D), alpha (T,) -> embeddings, fire frames, leftover c, a."""
+    alpha = alpha.double()  # (T,): accumulate in float64
+    a = alpha.new_zeros(())  # weight integrated into the current token
+    c = h.new_zeros(h.size(1))  # (D,): its embedding so far
+    embeddings, fires = [], []
+    for t in range(alpha.size(0)):
+        rest = alpha[t]  # weight of frame t not handed out yet
+        while a + rest >= beta:  # the token is complete: fire (again, if rest is large)
+            part = beta - a  # alpha_t1: the share of frame t that completes it
+            embeddings.append(c + part * h[t])  # (D,)
+            fires.append(t)
+            a, c, rest = alpha.new_zeros(()), h.new_zeros(h.size(1)), rest - part
+        a = a + rest  # alpha_t2 starts the next token
+        c = c + rest * h[t]  # (D,)
+    return embeddings, fires, c, a
+
+
+# %% [markdown]
+# With $h_t$ the $t$-th unit vector ($H = I$), each embedding is the row of weights the
+# token took from each frame, so we can read the loop's result directly:
+
+# %%
+embeddings, fires, c, a = integrate_and_fire(torch.eye(8), alpha_example)
+print("fire frames:", fires)
+for k, e in enumerate(embeddings):
+    print(f"token {k}: weights {[round(x, 2) for x in e.tolist()]}, sum {e.sum():.2f}")
+print(f"left over: weights {[round(x, 2) for x in c.tolist()]}, a = {a:.2f}")
+assert fires == [2, 3, 7] and all(abs(e.sum() - 1.0) < 1e-6 for e in embeddings)
+
+# %% [markdown]
+# A batch adds three things around this loop, each a convention we have to fix before
+# comparing implementations:
+#
+# - **padding**: utterance $b$ has `lengths[b]` valid frames; frames past it are ignored;
+# - **training** (`target_lengths` given): the weights are rescaled so that they add up
+#   to $\beta |y|$ and the loop returns exactly $|y|$ tokens (see *Training* below);
+# - **inference** (`tail_threshold` $\tau > 0$): FunASR appends one more frame with
+#   weight $\tau = 0.45$ and a zero vector, so that a leftover of at least
+#   $\beta - \tau = 0.55$ still fires (see *Inference* below).
+#
+# The result is padded: embeddings (B, N, D), token counts (B,), and the fire frame of
+# each token (B, N), with -1 past the end.
+
+# %%
+#| export
+def _pad_tokens(tokens: list, h: torch.Tensor):
+    """Stack per-utterance (embeddings, fires) lists into (B, N, D), (B,), (B, N) tensors."""
+    N = max([len(e) for e, _ in tokens], default=0)
+    embeds = torch.stack([F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
+                          for e, _ in tokens]) if tokens else h.new_zeros(0, N, h.size(2))  # (B, N, D)
+    fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(len(tokens), N)
+    return embeds, torch.tensor([len(e) for e, _ in tokens], dtype=torch.long), fires.to(h.device)
+
+
+def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
+             tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
+    """Reference CIF, a loop over frames: h (B, T, D), alphas (B, T) -> embeds (B, N, D), N (B,), fires (B, N)."""
+    B, T, D = h.shape
+    lengths = torch.full((B,), T) if lengths is None else lengths
+    tokens = []
+    for b in range(B):
+        L = int(lengths[b])
+        hb, alpha = h[b, :L], alphas[b, :L].double()  # (L, D), (L,)
+        if target_lengths is not None:  # training: scale the weights to beta * |y|
+            n, total = int(target_lengths[b]), alpha.sum()
+            alpha = alpha * (beta * n / total) if total > 0 else torch.zeros_like(alpha)  # (L,)
+        elif tail_threshold > 0:  # inference: a tail frame of weight tau and h = 0
+            hb = torch.cat([hb, hb.new_zeros(1, D)])  # (L + 1, D)
+            alpha = torch.cat([alpha, alpha.new_full((1,), tail_threshold)])  # (L + 1,)
+        embeddings, fires, c, _ = integrate_and_fire(hb, alpha, beta)
+        if target_lengths is not None:  # rounding can leave the last token a hair short of beta
+            last = int(alpha.nonzero().max()) if bool(alpha.any()) else L
+            while len(embeddings) < n:
+                embeddings, fires, c = embeddings + [c], fires + [last], torch.zeros_like(c)
+            embeddings, fires = embeddings[:n], fires[:n]
+        tokens.append((embeddings, fires))
+    return _pad_tokens(tokens, h)
+
+
+# %% [markdown]
+# ## Way 2: vectorised, from a cumulative sum
+#
+# The loop visits frames one by one in Python, several tensor operations per frame and
+# per utterance. That adds up: in the prototype behind this book, the loop made
+# Paraformer's decoding at batch 1 two and a half times slower than plain CTC decoding. The right panel of the plot above shows the way
+# out. Measure everything in units of $\beta$ along the **running token count**
+#
+# $$
+# C_t = \frac{1}{\beta} \sum_{s \le t} \alpha_s, \qquad C_0 = 0 .
+# $$
+#
+# Frame $t$ covers the interval $[C_{t-1}, C_t]$ of that axis, token $k$ (counting from
+# 0) the interval $[k, k+1]$. The weight frame $t$ gives token $k$ is $\beta$ times the
+# length of their overlap, and the token fires at the first frame where $C_t$ reaches
+# $k+1$:
+#
+# $$
+# w_{k,t} = \beta \max\!\big(0,\ \min(C_t, k+1) - \max(C_{t-1}, k)\big), \qquad
+# e_k = \sum_t w_{k,t}\, h_t, \qquad f_k = \min\{t : C_t \ge k + 1\}.
+# $$
+#
+# No accumulator, no loop: a frame crossing several boundaries simply overlaps several
+# tokens. $C$ is computed in **float64**: in float32 the sum of 20,000 weights near
+# 8,000 has a spacing of $2^{-10}$ and firing decisions drift (we measure it below).
+# As a first check, the dense matrix $W = (w_{k,t})$ for the example is the table the
+# loop printed:
+
+# %%
+def cif_weights_dense(alpha, beta=1.0):
+    """The dense CIF weight matrix W (K, T) of one utterance, K = ceil(sum(alpha) / beta) tokens."""
+    C = F.pad(alpha.double().cumsum(0) / beta, (1, 0))  # (T + 1,): C_0 = 0, ..., C_T
+    k = torch.arange(math.ceil(C[-1].item()), dtype=torch.float64)[:, None]  # (K, 1)
+    overlap = torch.minimum(C[1:], k + 1) - torch.maximum(C[:-1], k)  # (K, T)
+    return beta * overlap.clamp(min=0)  # (K, T)
+
+
+W = cif_weights_dense(alpha_example)  # (K, T)
+print(W.numpy().round(2))
+diff = max_abs_diff(W[:3].float(), torch.stack(embeddings))
+print(f"max abs diff, dense W vs the loop: {diff:.1e}")
+assert diff < 1e-6
+
+# %% [markdown]
+# The dense form costs $O(K T D)$, mostly multiplying zeros: each token overlaps only a
+# few frames. The fast form cuts the $C$ axis into **pieces** at every frame boundary
+# $C_t$ and every token boundary $k$; each piece belongs to one frame and one token,
+# and there are at most $T + K$ of them:
+#
+# - each frame's first piece starts at $C_{t-1}$, in token $j_t = \lfloor C_{t-1} \rfloor$,
+#   and has weight $\beta(\min(C_t, j_t + 1) - C_{t-1})$: one `index_add` of all frames
+#   into their tokens;
+# - each token $k \ge 1$ has one piece starting exactly at its boundary $k$, inside frame
+#   $f_{k-1}$ (where token $k-1$ fired), of weight $\beta(\min(C_{f_{k-1}}, k + 1) - k)$: a
+#   gather. A frame that crosses several boundaries gives one such piece to each.
+#
+# The fire frames $f_k$ come from `torch.searchsorted` on the sorted $C$. Padding frames
+# get weight 0, so $C$ stays flat there. Tokens the caller does not want (past $N_b$)
+# go to a discard row. The count $N_b$ and the two modes live in `cif_count`.
+
+# %%
+#| export
+def cif_count(alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
+              tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
+    """Running token count C (B, T + 1), float64, C[:, t] = sum(alphas[:, :t]) / beta, and token counts N (B,)."""
+    B, T = alphas.shape
+    lengths = torch.full((B,), T, device=alphas.device) if lengths is None else lengths.to(alphas.device)
+    valid = torch.arange(T, device=alphas.device) < lengths[:, None]  # (B, T)
+    S = F.pad(alphas.masked_fill(~valid, 0.0).double().cumsum(1), (1, 0))  # (B, T + 1)
+    total = S[:, -1:]  # (B, 1)
+    if target_lengths is not None:  # training: C ends exactly at |y| (total / total == 1 in IEEE)
+        N = target_lengths.to(alphas.device).long()  # (B,)
+        C = S / total.masked_fill(total == 0, 1.0) * N[:, None]  # (B, T + 1)
+    else:  # inference: complete tokens, plus the tail rule
+        C = S / beta  # (B, T + 1)
+        N = torch.floor((total[:, 0] + tail_threshold) / beta).long()  # (B,)
+    return C, N
+
+
+def _frame_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each frame's first piece, from C_{t-1} to the end of its token, summed per token: (B, K, D)."""
+    B, T, D = h.shape
+    K = int(N.max())
+    j = C[:, :-1].floor()  # (B, T): the token each frame starts in
+    w = (torch.minimum(C[:, 1:], j + 1) - C[:, :-1]) * beta  # (B, T): its weight there
+    row = torch.arange(B, device=h.device)[:, None]  # (B, 1)
+    index = torch.where(j < N[:, None], row * K + j.long(), B * K).flatten()  # (B*T,): B*K = discard
+    pieces = (w.to(h.dtype)[..., None] * h).flatten(0, 1)  # (B*T, D)
+    return h.new_zeros(B * K + 1, D).index_add(0, index, pieces)[:-1].view(B, K, D)  # (B, K, D)
+
+
+def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: torch.Tensor,
+                     beta: float) -> torch.Tensor:
+    """Each token's piece that starts at its boundary k, inside frame fires[k - 1]: (B, K, D)."""
+    B, T, D = h.shape
+    K = fires.size(1)
+    k = torch.arange(1, K, dtype=C.dtype, device=h.device)  # (K - 1,)
+    f = fires[:, :-1].clamp(max=T - 1)  # (B, K - 1): where boundary k lies
+    u = (torch.minimum(C[:, 1:].gather(1, f), k + 1) - k).clamp(min=0) * beta  # (B, K - 1)
+    u = u.masked_fill(k >= N[:, None], 0.0)  # (B, K - 1)
+    row = torch.arange(B, device=h.device)[:, None]  # (B, 1)
+    hf = h.flatten(0, 1).index_select(0, (row * T + f).flatten()).view(B, K - 1, D)  # (B, K - 1, D)
+    return F.pad(u.to(h.dtype)[..., None] * hf, (0, 0, 1, 0))  # (B, K, D): token 0 has none
+
+
+def cif(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
+        tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
+    """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N (B,), fires (B, N)."""
+    B, T, D = h.shape
+    lengths = torch.full((B,), T, device=h.device) if lengths is None else lengths.to(h.device).long()
+    C, N = cif_count(alphas, lengths, beta, tail_threshold, target_lengths)  # (B, T + 1), (B,)
+    K = int(N.max()) if B else 0
+    if K == 0:
+        return h.new_zeros(B, 0, D), N, torch.zeros(B, 0, dtype=torch.long, device=h.device)
+    k = torch.arange(K, dtype=C.dtype, device=h.device)  # (K,)
+    fires = torch.searchsorted(C[:, 1:].contiguous(), (k + 1).expand(B, K).contiguous())  # (B, K)
+    embeds = _frame_pieces(h, C, N, beta) + _boundary_pieces(h, C, N, fires, beta)  # (B, K, D)
+    tail = k + 1 > C[:, -1:]  # (B, K): completed only by the tail frame
+    fires = torch.where(tail, lengths[:, None], fires).masked_fill(k >= N[:, None], -1)  # (B, K)
+    return embeds, N, fires
+
+
+# %% [markdown]
+# **Check: loop and vectorised agree.** A random batch with padding (one utterance has
+# no frames at all), three thresholds $\beta$ (with $\beta = 0.5$ and weights up to 1, a
+# frame can cross two boundaries), in the three modes: plain, with the inference tail,
+# and with training targets (scaled weights above 1 cross several boundaries). We
+# compare the embeddings, the counts, the fire frames, and the gradients with respect to
+# both $h$ and $\alpha$ of a random function of the output.
+
+# %%
+def random_batch(B=6, T=40, D=8, scale=0.8, seed=0):
+    """Random encoder states (B, T, D), weights (B, T) and lengths (B,) with padding."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g)  # (B, T, D)
+    alphas = torch.rand(B, T, generator=g) * scale  # (B, T)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)  # (B,)
+    lengths[0], lengths[-1] = T, 0  # the longest, and an utterance of padding only
+    return h, alphas, lengths
+
+
+def compare(fn_a, fn_b, h, alphas, lengths, **kw):
+    """Max abs diffs (embeddings, gradients) of two CIFs on one batch; asserts equal counts and fire frames."""
+    results = []
+    for fn in (fn_a, fn_b):
+        hh, aa = h.clone().requires_grad_(), alphas.clone().requires_grad_()  # (B, T, D), (B, T)
+        embeds, n, fires = fn(hh, aa, lengths, **kw)
+        probe = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(1))  # (B, N, D)
+        (embeds * probe).sum().backward()  # gradients of a random function of the output
+        results.append((embeds.detach(), n, fires, hh.grad, aa.grad))
+    (ea, na, fa, gha, gaa), (eb, nb, fb, ghb, gab) = results
+    assert torch.equal(na, nb), (na, nb)
+    assert fa is None or fb is None or torch.equal(fa, fb), (fa, fb)
+    return max_abs_diff(ea, eb), max(max_abs_diff(gha, ghb), max_abs_diff(gaa, gab))
+
+
+worst_e = worst_g = 0.0
+for beta, scale in [(1.0, 0.8), (0.7, 0.9), (0.5, 1.0)]:
+    for seed in range(3):
+        h, alphas, lengths = random_batch(scale=scale, seed=seed)
+        targets = torch.randint(1, 25, (h.size(0),), generator=torch.Generator().manual_seed(seed))
+        for kw in (dict(), dict(tail_threshold=0.45 * beta), dict(target_lengths=targets)):
+            e, g = compare(cif_loop, cif, h, alphas, lengths, beta=beta, **kw)
+            worst_e, worst_g = max(worst_e, e), max(worst_g, g)
+print(f"loop vs vectorised, 27 batches: same counts and fire frames; "
+      f"max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
+assert worst_e < 1e-5 and worst_g < 1e-5
+
+# %% [markdown]
+# ## Way 3: the `torch-cif` package
+#
+# The PyPI package `torch-cif` implements parallel CIF with `scatter_add` and a short
+# loop for multi-boundary frames. Its entry point is
+# `cif_function(inputs, alpha, beta=1.0, tail_thres=0.5, padding_mask=None,
+# target_lengths=None, eps=1e-4, unbound_alpha=False)`, and it returns a dict of
+# *lists* of tensors: `cif_out[0]` (B, N, C), `cif_lengths[0]` (B,), `alpha_sum[0]`,
+# `tail_weights[0]`, and the scatter indices and weights it used. Reading its source
+# shows four differences of convention:
+#
+# - **padding mask**: `True` marks *padding* (we pass lengths);
+# - **training**: it scales the weights to $\beta|y| + \epsilon$ with $\epsilon = 10^{-4}$
+#   (so that the last token surely fires) and drops the surplus. We scale to exactly
+#   $\beta |y|$, so we pass `eps=0` to compare;
+# - **tail**: it never appends a frame. It computes the leftover weight $r$ of the
+#   unfinished token and emits that token when $r \ge$ `tail_thres`, **rescaled** to full
+#   weight by $\beta / r$. FunASR's rule ($r + \tau \ge \beta$, embedding left as it is)
+#   is the same decision with `tail_thres` $= \beta - \tau = 0.55$, and the embedding
+#   differs by the factor $\beta / r$, which we undo to compare;
+# - **precision**: it casts $\alpha$ to float32 and sums in float32, so its weights
+#   carry float32 rounding of the running sum (differences of order $10^{-5}$ at a few
+#   hundred frames, more on long inputs).
+#
+# The adapter below calls it with our conventions.
+
+# %%
+def cif_torch_cif(h, alphas, lengths, beta=1.0, tail_threshold=0.0, target_lengths=None):
+    """torch-cif's cif_function with our conventions: embeds (B, N, D), N (B,), fires (B, N) or None."""
+    padding = torch.arange(h.size(1)) >= lengths[:, None]  # (B, T): True = padding
+    if target_lengths is not None:
+        out = cif_function(h, alphas, beta=beta, padding_mask=padding, target_lengths=target_lengths, eps=0.0)
+        return out["cif_out"][0], out["cif_lengths"][0], None
+    tail = beta - tail_threshold if tail_threshold > 0 else math.inf  # it compares the leftover itself
+    out = cif_function(h, alphas, beta=beta, tail_thres=tail, padding_mask=padding)
+    embeds, N = out["cif_out"][0], out["cif_lengths"][0]  # (B, N, D), (B,)
+    r = out["tail_weights"][0].detach()  # (B,): leftover weight of the unfinished token (a constant, as in torch-cif)
+    extended = (N > 0) & (r >= tail)  # (B,): utterances whose last token is the rescaled tail
+    undo = torch.ones(embeds.shape[:2], dtype=embeds.dtype)  # (B, N)
+    undo[extended, N[extended] - 1] = (r[extended] / beta).to(embeds.dtype)
+    return embeds * undo[..., None], N, None
+
+
+# %%
+worst_e = worst_g = 0.0
+for beta, scale in [(1.0, 0.8), (0.5, 1.0)]:
+    for seed in range(3):
+        h, alphas, lengths = random_batch(T=200, scale=scale, seed=seed)
+        lengths[-1] = 7  # torch-cif rejects an utterance of padding only
+        targets = torch.randint(1, 120, (h.size(0),), generator=torch.Generator().manual_seed(seed))
+        for kw in (dict(), dict(tail_threshold=0.45 * beta), dict(target_lengths=targets)):
+            e, g = compare(cif, cif_torch_cif, h, alphas, lengths, beta=beta, **kw)
+            worst_e, worst_g = max(worst_e, e), max(worst_g, g)
+print(f"vectorised vs torch-cif, 18 batches of 200 frames: same counts; "
+      f"max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
+assert worst_e < 1e-4 and worst_g < 1e-4
+
+# %% [markdown]
+# The three ways agree: the loop and the vectorised version to float32 rounding of the
+# embeddings, `torch-cif` to the float32 rounding of its running sum. (Fire frames are
+# not compared with `torch-cif`: it does not return them.)
+#
+# **Long inputs.** An hour-long recording is what makes the running sum large. On
+# 20,000 frames (20 minutes at 60 ms) with weights near 0.4, $\sum \alpha$ reaches
+# about 8,000, where float32 can only tell apart steps of $2^{-10} \approx 0.001$:
+
+# %%
+g = torch.Generator().manual_seed(0)
+h_long, alphas_long = torch.randn(1, 20_000, 4, generator=g), torch.rand(1, 20_000, generator=g) * 0.8
+lengths_long = torch.tensor([20_000])
+e_loop, n_loop, f_loop = cif_loop(h_long, alphas_long, lengths_long)
+e_vec, n_vec, f_vec = cif(h_long, alphas_long, lengths_long)
+e_tc, n_tc, _ = cif_torch_cif(h_long, alphas_long, lengths_long)
+C32 = F.pad(alphas_long[0].cumsum(0), (1, 0))  # (T + 1,): the running sum in float32
+f32 = torch.nonzero(C32[1:].floor() > C32[:-1].floor()).flatten()  # fire frames it implies
+print(f"tokens: loop {n_loop.item()}, vectorised {n_vec.item()}, torch-cif {n_tc.item()}")
+print(f"loop vs vectorised: same fire frames {torch.equal(f_loop, f_vec)}, "
+      f"max abs diff {max_abs_diff(e_loop, e_vec):.1e}")
+print(f"loop vs torch-cif: max abs diff {max_abs_diff(e_loop, e_tc):.1e}")
+print(f"a float32 running sum puts {(f32 != f_loop[0]).sum().item()} of {len(f32)} fires on another frame")
+assert torch.equal(f_loop, f_vec) and max_abs_diff(e_loop, e_vec) < 1e-5
+
+# %% [markdown]
+# The float64 running sum keeps the vectorised version equal to the loop (whose
+# accumulator never grows past $\beta$, so it cannot drift) over 20,000 frames. In
+# float32 a handful of fires move to a neighbouring frame and the embeddings differ at
+# the $10^{-3}$ level: harmless for training, visible in timestamps of long audio.
+
+# %% [markdown]
+# ## The predictor network
+#
+# Where do the weights come from? In Paraformer a small network reads the encoder
+# output: a 1-d convolution over time (kernel 3, so each weight sees its two
+# neighbours), a ReLU, a linear map to one number, and a sigmoid
+# {cite:p}`gao2022paraformer`:
+#
+# $$
+# \alpha_t = \sigma\big(w^\top \mathrm{ReLU}(\mathrm{Conv1d}_3(H))_t + b\big) \in (0, 1),
+# \qquad \alpha_t = 0 \text{ on padding}.
+# $$
+#
+# We zero the padding of $H$ *before* the convolution too, so that the last valid
+# frame's weight does not depend on how much padding its batch has. `CifPredictor`
+# returns the embeddings with their counts, the (unscaled) weights and the fire
+# frames. With `target_lengths` it works in training mode, otherwise it applies the
+# tail rule.
+
+# %%
+#| export
+class CifOutput(NamedTuple):
+    """What the CIF predictor returns."""
+
+    embeds: torch.Tensor  # (B, N, D) acoustic embeddings E_ac, zero past each count
+    token_lengths: torch.Tensor  # (B,) number of tokens N
+    alphas: torch.Tensor  # (B, T) weights before any scaling: their sum is the predicted length
+    fires: torch.Tensor  # (B, N) frame where each token fired (lengths[b]: the tail frame), -1 past N
+
+
+class CifPredictor(nn.Module):
+    """Paraformer's predictor: weights alpha from encoder states, then continuous integrate-and-fire."""
+
+    def __init__(self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45):
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
+        self.linear = nn.Linear(d_model, 1)
+        self.beta, self.tail_threshold = beta, tail_threshold
+
+    def weights(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The weights alpha (B, T) of encoder states h (B, T, D); 0 on padding."""
+        valid = torch.arange(h.size(1), device=h.device) < lengths[:, None]  # (B, T)
+        x = h.masked_fill(~valid[..., None], 0.0).transpose(1, 2)  # (B, D, T): Conv1d wants channels first
+        x = torch.relu(self.conv(x)).transpose(1, 2)  # (B, T, D)
+        return torch.sigmoid(self.linear(x)).squeeze(-1).masked_fill(~valid, 0.0)  # (B, T)
+
+    def forward(self, h: torch.Tensor, lengths: torch.Tensor,
+                target_lengths: torch.Tensor | None = None) -> CifOutput:
+        """Integrate h (B, T, D) into tokens: |y| of them if target_lengths (B,) is given, else the tail rule."""
+        alphas = self.weights(h, lengths)  # (B, T)
+        tail = 0.0 if target_lengths is not None else self.tail_threshold
+        embeds, token_lengths, fires = cif(h, alphas, lengths, self.beta, tail, target_lengths)
+        return CifOutput(embeds, token_lengths, alphas, fires)
+
+
+# %%
+torch.manual_seed(0)
+predictor = CifPredictor(d_model=192)
+h, lengths = torch.randn(3, 50, 192), torch.tensor([50, 31, 12])  # (B, T, D), (B,)
+out = predictor(h, lengths)
+print("parameters:", sum(p.numel() for p in predictor.parameters()))
+print("alphas", tuple(out.alphas.shape), "-> embeds", tuple(out.embeds.shape), "tokens", out.token_lengths.tolist())
+alone = predictor.weights(h[2:, :12], lengths[2:])  # (1, 12): the short utterance without padding
+diff = max_abs_diff(alone, out.alphas[2:, :12])
+print(f"weights of the short utterance, alone vs in the batch: max abs diff {diff:.1e}")
+assert diff < 1e-6 and (out.alphas[1, 31:] == 0).all()
+
+# %% [markdown]
+# An untrained predictor gives every frame a weight near $\sigma(\cdot) \approx 0.5$,
+# so it predicts about half a token per frame. Learning the right rate is the job of
+# the next section.
+
+# %% [markdown]
+# ## Training: scaled weights and the quantity loss
+#
+# At training time we know the target $y$. Two things happen
+# {cite:p}`dong2020cif,gao2022paraformer`:
+#
+# 1. The **quantity loss** teaches the predicted length $\sum_t \alpha_t$ (unscaled)
+#    to match the target length:
+#    $\mathcal{L}_{\mathrm{MAE}} = \big|\,|y| - \sum_t \alpha_t\,\big|$, averaged over
+#    the batch.
+# 2. For the integration, the weights are **scaled** to the target length,
+#    $\alpha'_t = \alpha_t \cdot \beta|y| / \sum_s \alpha_s$, so that CIF produces
+#    exactly $|y|$ embeddings and the decoder's outputs line up with the targets, even
+#    while the predicted length is still wrong.
+#
+# Step 2 has a trap: in floating point, the scaled weights rarely sum to exactly
+# $|y|$. When they end a hair below it, the last token never reaches $\beta$ and does
+# not fire. How often, if we scale in float32 and then run CIF without a target?
+
+# %%
+g = torch.Generator().manual_seed(0)
+alphas_many = torch.rand(1000, 300, generator=g) * 0.8  # (B, T)
+targets_many = torch.randint(20, 120, (1000,), generator=g)  # (B,)
+scaled = alphas_many * (targets_many / alphas_many.sum(1))[:, None]  # (B, T), float32
+_, n_naive = cif_count(scaled)  # counts a CIF without target would produce
+print(f"scaled in float32, then counted: {(n_naive < targets_many).float().mean():.1%} of 1000 utterances "
+      f"fire one token too few")
+C, n_exact = cif_count(alphas_many, target_lengths=targets_many)
+print(f"cif_count with target_lengths: C ends at |y| exactly for all: {torch.equal(C[:, -1], targets_many.double())}")
+assert torch.equal(n_exact, targets_many) and torch.equal(C[:, -1], targets_many.double())
+
+# %% [markdown]
+# About half of the utterances lose their last token. An implementation that sizes its
+# output with $\mathrm{round}(\sum \alpha')$ and pads (FunASR's loop `cif` does) then
+# hands the decoder a zero vector for that token. We avoid the trap by construction:
+# `cif_count` scales the *running sum*, $C'_t = (S_t / S_T)\,|y|$ with $S_t$ the float64
+# cumulative sum, and since $S_T / S_T$ is exactly 1 in IEEE arithmetic, $C'_T = |y|$
+# exactly. The loop, which adds weights one at a time, cannot promise that; it emits
+# its leftover as the last token when it is short of one (its weight is then
+# $\beta - 10^{-15}$ or so), which is why the two agree.
+#
+# Scaling weights up can push one above $\beta$: with $|y|$ larger than the number of
+# frames, or a predictor that still underestimates. Then one frame fires more than once:
+
+# %%
+h_small = torch.eye(3)[None]  # (B, T, D): h_t = unit vectors, so embeddings show the weights
+alphas_small = torch.tensor([[0.5, 0.2, 0.3]])  # (B, T): sums to 1
+for name, fn in [("loop", cif_loop), ("vectorised", cif)]:
+    e, n, f = fn(h_small, alphas_small, target_lengths=torch.tensor([4]))
+    print(f"{name:>10}: {n.item()} tokens fired at frames {f[0].tolist()}; weights per token:")
+    print(e[0].numpy().round(3))
+e_tc, n_tc, _ = cif_torch_cif(h_small, alphas_small, torch.tensor([3]), target_lengths=torch.tensor([4]))
+print(f"torch-cif: max abs diff to the vectorised version {max_abs_diff(e_tc, e):.1e}")
+assert torch.equal(f[0], torch.tensor([0, 1, 2, 2])) and max_abs_diff(e_tc, e) < 1e-6
+
+# %% [markdown]
+# Scaled to $|y| = 4$, the weights become $(2, 0.8, 1.2)$: frame 0 alone makes
+# token 0 and token 1, frame 2 completes token 2 and then token 3.
+#
+# The quantity loss is an L1 loss on the unscaled sum. Its gradient with respect to
+# each $\alpha_t$ is the same, $\pm 1/B$: it says "more" or "fewer", never *where*.
+# Where the tokens go is learned through the embeddings, from the decoder's loss (and
+# from a CTC loss on the encoder).
+
+# %%
+#| export
+def quantity_loss(alphas: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """The quantity (MAE) loss: mean over the batch of |sum_t alpha_t - |y||, on unscaled alphas (B, T)."""
+    return (alphas.sum(1) - target_lengths.to(alphas.dtype)).abs().mean()
+
+
+# %%
+alphas_q = torch.tensor([[0.6, 0.7, 0.9, 0.0], [0.2, 0.3, 0.1, 0.2]], requires_grad=True)  # (B, T)
+loss = quantity_loss(alphas_q, torch.tensor([2, 1]))
+loss.backward()
+ref = F.l1_loss(alphas_q.detach().sum(1), torch.tensor([2.0, 1.0]))
+print(f"quantity loss {loss.item():.2f} (F.l1_loss: {ref.item():.2f}); gradient per frame:")
+print(alphas_q.grad.numpy())
+assert abs(loss.item() - ref.item()) < 1e-6
+
+# %% [markdown]
+# The padding frame of the first utterance gets a gradient too; it does not matter,
+# since the predictor multiplies it by zero.
+
+# %% [markdown]
+# ## Inference: the tail
+#
+# At inference there is no target: the count is what the weights say. Summing to
+# $3.6$ as in our example, three tokens fire and a leftover of $0.6$ remains. Is it a
+# fourth token whose frames were cut short at the end of the audio, or noise? FunASR's
+# answer: append one more frame with weight $\tau = 0.45$ and a zero vector $h$, then
+# integrate as usual. The leftover $r$ fires if $r + \tau \ge \beta$, that is
+# $r \ge 0.55$, and its embedding keeps its partial weight $r$ (the zero vector adds
+# nothing). The count is therefore
+#
+# $$
+# \hat N = \left\lfloor \frac{\sum_t \alpha_t + \tau}{\beta} \right\rfloor
+# \qquad (\beta = 1:\ \text{round } \textstyle\sum_t \alpha_t \text{ up from } .55 \text{, down below}),
+# $$
+#
+# and the extra token fires on the tail frame, index `lengths[b]`. A table of edge
+# cases, each computed by the loop, the vectorised version and torch-cif:
+
+# %%
+def edge_alphas(total, T=6):
+    """T weights in (0, 1) that sum to total (in float64)."""
+    return torch.full((1, T), total / T, dtype=torch.float64)  # (B, T)
+
+
+cases = {"all zero": torch.zeros(1, 6), "one frame, 0.7": torch.tensor([[0.7]]),
+         "one frame, 0.5": torch.tensor([[0.5]]), "sum 2.999999": edge_alphas(2.999999),
+         "sum 3.000001": edge_alphas(3.000001), "sum 3.549": edge_alphas(3.549), "sum 3.551": edge_alphas(3.551)}
+print(f"{'weights':<16}{'no tail':>8}{'tail 0.45':>10}{'torch-cif':>10}  fire frames with tail")
+for name, al in cases.items():
+    hh, L = torch.randn(1, al.size(1), 4, dtype=al.dtype), torch.tensor([al.size(1)])  # (B, T, D), (B,)
+    n0 = cif(hh, al, L)[1].item()
+    e1, n1, f1 = cif(hh, al, L, tail_threshold=0.45)
+    e2, n2, f2 = cif_loop(hh, al, L, tail_threshold=0.45)
+    n3 = cif_torch_cif(hh, al.float(), L, tail_threshold=0.45)[1].item()
+    assert n1.item() == n2.item() == n3 and torch.equal(f1, f2) and max_abs_diff(e1, e2) < 1e-6
+    print(f"{name:<16}{n0:>8}{n1.item():>10}{n3:>10}  {f1[0].tolist()}")
+e_pad, n_pad, f_pad = cif(torch.randn(2, 5, 4), torch.rand(2, 5), torch.tensor([5, 0]), tail_threshold=0.45)
+print(f"padding only (length 0) in a batch: {n_pad[1].item()} tokens, fires {f_pad[1].tolist()}")
+assert n_pad[1] == 0 and (e_pad[1] == 0).all()
+
+# %% [markdown]
+# Read the table as the rules it tests:
+#
+# - no weight, no token: all-zero weights (and an utterance of padding only) give
+#   $\hat N = 0$; the tail alone ($0.45 < \beta$) never fires;
+# - a single frame of weight 0.7 gives one token (on the tail frame, index 1); 0.5
+#   gives none;
+# - without the tail, the count is $\lfloor \sum \alpha \rfloor$, so 2.999999 gives 2
+#   tokens and 3.000001 gives 3: a millionth decides. With the tail both give 3
+#   ($\lfloor 3.449999 \rfloor = \lfloor 3.450001 \rfloor = 3$), which is the point of
+#   it: a predictor trained to sum to integers lands near them, on either side. Only the
+#   fire frame of the third token differs: the last real frame (5) for 3.000001, the tail
+#   frame (6) for 2.999999;
+# - the decision moves to $.55$: 3.549 gives 3 tokens, 3.551 gives 4, the 4th on the
+#   tail frame 6.
+#
+# `torch-cif` with `tail_thres=0.55` counts the same. (Its tail embedding is rescaled
+# by $1/r$; ours keeps the partial weight, as FunASR's does.)
+
+# %% [markdown]
+# ## Timestamps
+#
+# A token fires at the frame where its weight completes, so the fire frames $f_k$ are
+# an alignment for free: at 60 ms per frame (LFR with stride 6), frame $f$ covers
+# $[0.06 f, 0.06 (f + 1))$ seconds. We give token $k$ the frames from the one after
+# the previous token fired up to its own fire frame, $f_{k-1} + 1, \dots, f_k$ (from
+# frame 0 for the first token). Two tokens fired in the same frame share it, and a
+# token fired by the tail frame ends with the audio. Mind the argument: it is the fire
+# **frames**, not the weights (a version of FunASR once passed the one for the other
+# and produced wrong timestamps without any error).
+
+# %%
+#| export
+def cif_timestamps(fires: torch.Tensor, token_lengths: torch.Tensor, lengths: torch.Tensor,
+                   frame_shift: float = 0.06) -> list[list[tuple[float, float]]]:
+    """(start, end) in seconds of each token, from fire frames (B, N), counts (B,) and frame counts (B,)."""
+    if fires.is_floating_point():
+        raise TypeError("cif_timestamps takes fire frames (integers), not weights")
+    f = torch.minimum(fires, lengths[:, None].to(fires) - 1)  # (B, N): the tail frame is the last one
+    previous = F.pad(f[:, :-1] + 1, (1, 0))  # (B, N): the frame after the previous fire, 0 first
+    start = torch.minimum(previous, f)  # (B, N): tokens fired in one frame share it
+    stamps = []
+    for b in range(fires.size(0)):
+        n = int(token_lengths[b])
+        stamps.append([(round(s * frame_shift, 3), round((e + 1) * frame_shift, 3))
+                       for s, e in zip(start[b, :n].tolist(), f[b, :n].tolist())])
+    return stamps
+
+
+# %% [markdown]
+# **Check on a constructed case.** Weights of exactly 1 at frames 3, 9 and 15 fire there
+# and nowhere else. A second utterance of 8 frames fires at frames 5 and 6 and ends on
+# a tail token (its weights sum to 2.7):
+
+# %%
+alphas_ts = torch.zeros(2, 20)  # (B, T)
+alphas_ts[0, [3, 9, 15]] = 1.0
+alphas_ts[1, [2, 5, 6, 7]] = torch.tensor([0.9, 0.3, 0.9, 0.6])  # sums 2.7: tokens at 5, 6 and the tail
+lengths_ts = torch.tensor([20, 8])
+_, n_ts, f_ts = cif(torch.randn(2, 20, 4), alphas_ts, lengths_ts, tail_threshold=0.45)
+stamps = cif_timestamps(f_ts, n_ts, lengths_ts)
+for b in range(2):
+    print(f"fire frames {f_ts[b, :n_ts[b]].tolist()} -> {stamps[b]}")
+assert stamps[0] == [(0.0, 0.24), (0.24, 0.6), (0.6, 0.96)]
+assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
+
+# %% [markdown]
+# The first token of the second utterance starts at 0 although nothing happens before
+# frame 2: a token begins where the previous one ended, so silence before it is counted
+# in (exercise 3 trims it with the weights).
+
+# %% [markdown]
+# ## On real encoder output
+#
+# REAL-DATA-SECTION
+
+# %% [markdown]
+# ## How fast?
+#
+# The cell below times the three versions on random inputs of the width of the book's
+# encoder ($D = 192$) on this machine's CPU, as they are used: the forward pass at
+# inference (with the tail) and forward plus backward in training (with targets), best
+# of a few runs. `benchmarks/bench_cif.py` in the repository prints the same table
+# with a larger size. Timings vary between runs and machines, so the output is not
+# checked (`NBVAL_IGNORE_OUTPUT`).
+
+# %%
+def best_time(fn, repeats=5):
+    """Best wall time (ms) of a few calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def time_cif(fn, B, T, D=192, training=False):
+    """Best time (ms) of one CIF call on B random utterances of T frames: inference, or training with backward."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, D, generator=g).requires_grad_(training)  # (B, T, D)
+    alphas = (torch.rand(B, T, generator=g) * 0.8).requires_grad_(training)  # (B, T)
+    lengths, targets = torch.full((B,), T), torch.round(alphas.detach().sum(1)).long()  # (B,), (B,)
+
+    def run():
+        if training:
+            fn(h, alphas, lengths, target_lengths=targets)[0].sum().backward()
+        else:
+            with torch.no_grad():
+                fn(h, alphas, lengths, tail_threshold=0.45)
+    return best_time(run, repeats=2 if fn is cif_loop else (20 if B * T <= 1000 else 5))
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+torch.set_num_threads(2)
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+sizes = [(1, 100), (16, 500)]
+fns = {"loop": cif_loop, "vectorised": cif, "torch-cif": cif_torch_cif}
+timings = {(name, size, tr): time_cif(fn, *size, training=tr)
+           for size in sizes for tr in (False, True) for name, fn in fns.items()}
+print(f"{'B x T':>9} {'pass':<9}{'loop (ms)':>11}{'vectorised (ms)':>17}{'torch-cif (ms)':>16}"
+      f"{'loop / vec':>12}{'torch-cif / vec':>17}")
+for (B, T) in sizes:
+    for tr in (False, True):
+        lp, vec, tc = (timings[(name, (B, T), tr)] for name in fns)
+        print(f"{f'{B} x {T}':>9} {'fwd+bwd' if tr else 'forward':<9}{lp:>11.1f}{vec:>17.2f}{tc:>16.2f}"
+              f"{lp / vec:>12.0f}{tc / vec:>17.1f}")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
+labels = [f"{B}x{T}\n{'training, fwd+bwd' if tr else 'inference, fwd'}" for (B, T) in sizes for tr in (False, True)]
+for i, name in enumerate(fns):
+    values = [timings[(name, size, tr)] for size in sizes for tr in (False, True)]
+    ax.bar([x + 0.27 * (i - 1) for x in range(len(labels))], values, width=0.27, label=name)
+ax.set_xticks(range(len(labels)), labels)
+ax.set(yscale="log", ylabel="time (ms, log scale)", title="CIF on CPU, D = 192")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# On one short utterance everything takes under a millisecond and the loop is only
+# about ten times slower; at that size the fixed cost of launching a few dozen small
+# tensor operations dominates, and `torch-cif` and ours are within about 20% of each
+# other (either may win). The loop's cost grows with the $B \times T$ Python iterations,
+# though: at 16 utterances of 500 frames it is about a hundred times slower than the
+# vectorised version. There, ours is several times faster than `torch-cif` at
+# inference and about twice as fast in training: it moves the $(B, T, D)$ frames once
+# with an `index_add` and gathers only one frame per token, where `torch-cif` scatters
+# every frame twice.
+
+# %% [markdown]
+# ## Summary
+#
+# - CIF turns per-frame weights $\alpha_t$ into tokens: accumulate, fire at $\beta$,
+#   split the firing frame's weight between the token it completes and the next one.
+#   Each token is a weighted sum of consecutive frames with weights adding up to $\beta$;
+#   the count is about $\sum_t \alpha_t$.
+# - The paper's **loop** (`integrate_and_fire`, `cif_loop`) is the reference; it fires
+#   more than once in a frame when needed. The **vectorised** `cif` works on the running
+#   count $C_t = \sum_{s \le t} \alpha_s / \beta$ in float64: token $k$ takes from frame
+#   $t$ the overlap of $[C_{t-1}, C_t]$ with $[k, k+1]$; fire frames come from
+#   `searchsorted`. It equals the loop (and `torch-cif`, up to its float32 running
+#   sum) in embeddings, counts, fire frames and gradients, and is orders of magnitude
+#   faster.
+# - `CifPredictor`: Conv1d(k=3) - ReLU - Linear - sigmoid, masked. **Training**: the
+#   quantity loss $|\,|y| - \sum \alpha_t|$ on unscaled weights; the weights scaled to
+#   $\beta|y|$ for integration, done on the running sum so that exactly $|y|$ tokens come
+#   out. **Inference**: FunASR's tail frame ($\tau = 0.45$), so
+#   $\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$ for $\beta = 1$.
+# - `cif_timestamps` turns fire frames into token times, 60 ms per frame.
+#
+# In `paraformer_edu.predictor`: `CifPredictor`, `CifOutput`, `cif`, `cif_count`,
+# `cif_loop`, `integrate_and_fire`, `quantity_loss`, `cif_timestamps`. Chapter 6 feeds
+# the embeddings $E_{ac}$ to the parallel decoder.
+#
+# ## Exercises
+#
+# 1. **Streaming CIF.** A streaming recognizer sees the audio in chunks. Run
+#    `integrate_and_fire` chunk by chunk, carrying the leftover $(c, a)$ from one chunk
+#    to the next, and check that the tokens are those of the whole utterance. Which
+#    token can you not emit before the last chunk arrives?
+
+# %% tags=["hide-input"]
+def integrate_and_fire_chunks(h, alpha, chunk, beta=1.0):
+    """integrate_and_fire over chunks of frames, carrying the partial token (c, a) across chunks."""
+    embeddings, fires, c, a = [], [], h.new_zeros(h.size(1)), 0.0
+    for start in range(0, h.size(0), chunk):
+        # prepend the carried partial token as a pseudo-frame of weight a and vector c / a
+        hc = torch.cat([(c / a if a > 0 else c)[None], h[start:start + chunk]])  # (1 + chunk, D)
+        ac = torch.cat([torch.tensor([float(a)], dtype=torch.float64), alpha[start:start + chunk].double()])
+        e, f, c, a = integrate_and_fire(hc, ac, beta)
+        embeddings += e
+        fires += [start + t - 1 for t in f]  # pseudo-frame is index 0
+        a = float(a)
+    return embeddings, fires, c, a
+
+
+g = torch.Generator().manual_seed(0)
+h_s, alpha_s = torch.randn(50, 4, generator=g), torch.rand(50, generator=g) * 0.8  # (T, D), (T,)
+whole = integrate_and_fire(h_s, alpha_s)
+for chunk in (7, 10, 16):
+    parts = integrate_and_fire_chunks(h_s, alpha_s, chunk)
+    diff = max_abs_diff(torch.stack(whole[0]), torch.stack(parts[0]))
+    assert parts[1] == whole[1] and diff < 1e-5
+    print(f"chunks of {chunk:>2}: {len(parts[0])} tokens, same fire frames, max abs diff {diff:.0e}")
+# The leftover of the last chunk is the tail: whether it becomes a token (r >= 0.55)
+# is only known once the audio has ended.
+
+# %% [markdown]
+# 2. **How many tokens per frame can CIF emit?** With $\beta = 1$ and sigmoid weights
+#    $\alpha_t < 1$, what is the largest count $\hat N$ for $T$ frames, with and without
+#    the tail? And in training, what happens to the scaled weights when a target has
+#    more tokens than the utterance has frames, as English characters at 60 ms often do
+#    (chapter 2)? Check your answer with `cif_count` and `cif`.
+
+# %% tags=["hide-input"]
+T_max = 10
+almost_one = torch.full((1, T_max), 1 - 1e-6, dtype=torch.float64)  # (B, T): the largest sigmoid weights
+print("most tokens from", T_max, "frames: no tail", cif_count(almost_one)[1].item(),
+      "| tail", cif_count(almost_one, tail_threshold=0.45)[1].item())
+e, n, f = cif(torch.randn(1, T_max, 4), torch.rand(1, T_max), target_lengths=torch.tensor([15]))
+print("15 targets on 10 frames: tokens", n.item(), "fire frames", f[0].tolist())
+assert cif_count(almost_one)[1].item() == T_max - 1 and cif_count(almost_one, tail_threshold=0.45)[1].item() == T_max
+# At inference, at most one token per frame: T - 1 without the tail (the sum stays below T),
+# T with it. In training the scaled weights average 1.5 per frame and some frames fire
+# twice: the decoder gets 15 embeddings, but the predictor is asked for a rate it can never
+# produce at inference, so its quantity loss cannot reach 0. Hence a slower unit (BPE) or
+# shorter frames.
+
+# %% [markdown]
+# 3. **Timestamps without the silence.** `cif_timestamps` starts each token right after
+#    the previous fire, so a pause is counted into the next token. Using the weights,
+#    start each token instead at the first of its frames whose weight is at least
+#    $0.05$ (keep the fire frame as the end). Apply it to the second constructed
+#    utterance above.
+
+# %% tags=["hide-input"]
+def cif_timestamps_trimmed(alphas, fires, token_lengths, lengths, frame_shift=0.06, min_weight=0.05):
+    """Like cif_timestamps, but each token starts at its first frame with alpha >= min_weight."""
+    spans = cif_timestamps(fires, token_lengths, lengths, frame_shift=1.0)  # (first frame, end frame)
+    stamps = []
+    for b, row in enumerate(spans):
+        stamps.append([])
+        for first, end in row:
+            heavy = [t for t in range(int(first), int(end)) if alphas[b, t] >= min_weight]
+            start = heavy[0] if heavy else int(end) - 1
+            stamps[b].append((round(start * frame_shift, 3), round(end * frame_shift, 3)))
+    return stamps
+
+
+trimmed = cif_timestamps_trimmed(alphas_ts, f_ts, n_ts, lengths_ts)
+print(trimmed[1])
+assert trimmed[1] == [(0.12, 0.36), (0.36, 0.42), (0.42, 0.48)]
