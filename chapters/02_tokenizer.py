@@ -1,0 +1,948 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The tokenizer
+#
+# A recognizer writes text one **token** at a time, and a token is whatever unit we
+# choose: a character, a word, or something in between. Chapter 1 built a corpus of
+# spoken sentences; this chapter decides how their transcripts become the integer ids the
+# model predicts, and back.
+#
+# The choice matters more for Paraformer than for most recognizers. Its predictor (CIF,
+# chapter 5) walks along the encoder's frames and *fires* a token when enough weight has
+# accumulated, at most about one token per frame. With 60 ms frames that is at most 16.7
+# tokens per second of speech, and English letters come at roughly that rate. So we will
+# not pick the unit by taste: we will measure tokens per second on the corpus and compare
+# them with frames per second.
+#
+# Three pieces come first: one **normalisation** function that every transcript goes
+# through, a **character tokenizer**, and a **byte-pair encoding** (BPE) tokenizer
+# {cite:p}`sennrich2016bpe` trained from scratch on the training text and checked against
+# `sentencepiece` {cite:p}`kudo2018sentencepiece`.
+#
+# **Learning goals.** After this chapter you can
+#
+# - write a text normaliser for an ASR corpus (Unicode NFKC, case, apostrophes,
+#   punctuation, numbers spelled out) and say what it does with everything else;
+# - build a tokenizer with the special tokens an ASR model needs (`<blank>`, `<sos>`,
+#   `<eos>`, `<unk>`), save its vocabulary to a plain text file and load it back;
+# - train BPE step by step (count pairs, merge the most frequent, repeat) over word counts,
+#   with deterministic ties, and reproduce `sentencepiece`'s BPE exactly;
+# - measure tokens per second against encoder frames per second and choose the unit (and
+#   the vocabulary size) that Paraformer's predictor can emit.
+
+# %%
+# In Colab, install the book's package first:
+# # !pip install -q "paraformer-edu[book] @ git+https://github.com/paraformer-edu/paraformer-edu"
+# %matplotlib inline
+import io
+import itertools
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import sentencepiece as spm
+import torch
+
+import paraformer_edu
+from paraformer_edu.data import build_corpus, read_manifest
+
+torch.manual_seed(0)
+print("paraformer_edu", paraformer_edu.__version__)
+
+# %% [markdown]
+# The corpus of chapter 1 (built once, then read from the cache): each split is a manifest
+# of utterances with their transcript and duration.
+
+# %%
+manifests = build_corpus()
+corpus = {split: read_manifest(path) for split, path in manifests.items()}
+train_texts = [u["text"] for u in corpus["train"]]
+dev_texts = [u["text"] for u in corpus["dev"]]
+for split, utterances in corpus.items():
+    hours = sum(u["duration"] for u in utterances) / 3600
+    words = sum(len(u["text"].split()) for u in utterances)
+    print(f"{split:<12}{len(utterances):>7,} utterances {hours:6.2f} h {words:>8,} words")
+print(repr(train_texts[0]))
+
+# %% [markdown]
+# ## Text normalisation
+#
+# A transcript must say what was *spoken*, in one spelling. "Don't", "don’t" and "DON'T"
+# are the same sound; "42" is spoken "forty two"; a comma is not spoken at all. If the
+# training transcripts spell the same sound several ways, the model is asked to guess
+# which spelling the annotator liked. So every piece of text that enters the system (the
+# corpus, a user's reference transcript, the tokenizer's input) goes through **one**
+# function, `normalize_text`, which does, in order:
+#
+# 1. curly and look-alike apostrophes (`’ ‘ ʼ ′ ´` and the backtick) become `'`;
+# 2. Unicode **NFKC** folds compatibility forms: the ligature `ﬁ` becomes `fi`,
+#    full-width `１２` becomes `12`, `²` becomes `2`, a non-breaking space becomes a space;
+# 3. lowercase, and five symbols that are read aloud become words: `&` "and", `%`
+#    "percent", `+` "plus", `=` "equals", `@` "at";
+# 4. **numbers are spelled out**, as integers (`1,234` included), decimals (`3.14` is
+#    "three point one four") and ordinals (`21st` is "twenty first"); numbers of a trillion
+#    or more raise a `ValueError` (no corpus of read sentences needs them);
+# 5. punctuation (Unicode categories `P*`), separators and control characters end a word;
+#    invisible format characters (a soft hyphen, a zero-width space) are dropped;
+# 6. apostrophes are kept only inside a word (`don't`, `o'clock`), not around it
+#    (`'quoted'`, `dogs'`), and whitespace collapses to single spaces.
+#
+# Anything else (an accented letter, a currency sign, an emoji) is **left in place**: it
+# is not our business to guess how `€` or `😂` is read. The tokenizers below map every
+# character outside their alphabet, `'` and `a`-`z`, to the `<unk>` token.
+#
+# Numbers first. An integer below a thousand has a fixed English shape; above it, split
+# off the largest scale $s \in \{10^9, 10^6, 10^3, 10^2\}$ that fits, $n = q\,s + r$ with
+# $0 \le r < s$, and spell
+#
+# $$
+# \mathrm{words}(n) = \mathrm{words}(q)\ \mathrm{name}(s)\ \mathrm{words}(r),
+# $$
+#
+# leaving out $\mathrm{words}(r)$ when $r = 0$ (American style, without "and").
+
+# %%
+#| default_exp tokenizer
+#| export
+import itertools
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+
+# %%
+#| export
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((10**9, "billion"), (10**6, "million"), (10**3, "thousand"), (100, "hundred"))
+
+
+def spell_number(n: int) -> str:
+    """English words for an integer 0 <= n < 10**12, without 'and': 42 -> 'forty two'."""
+    if not 0 <= n < 10**12:
+        raise ValueError(f"cannot spell out {n}: only integers from 0 to 999,999,999,999 are supported")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    for scale, name in _SCALES:
+        if n >= scale:
+            head, rest = divmod(n, scale)
+            return f"{spell_number(head)} {name}" + ("" if rest == 0 else " " + spell_number(rest))
+
+
+# %% [markdown]
+# An ordinal changes only the last word: "one" becomes "first", "twenty" becomes
+# "twentieth", most others take "th".
+
+# %%
+#| export
+_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth",
+             "eight": "eighth", "nine": "ninth", "twelve": "twelfth"}
+
+
+def spell_ordinal(n: int) -> str:
+    """English words for an ordinal: 21 -> 'twenty first', 40 -> 'fortieth'."""
+    *head, last = spell_number(n).split()
+    if last in _ORDINALS:
+        last = _ORDINALS[last]
+    elif last.endswith("y"):
+        last = last[:-1] + "ieth"
+    else:
+        last += "th"
+    return " ".join([*head, last])
+
+
+# %%
+for n in (0, 7, 13, 40, 42, 100, 101, 999, 1000, 2024, 1_000_000, 3_000_000_021):
+    print(f"{n:>13,}  {spell_number(n):<28} {spell_ordinal(n)}")
+
+# %% [markdown]
+# A regular expression finds the numbers: digits with optional thousands commas, an
+# optional decimal part, an optional ordinal suffix. Each match is replaced by its words
+# with a space on both sides, so `mp3` becomes "mp three". Then the character loop of
+# steps 5 and 6.
+
+# %%
+#| export
+ALPHABET = "'abcdefghijklmnopqrstuvwxyz"
+APOSTROPHES = "\u2018\u2019\u201b\u02bc\u2032`\u00b4"  # ‘ ’ ‛ ʼ ′ ` ´, all read as '
+SPOKEN_SYMBOLS = {"&": " and ", "%": " percent ", "+": " plus ", "=": " equals ", "@": " at "}
+_NUMBER_RE = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:(st|nd|rd|th)\b)?")
+
+
+def _spell_match(match: re.Match) -> str:
+    """Words for one number found by _NUMBER_RE: integer, decimal or ordinal."""
+    integer, decimals, suffix = match.groups()
+    n = int(integer.replace(",", ""))
+    words = spell_ordinal(n) if suffix and not decimals else spell_number(n)
+    if decimals:
+        words += " point " + " ".join(_ONES[int(d)] for d in decimals)
+    return f" {words} "
+
+
+def normalize_text(text: str) -> str:
+    """Spoken-form text: NFKC, lowercase, numbers spelled out, no punctuation, single spaces."""
+    text = text.translate(str.maketrans(APOSTROPHES, "'" * len(APOSTROPHES)))
+    text = unicodedata.normalize("NFKC", text).lower().translate(str.maketrans(SPOKEN_SYMBOLS))
+    text = _NUMBER_RE.sub(_spell_match, text)
+    chars = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if ch != "'" and (category[0] in "PZ" or category == "Cc"):
+            chars.append(" ")  # punctuation, separators and control characters end a word
+        elif category != "Cf":
+            chars.append(ch)  # letters (in the alphabet or not), apostrophes, symbols
+    words = (word.strip("'") for word in "".join(chars).split())  # apostrophes only inside words
+    return " ".join(word for word in words if word)
+
+
+# %% [markdown]
+# Each rule, with the answer we want written down beside it: the cell fails if any case
+# disagrees.
+
+# %%
+normalisation_cases = {
+    "Hello, World!": "hello world",
+    "Don’t STOP": "don't stop",
+    "don´t, don`t": "don't don't",
+    "'Quoted' dogs' rock 'n' roll": "quoted dogs rock n roll",
+    "well-known U.S. e-mail": "well known u s e mail",
+    "  tabs\tand\nnew   lines  ": "tabs and new lines",
+    "ﬁne １２ x²": "fine twelve x two",
+    "co\u00adoperate\u200b": "cooperate",
+    "42 apples, 1,234 pears": "forty two apples one thousand two hundred thirty four pears",
+    "the 21st and the 40th": "the twenty first and the fortieth",
+    "pi is 3.14": "pi is three point one four",
+    "mp3": "mp three",
+    "café 😂 €5": "café 😂 € five",
+    "10% & 2+2=4": "ten percent and two plus two equals four",
+    " \t ": "",
+}
+for raw, expected in normalisation_cases.items():
+    got = normalize_text(raw)
+    print(f"{raw!r:<34} -> {got!r}")
+    assert got == expected, (raw, got, expected)
+    assert normalize_text(got) == got  # idempotent: normalising twice changes nothing
+try:
+    normalize_text("population 8000000000000")
+except ValueError as error:
+    print("ValueError:", error)
+
+# %% [markdown]
+# The corpus was written from the start in this spoken form (lowercase words, apostrophes
+# inside words only), so normalisation must leave every transcript unchanged, and every
+# character must be in the alphabet or be the space between words:
+
+# %%
+all_texts = [u["text"] for utterances in corpus.values() for u in utterances]
+changed = sum(normalize_text(text) != text for text in all_texts)
+corpus_chars = Counter("".join(all_texts))
+print(f"transcripts changed by normalize_text: {changed} of {len(all_texts):,}")
+print("characters:", "".join(sorted(corpus_chars)).replace(" ", "␣"))
+assert changed == 0 and set(corpus_chars) <= set(ALPHABET + " ")
+
+# %% [markdown]
+# ## The character tokenizer
+#
+# A tokenizer is a **vocabulary**, a list of tokens whose positions are the ids, and a
+# rule that splits text into those tokens. An ASR model needs four tokens that are not
+# text, and we put them first, at fixed ids:
+#
+# | id | token | use |
+# |---|---|---|
+# | 0 | `<blank>` | CTC's "no token at this frame" (chapter 4), and the padding of a batch of targets |
+# | 1 | `<sos>` | start of sentence, for an autoregressive decoder (the baseline Paraformer is compared with) |
+# | 2 | `<eos>` | end of sentence: Paraformer's predictor counts one for it |
+# | 3 | `<unk>` | any character outside the alphabet |
+#
+# Making the blank id 0 the padding id too is the usual convention (FunASR, WeNet): a
+# padded target position never collides with a real token. Then the units: for characters,
+# the word boundary and the 27 characters of the alphabet. We write the space between
+# words as `▁` (U+2581, sentencepiece's mark) so that every token is visible and none is
+# whitespace, which keeps the vocabulary file one plain token per line.
+#
+# The base class holds what every tokenizer shares: the vocabulary, `encode` (normalise,
+# split, look up; unknown units become `<unk>`), `decode` (skip the special tokens, turn
+# `▁` back into spaces) and `save`.
+
+# %%
+#| export
+SPECIAL_TOKENS = ("<blank>", "<sos>", "<eos>", "<unk>")
+BLANK_ID, SOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+PAD_ID = BLANK_ID  # padding of target batches shares the blank's id
+WORD_BOUNDARY = "\u2581"  # '▁': a space between words (characters) or a word's start (BPE)
+
+
+class Tokenizer:
+    """Text <-> ids: the special tokens, then the units; subclasses split text into units."""
+
+    blank_id, sos_id, eos_id, unk_id, pad_id = BLANK_ID, SOS_ID, EOS_ID, UNK_ID, PAD_ID
+
+    def __init__(self, units):
+        self.tokens = [*SPECIAL_TOKENS, *units]
+        self.token_to_id = {token: i for i, token in enumerate(self.tokens)}
+        if len(self.token_to_id) != len(self.tokens):
+            duplicates = sorted({t for t in self.tokens if self.tokens.count(t) > 1})
+            raise ValueError(f"duplicate tokens in the vocabulary: {duplicates}")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, the special ones included."""
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the normalised text; characters outside the alphabet become <unk>."""
+        return [self.token_to_id.get(unit, UNK_ID) for unit in self.tokenize(normalize_text(text))]
+
+    def decode(self, ids) -> str:
+        """Text of the ids: special tokens skipped, '▁' read as a space, single spaces."""
+        pieces = []
+        for i in map(int, ids):
+            if not 0 <= i < len(self.tokens):
+                raise ValueError(f"id {i} is outside the vocabulary (0..{len(self.tokens) - 1})")
+            if i >= len(SPECIAL_TOKENS):
+                pieces.append(self.tokens[i])
+        return " ".join("".join(pieces).replace(WORD_BOUNDARY, " ").split())
+
+    def save(self, path) -> None:
+        """Write the vocabulary file: line i (counting from 0) describes the token of id i."""
+        Path(path).write_text("".join(line + "\n" for line in self.vocab_lines()), encoding="utf-8")
+
+
+# %% [markdown]
+# Reading a vocabulary file back must fail loudly on anything malformed: a file that does
+# not start with the four special tokens in order, an empty line, a token with whitespace
+# in it. Each line is split at a single space into its parts: one part for a plain token,
+# two for a BPE merge (next section).
+
+# %%
+#| export
+def read_vocab(path) -> list[list[str]]:
+    """The parts of each line of a vocabulary file, after checking the special tokens."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    if tuple(lines[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(f"{path}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        parts = line.split(" ")
+        if not all(parts) or len(parts) > 2 or any(ch.isspace() for part in parts for ch in part):
+            raise ValueError(f"{path}, line {number}: {line!r} is neither a token nor a pair 'left right'")
+        rows.append(parts)
+    return rows
+
+
+# %% [markdown]
+# The character tokenizer itself: the text's characters, with `▁` for each space.
+
+# %%
+#| export
+def _check_alphabet(alphabet: str) -> str:
+    """The alphabet, if its characters are distinct, not whitespace and not '▁'."""
+    if len(set(alphabet)) != len(alphabet) or any(ch.isspace() or ch == WORD_BOUNDARY for ch in alphabet):
+        raise ValueError(f"the alphabet must hold distinct characters, no whitespace and no {WORD_BOUNDARY!r}")
+    return alphabet
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character of the alphabet, and WORD_BOUNDARY for the space between words."""
+
+    def __init__(self, alphabet: str = ALPHABET):
+        super().__init__([WORD_BOUNDARY, *_check_alphabet(alphabet)])
+        self.alphabet = alphabet
+
+    def tokenize(self, text: str) -> list[str]:
+        """Units of normalised text: its characters, '▁' between words."""
+        return list(text.replace(" ", WORD_BOUNDARY))
+
+    def vocab_lines(self) -> list[str]:
+        """The lines of the vocabulary file: the tokens themselves."""
+        return list(self.tokens)
+
+    @classmethod
+    def load(cls, path) -> "CharTokenizer":
+        """The tokenizer whose vocabulary file is path."""
+        units = read_vocab(path)[len(SPECIAL_TOKENS):]
+        for number, parts in enumerate(units, start=len(SPECIAL_TOKENS) + 1):
+            if len(parts) != 1 or len(parts[0]) != 1:
+                raise ValueError(f"{path}, line {number}: {' '.join(parts)!r} is not one character"
+                                 " (a BPE vocabulary? load it with BPETokenizer.load)")
+        if not units or units[0] != [WORD_BOUNDARY]:
+            raise ValueError(f"{path}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
+        try:
+            return cls("".join(parts[0] for parts in units[1:]))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+# %%
+chars = CharTokenizer()
+ids = chars.encode("Don't panic, 42!")
+print(chars.vocab_size, "tokens:", " ".join(chars.tokens))
+print(ids)
+print([chars.tokens[i] for i in ids])
+print(repr(chars.decode(ids)))
+
+# %% [markdown]
+# A character outside the alphabet becomes `<unk>` (id 3), and `decode` skips it like the
+# other special tokens: what comes back is the text without that character. A word made
+# only of unknown characters disappears.
+
+# %%
+ids = chars.encode("Café au lait 😂 ok")
+print(ids)
+print(repr(chars.decode(ids)))
+assert ids.count(UNK_ID) == 2 and chars.decode(ids) == "caf au lait ok"
+
+# %% [markdown]
+# Saving writes one token per line; loading gives the same ids. A malformed file (here,
+# one whose special tokens are in the wrong order) is refused with the reason:
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "chars.vocab"
+    chars.save(path)
+    print(path.read_text().split("\n")[:8])
+    reloaded = CharTokenizer.load(path)
+    assert reloaded.tokens == chars.tokens
+    assert all(reloaded.encode(t) == chars.encode(t) for t in dev_texts)
+    path.write_text("<sos>\n<blank>\n<eos>\n<unk>\n▁\na\n")
+    try:
+        CharTokenizer.load(path)
+    except ValueError as error:
+        print("ValueError:", str(error).replace(tmp, "TMP"))
+
+# %% [markdown]
+# ## Byte-pair encoding
+#
+# Characters make long sequences; whole words make a vocabulary of tens of thousands of
+# rare tokens and cannot spell a word never seen in training. **Byte-pair encoding**
+# {cite:p}`sennrich2016bpe` learns units in between from the training text. Start from
+# characters; then repeatedly find the adjacent pair of symbols that occurs most often and
+# *merge* it into a new symbol:
+#
+# $$
+# (a^*, b^*) = \operatorname*{arg\,max}_{(a, b)} \sum_{w} c(w)\; n_{ab}(w),
+# $$
+#
+# where $c(w)$ is how often word $w$ occurs in the training text and $n_{ab}(w)$ how often
+# the pair $(a, b)$ occurs in the current segmentation of $w$. Each merge adds one token to
+# the vocabulary; stop when it has the size asked for. Two choices make it practical:
+#
+# - **Count over unique words, not over the text.** Merges never cross a space, so each
+#   distinct word is segmented once and its pairs are weighted by its count $c(w)$: a few
+#   thousand words instead of hundreds of thousands of running characters.
+# - **Mark where a word starts.** Like sentencepiece, every word begins with `▁`, so
+#   `▁the` (the word "the") and `the` (inside "other") are different tokens, and decoding
+#   restores the spaces: each `▁` is a space.
+#
+# Ties (two pairs with the same count) are broken as sentencepiece breaks them: the pair
+# whose new token is shorter first, then the new token in string order (then the pair
+# itself, so that nothing is left to chance). The merges depend only on the word counts:
+# the same text in any order gives the same tokenizer.
+#
+# First the two operations, on the toy example of the BPE paper: "low" 5 times, "lower"
+# twice, "newest" 6 times, "widest" 3 times.
+
+# %%
+#| export
+def merge_priority(pair: tuple, count: int) -> tuple:
+    """Sort key of a candidate merge: most frequent, then shortest new token, then its string."""
+    return -count, len(pair[0] + pair[1]), pair[0] + pair[1], pair
+
+
+def count_pairs(words, counts) -> Counter:
+    """How often each adjacent pair of symbols occurs, each word weighted by its count."""
+    pairs = Counter()
+    for symbols, count in zip(words, counts):
+        for pair in zip(symbols, symbols[1:]):
+            pairs[pair] += count
+    return pairs
+
+
+def merge_pair(symbols, pair) -> list[str]:
+    """The symbols with each occurrence of the adjacent pair, left to right, fused into one."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+# %%
+toy_counts = {"low": 5, "lower": 2, "newest": 6, "widest": 3}
+toy_words = [[WORD_BOUNDARY, *word] for word in toy_counts]
+for step in range(1, 6):
+    pairs = count_pairs(toy_words, toy_counts.values())
+    best = min(pairs, key=lambda p: merge_priority(p, pairs[p]))
+    top = ", ".join(f"{a}+{b}:{pairs[a, b]}" for a, b in sorted(pairs, key=lambda p: merge_priority(p, pairs[p]))[:4])
+    toy_words = [merge_pair(symbols, best) for symbols in toy_words]
+    print(f"step {step}: {top:<34} merge {best[0]}+{best[1]} -> {' '.join(' '.join(w) for w in toy_words)}")
+
+# %% [markdown]
+# After each merge only the words that held the merged pair change, so only their pairs
+# need recounting. `bpe_merges` keeps the pair counts and, for each pair, the words that
+# hold it; a merge subtracts those words' old pairs and adds their new ones. It is a
+# generator: it yields merges for as long as we ask (or until every word is one token),
+# so the merges of a small vocabulary are the first merges of a large one. A pair that
+# would spell a token the vocabulary already has is skipped (sentencepiece does the same),
+# so that every token has one meaning and one recipe.
+
+# %%
+#| export
+def bpe_merges(word_counts: dict):
+    """Yield (pair, count): merge the pair first by merge_priority, update the counts, repeat."""
+    words = [[WORD_BOUNDARY, *word] for word in sorted(word_counts)]  # each word's symbols
+    counts = [word_counts[word] for word in sorted(word_counts)]
+    pairs = count_pairs(words, counts)
+    where = defaultdict(set)  # pair -> indices of the words that hold it
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            where[pair].add(i)
+    tokens = {symbol for symbols in words for symbol in symbols}
+    while True:
+        candidates = [p for p, n in pairs.items() if n > 0 and p[0] + p[1] not in tokens]
+        if not candidates:
+            return
+        best = min(candidates, key=lambda p: merge_priority(p, pairs[p]))
+        yield best, pairs[best]
+        tokens.add(best[0] + best[1])
+        for i in sorted(where.pop(best)):
+            new = merge_pair(words[i], best)
+            pairs.subtract(count_pairs([words[i]], [counts[i]]))
+            pairs.update(count_pairs([new], [counts[i]]))
+            for pair in zip(new, new[1:]):
+                where[pair].add(i)
+            words[i] = new
+
+
+# %% [markdown]
+# On the corpus's training text, the merge table as it grows: the first merges join `▁`
+# to frequent first letters and build the most frequent short words.
+
+# %%
+train_word_counts = Counter(word for text in train_texts for word in text.split())
+print(f"{sum(train_word_counts.values()):,} running words, {len(train_word_counts):,} distinct")
+n_base = len(SPECIAL_TOKENS) + 1 + len(ALPHABET)  # special tokens, '▁' and the alphabet: 32
+merge_table = list(itertools.islice(bpe_merges(train_word_counts), 500 - n_base))  # a vocabulary of 500
+print(" rank  pair          count  new token")
+for rank, ((a, b), n) in enumerate(merge_table[:20]):
+    print(f"{rank:>5}  {a + ' + ' + b:<12}{n:>7,}  {a + b}")
+
+# %% [markdown]
+# An independent check of the bookkeeping: the plain algorithm, which recounts every pair
+# over every word at every step, must choose the same first merges.
+
+# %%
+def naive_bpe_merges(word_counts: dict, n_merges: int) -> list:
+    """The first merges, recounting all pairs at each step (slow, obviously right)."""
+    words = {(WORD_BOUNDARY, *word): count for word, count in word_counts.items()}
+    merges = []
+    for _ in range(n_merges):
+        pairs = count_pairs(words.keys(), words.values())
+        best = min(pairs, key=lambda p: merge_priority(p, pairs[p]))
+        merges.append((best, pairs[best]))
+        words = {tuple(merge_pair(symbols, best)): count for symbols, count in words.items()}
+    return merges
+
+
+n_check = 60
+print("first", n_check, "merges identical:", naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check])
+assert naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check]
+
+# %% [markdown]
+# A word's segmentation as the vocabulary grows (the vocabulary size counts the 4 special
+# tokens and the 28 base symbols, `▁`, `'` and `a`-`z`):
+
+# %%
+example_words = ["the", "because", "understanding", "government", "don't"]
+print(f"{'vocab':>5}  " + " ".join(f"{w:<27}" for w in example_words))
+for size in (n_base, 50, 100, 200, 500):
+    merges = [pair for pair, _ in merge_table[:size - n_base]]
+    row = []
+    for word in example_words:
+        symbols = [WORD_BOUNDARY, *word]
+        for pair in merges:
+            symbols = merge_pair(symbols, pair)
+        row.append(" ".join(symbols))
+    print(f"{size:>5}  " + " ".join(f"{r:<27}" for r in row))
+
+# %% [markdown]
+# ### The BPE tokenizer
+#
+# To encode a word, start from `▁` and its characters and apply the learned merges: at
+# each step the adjacent pair with the lowest **rank** (the earliest merge), until no pair
+# is in the table. Because every merge creates a new token, a pair's rank is always later
+# than the merges that made its parts, so this reproduces exactly the segmentation that
+# training gave each training word. Words repeat a lot, so each word's segmentation is
+# cached. A character outside the alphabet becomes `<unk>`, which takes part in no merge.
+#
+# The vocabulary file stays one token per line, and it is also the merge table: a merged
+# token is written as its two parts with a space between them (`▁th e` is the token
+# `▁the`), which a space inside a token can never be confused with, because no token holds
+# a space. The first lines are the special tokens, `▁` and the alphabet, one character each.
+
+# %%
+#| export
+class BPETokenizer(Tokenizer):
+    """Byte-pair encoding over characters: words start with WORD_BOUNDARY; merges apply by rank."""
+
+    def __init__(self, merges, alphabet: str = ALPHABET):
+        base = [WORD_BOUNDARY, *_check_alphabet(alphabet)]
+        super().__init__([*base, *(left + right for left, right in merges)])
+        for new_id, (left, right) in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base)):
+            if not all(self.token_to_id.get(part, new_id) < new_id for part in (left, right)):
+                raise ValueError(f"merge {left!r} + {right!r} (id {new_id}) uses a token not defined before it")
+        self.alphabet, self.merges = alphabet, [tuple(pair) for pair in merges]
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._cache: dict[str, list[str]] = {}
+
+    def tokenize_word(self, word: str) -> list[str]:
+        """Units of one word: '▁' and its characters, then the lowest-ranked merge until none applies."""
+        if word not in self._cache:
+            symbols = [WORD_BOUNDARY] + [ch if ch in self.alphabet else SPECIAL_TOKENS[UNK_ID] for ch in word]
+            while len(symbols) > 1:
+                pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
+                if pair not in self.ranks:
+                    break
+                symbols = merge_pair(symbols, pair)
+            self._cache[word] = symbols
+        return self._cache[word]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Units of normalised text, word by word."""
+        return [unit for word in text.split() for unit in self.tokenize_word(word)]
+
+    def vocab_lines(self) -> list[str]:
+        """The lines of the vocabulary file: base tokens as they are, merged tokens as 'left right'."""
+        return self.tokens[:len(self.tokens) - len(self.merges)] + [f"{a} {b}" for a, b in self.merges]
+
+    @classmethod
+    def load(cls, path) -> "BPETokenizer":
+        """The tokenizer whose vocabulary file is path."""
+        rows = read_vocab(path)[len(SPECIAL_TOKENS):]
+        base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
+        if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
+            raise ValueError(f"{path}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
+        merges = rows[len(base):]
+        for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
+            if len(parts) != 2:
+                raise ValueError(f"{path}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
+        try:
+            return cls([tuple(parts) for parts in merges], "".join(base[1:]))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+# %% [markdown]
+# Training puts it together: normalise, count words, refuse characters outside the
+# alphabet (they would need tokens of their own), and take the first
+# `vocab_size - 32` merges.
+
+# %%
+#| export
+def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
+    """A BPE tokenizer of vocab_size tokens (fewer if the text runs out of pairs) learned from texts."""
+    word_counts = Counter(word for text in texts for word in normalize_text(text).split())
+    unknown = sorted(set("".join(word_counts)) - set(alphabet))
+    if unknown:
+        raise ValueError(f"the training text holds characters outside the alphabet: {unknown}")
+    n_base = len(SPECIAL_TOKENS) + 1 + len(alphabet)
+    if vocab_size < n_base:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {n_base} special and base tokens")
+    merges = [pair for pair, _ in itertools.islice(bpe_merges(word_counts), vocab_size - n_base)]
+    return BPETokenizer(merges, alphabet)
+
+
+# %% [markdown]
+# Training is fast because it works on word counts (the timing below is not compared when
+# the book's tests re-run this notebook):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+start = time.perf_counter()
+bpe500 = train_bpe(train_texts, 500)
+print(f"train_bpe(vocab_size=500) on {len(train_texts):,} utterances: {time.perf_counter() - start:.1f} s")
+
+# %% [markdown]
+# Checks: the tokenizer's merges are the merge table above; encoding each training word
+# reproduces the segmentation training gave it; training on the texts in reverse order
+# gives the same merges; decoding restores every transcript; the vocabulary file gives
+# back the same tokenizer.
+
+# %%
+assert bpe500.merges == [pair for pair, _ in merge_table]
+training_segmentation = {word: [WORD_BOUNDARY, *word] for word in train_word_counts}
+for pair in bpe500.merges:
+    training_segmentation = {w: merge_pair(s, pair) for w, s in training_segmentation.items()}
+assert all(bpe500.tokenize_word(w) == s for w, s in training_segmentation.items())
+assert train_bpe(train_texts[::-1], 500).merges == bpe500.merges
+assert all(bpe500.decode(bpe500.encode(text)) == text for text in all_texts)
+with tempfile.TemporaryDirectory() as tmp:
+    bpe500.save(Path(tmp) / "bpe500.vocab")
+    lines = (Path(tmp) / "bpe500.vocab").read_text().split("\n")
+    reloaded = BPETokenizer.load(Path(tmp) / "bpe500.vocab")
+print("lines", lines[30:36], "...", len(lines) - 1, "lines")
+assert reloaded.tokens == bpe500.tokens and all(reloaded.encode(t) == bpe500.encode(t) for t in dev_texts)
+text = dev_texts[0]
+print(text)
+print(" ".join(bpe500.tokens[i] for i in bpe500.encode(text)))
+print(f"{len(text)} characters, {len(bpe500.encode(text))} BPE-500 tokens")
+
+# %% [markdown]
+# ## A reference: sentencepiece
+#
+# `sentencepiece` {cite:p}`kudo2018sentencepiece` is the tokenizer library most ASR
+# toolkits (ESPnet, WeNet, FunASR, icefall) use. Its BPE mode trains the same algorithm;
+# we give it the same training text and vocabulary size, our four special tokens at the
+# same ids, no normalisation of its own (`normalization_rule_name="identity"`, the text is
+# normalised already), every character kept (`character_coverage=1.0`) and one thread. It
+# normally writes a model file and logs to the terminal: `model_writer` takes the model in
+# memory instead, and `minloglevel=2` silences it.
+
+# %%
+def train_sentencepiece(texts, vocab_size: int, model_type="bpe", **options) -> spm.SentencePieceProcessor:
+    """A sentencepiece model trained in memory, quietly, with our special tokens."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type=model_type, vocab_size=vocab_size,
+        character_coverage=1.0, normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        pad_id=BLANK_ID, bos_id=SOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, pad_piece="<blank>",
+        bos_piece="<sos>", eos_piece="<eos>", unk_piece="<unk>", **options)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def sp_pieces(sp: spm.SentencePieceProcessor) -> list[str]:
+    """The vocabulary of a sentencepiece model, by id."""
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+# %% [markdown]
+# For three vocabulary sizes: how many of our tokens sentencepiece also has, and the
+# tokens per word each gives on the dev text. sentencepiece's default
+# `split_by_unicode_script=True` never lets a token span letters and `'` (a different
+# Unicode script), so it is trained twice: with its defaults, and with that switch off.
+
+# %%
+dev_words = sum(len(text.split()) for text in dev_texts)
+print(f"{'vocab':>5} {'overlap (default)':>18} {'overlap (no script split)':>25}   tokens/word on dev: ours  sp  sp-no-split")
+sentencepiece_models = {}
+for size in (100, 200, 500):
+    ours = train_bpe(train_texts, size)
+    sp_default = train_sentencepiece(train_texts, size)
+    sp_nosplit = train_sentencepiece(train_texts, size, split_by_unicode_script=False)
+    sentencepiece_models[size] = (ours, sp_default, sp_nosplit)
+    overlap = [len(set(ours.tokens) & set(sp_pieces(sp))) for sp in (sp_default, sp_nosplit)]
+    per_word = [sum(len(encode(t)) for t in dev_texts) / dev_words
+                for encode in (ours.encode, sp_default.encode, sp_nosplit.encode)]
+    print(f"{size:>5} {overlap[0]:>12}/{size} {overlap[1]:>19}/{size}   "
+          f"{per_word[0]:>23.3f} {per_word[1]:.3f} {per_word[2]:.3f}")
+
+# %% [markdown]
+# Segmentations side by side (vocabulary 200), for frequent words, contractions and a
+# word the training text never saw:
+
+# %%
+ours, sp_default, sp_nosplit = sentencepiece_models[200]
+for word in ["the", "because", "don't", "they're", "understanding", "paraformer"]:
+    print(f"{word:<14} ours: {' '.join(ours.tokenize_word(word)):<26} "
+          f"sentencepiece: {' '.join(sp_default.encode(word, out_type=str))}")
+
+# %% [markdown]
+# With the script split off, sentencepiece's BPE is our BPE: the same tokens, learned in
+# the same order (sentencepiece lists merged pieces by the step that created them, then the
+# single characters), and the same segmentation of every dev utterance.
+
+# %%
+for size, (ours, _, sp_nosplit) in sentencepiece_models.items():
+    pieces = sp_pieces(sp_nosplit)
+    same_order = pieces[4:4 + len(ours.merges)] == [a + b for a, b in ours.merges]
+    same_segmentation = sum(ours.tokenize(t) == sp_nosplit.encode(t, out_type=str) for t in dev_texts)
+    print(f"vocab {size}: merges in the same order: {same_order}; "
+          f"identical segmentations: {same_segmentation}/{len(dev_texts)} dev utterances")
+    assert same_order and same_segmentation == len(dev_texts)
+
+# %% [markdown]
+# ## Characters or word pieces? Tokens per frame
+#
+# Chapter 1's frontend turns $N$ samples at 16 kHz into $T = 1 + \lfloor (N - 400) / 160
+# \rfloor$ fbank frames (25 ms windows every 10 ms); the encoder then sees one frame per
+# $k$ of them: $k = 6$ with LFR stacking (60 ms frames, FunASR's choice), $k = 4$ with the
+# convolutional subsampling of most CTC and attention models (40 ms). CIF fires at most
+# about once per encoder frame, so an utterance of $U$ tokens needs
+#
+# $$
+# \rho = \frac{U}{\lceil T / k \rceil} \le 1,
+# $$
+#
+# and comfortably below 1: the predictor must also learn *where* to fire, and FunASR's
+# predictor counts one more token for `<eos>`. We measure $\rho$ for every training
+# utterance, for characters and for BPE with 100, 200 and 500 tokens.
+
+# %%
+def encoder_frames(duration: float, subsampling: int, sample_rate: int = 16000) -> int:
+    """Encoder frames of an utterance: 10 ms fbank frames (25 ms window), one in `subsampling`."""
+    n_fbank = 1 + (round(duration * sample_rate) - 400) // 160
+    return math.ceil(n_fbank / subsampling)
+
+
+tokenizers = {"characters": chars, **{f"BPE-{n}": sentencepiece_models[n][0] for n in (100, 200, 500)}}
+durations = np.array([u["duration"] for u in corpus["train"]])  # (N,)
+frames = {ms: np.array([encoder_frames(d, ms // 10) for d in durations]) for ms in (40, 60)}  # (N,) each
+encoded = {name: [tok.encode(text) for text in train_texts] for name, tok in tokenizers.items()}
+lengths = {name: np.array([len(ids) for ids in encoded[name]]) for name in tokenizers}  # (N,) each
+
+# %%
+def summary(values: np.ndarray) -> str:
+    """Mean, 95th percentile and maximum, side by side."""
+    return f"{values.mean():5.2f} {np.percentile(values, 95):5.2f} {values.max():5.2f}"
+
+
+print(f"{'':<11}{'tokens/s':^17}|{'tokens/frame, 40 ms':^22}|{'tokens/frame, 60 ms':^22}|{'> 1 token/frame':^17}")
+print(f"{'unit':<11}{'mean   p95   max':>17}|{'mean   p95   max':>21} |{'mean   p95   max':>21} |{'40 ms':>8}{'60 ms':>8}")
+per_frame = {}
+for name, U in lengths.items():
+    per_frame[name] = {ms: U / frames[ms] for ms in (40, 60)}  # (N,) each
+    over = [f"{np.mean(per_frame[name][ms] > 1):7.1%}" for ms in (40, 60)]
+    print(f"{name:<11}{summary(U / durations):>17}|{summary(per_frame[name][40]):>21} |"
+          f"{summary(per_frame[name][60]):>21} |{over[0]:>8}{over[1]:>8}")
+
+# %% [markdown]
+# The histogram of $\rho$ at 60 ms frames, with the line CIF cannot cross:
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
+bins = np.linspace(0, 1.6, 65)
+for name in tokenizers:
+    ax.hist(per_frame[name][60], bins=bins, histtype="step", linewidth=1.5, label=name)
+ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+ax.set_xlabel("tokens per encoder frame (60 ms frames)")
+ax.set_ylabel("utterances")
+ax.legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# A larger vocabulary means fewer tokens per frame, but each token is rarer, and the
+# decoder's output layer must learn every one of them from the examples it sees. Count,
+# for each vocabulary, the tokens that occur fewer than 20 times in the whole training
+# text:
+
+# %%
+rare_threshold = 20
+rare = {}
+for name, tok in tokenizers.items():
+    counts = Counter(i for ids in encoded[name] for i in ids)
+    units = range(len(SPECIAL_TOKENS), tok.vocab_size)
+    rare[name] = sum(counts[i] < rare_threshold for i in units)
+    unused = [tok.tokens[i] for i in units if counts[i] == 0]
+    print(f"{name:<11} {tok.vocab_size:>4} tokens: {rare[name]:>3} seen fewer than {rare_threshold} times,"
+          f" {len(unused):>2} never {' '.join(unused[:6])}")
+
+# %% [markdown]
+# **The choice.** TODO after measuring on the corpus.
+
+# %%
+#| export
+DEFAULT_VOCAB_SIZE = 200
+
+
+def default_tokenizer(train_manifest=None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> BPETokenizer:
+    """The book's tokenizer: BPE trained on the transcripts of the training manifest."""
+    from paraformer_edu.data import build_corpus, read_manifest  # chapter 1; imported here, used only here
+
+    if train_manifest is None:
+        train_manifest = build_corpus()["train"]
+    return train_bpe([utterance["text"] for utterance in read_manifest(train_manifest)], vocab_size)
+
+
+# %%
+tokenizer = default_tokenizer(manifests["train"])
+assert tokenizer.merges == tokenizers[f"BPE-{DEFAULT_VOCAB_SIZE}"].merges
+print(f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
+      + ", ".join(" ".join(pair) for pair in tokenizer.merges[:5]))
+
+# %% [markdown]
+# ## Summary
+#
+# - One function, `normalize_text`, turns any text into the corpus's spoken form:
+#   NFKC, lowercase, `'` for every apostrophe, numbers spelled out (up to a trillion,
+#   with ordinals and decimals), punctuation removed, apostrophes kept only inside words,
+#   single spaces. What is left outside the alphabet becomes `<unk>` in the tokenizers.
+# - Every tokenizer puts `<blank>` (also the padding), `<sos>`, `<eos>` and `<unk>` at ids
+#   0 to 3; `decode` skips them; the vocabulary file is one token per line and loading it
+#   gives the same ids.
+# - BPE learns merges from word counts: most frequent adjacent pair, ties by the pair,
+#   repeat. With one option aligned it matches sentencepiece's BPE token for token.
+# - TODO: the measured numbers and the choice.
+#
+# ## Exercises
+#
+# 1. **Read the numbers back.** Write `words_to_number(text)`, the inverse of
+#    `spell_number` for its own output ("two thousand twenty four" -> 2024), and check the
+#    round trip for every integer below 100,000 and some large ones.
+# 2. **How fast can CTC talk?** Chapter 4's CTC needs one frame per token *plus* a blank
+#    between two equal neighbours (`l l` in "hello"). For characters and BPE-200 at 60 ms,
+#    what fraction of training utterances has fewer frames than CTC needs?
+# 3. **Another subword model.** sentencepiece's default model is not BPE but a unigram
+#    language model. Train it with `model_type="unigram"` at 200 tokens: how many tokens per
+#    word does it give on dev, and how does it split "understanding" and "don't"?
+
+# %% tags=["hide-input"]
+def words_to_number(text: str) -> int:
+    """The integer spelled by spell_number's words: 'two thousand twenty four' -> 2024."""
+    values = {word: i for i, word in enumerate(_ONES)} | {word: 10 * i for i, word in enumerate(_TENS) if i > 1}
+    scales = {name: scale for scale, name in _SCALES if scale > 100}
+    total, group = 0, 0  # finished groups (billions, millions, thousands), the group being read
+    for word in text.split():
+        if word in values:
+            group += values[word]
+        elif word == "hundred":
+            group *= 100
+        else:
+            total, group = total + group * scales[word], 0
+    return total + group
+
+
+checks = list(range(100_000)) + [10**6, 1_000_001, 123_456_789, 20_000_000_019, 999_999_999_999]
+assert all(words_to_number(spell_number(n)) == n for n in checks)
+print(f"round trip exact for {len(checks):,} numbers; e.g. {spell_number(20_000_000_019)!r}")
+
+# %% tags=["hide-input"]
+def ctc_min_frames(units: list) -> int:
+    """Fewest frames a CTC path needs: one per token, one blank between equal neighbours."""
+    return len(units) + sum(a == b for a, b in zip(units, units[1:]))
+
+
+for name in ("characters", f"BPE-{DEFAULT_VOCAB_SIZE}"):
+    need = np.array([ctc_min_frames(ids) for ids in encoded[name]])  # (N,)
+    print(f"{name:<11} CTC needs more frames than there are at 60 ms: {np.mean(need > frames[60]):.1%}"
+          f" (without repeats: {np.mean(lengths[name] > frames[60]):.1%})")
+
+# %% tags=["hide-input"]
+unigram = train_sentencepiece(train_texts, 200, model_type="unigram")
+print(f"unigram-200: {sum(len(unigram.encode(t)) for t in dev_texts) / dev_words:.3f} tokens/word on dev "
+      f"(BPE-200: {sum(len(tokenizer.encode(t)) for t in dev_texts) / dev_words:.3f})")
+for word in ["understanding", "don't"]:
+    print(f"{word:<14} unigram: {' '.join(unigram.encode(word, out_type=str)):<24} "
+          f"BPE: {' '.join(tokenizer.tokenize_word(word))}")
