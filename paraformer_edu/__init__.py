@@ -1,7 +1,40 @@
 """paraformer_edu: Paraformer from scratch, the package of the paraformer-edu book.
 
 Each module is generated from the chapter that builds it (see its banner); this
-file, hand-written, gathers the public API.
+file, hand-written, gathers the public API:
+
+- `data` (chapter 1): audio loading, the synthetic corpus, datasets and batching;
+- `features` (chapter 1): log-mel filterbank, LFR, CMVN, SpecAugment, the front end;
+- `tokenizer` (chapter 2): text normalisation, character and BPE tokenizers;
+- `attention` (chapter 3): scaled dot-product and multi-head attention, masks;
+- `encoder` (chapter 4): the SAN-M encoder, CTC;
+- `predictor` (chapter 5): continuous integrate-and-fire (CIF).
 """
 
 __version__ = "0.1.0"
+
+from . import attention, data, encoder, features, predictor, tokenizer
+from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
+from .data import (AudioError, BucketBatchSampler, SpeechDataset, build_corpus, collate, corpus_config,
+                   load_audio, read_manifest, synthesize)
+from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc_loss
+from .features import CMVN, Frontend, SpecAugment, fbank, lfr
+from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, normalize_text
+
+__all__ = [
+    "__version__",
+    # modules
+    "data", "features", "tokenizer", "attention", "encoder", "predictor",
+    # chapter 1
+    "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
+    "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
+    # chapter 2
+    "normalize_text", "Tokenizer", "CharTokenizer", "BPETokenizer",
+    # chapter 3
+    "scaled_dot_product_attention", "MultiHeadAttention", "sinusoidal_positional_encoding",
+    # chapter 4
+    "EncoderConfig", "SANMEncoder", "CTCHead", "ctc_loss", "ctc_greedy_decode",
+    # chapter 5
+    "CifPredictor", "cif", "cif_timestamps", "quantity_loss",
+]

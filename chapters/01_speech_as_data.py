@@ -1,0 +1,1192 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Speech as data
+#
+# A speech recognizer reads a waveform, a long list of air-pressure samples, and writes
+# text. Before any model, we need three things: **speech with transcripts** to learn from,
+# a way to turn the waveform into **features** a network digests easily, and a way to
+# feed **batches** of utterances of different lengths to the network.
+#
+# This book makes its own corpus. It cannot download LibriSpeech (nothing is downloaded
+# at run time), so it *synthesises* English sentences with the espeak-ng speech
+# synthesiser, which ships inside a Python wheel. The voices are robotic, but they are
+# many (accents, variants, speaking rates, pitches), the text is broad English, and
+# everything is deterministic from a seed: your corpus is the same as ours.
+#
+# **Learning goals.** After this chapter you can
+#
+# - synthesise, load and check audio, and say what a recognizer should do with stereo,
+#   44.1 kHz, silent or empty input;
+# - build a train/dev/test corpus with a held-out set of *voices*, written as JSON-lines
+#   manifests;
+# - compute Kaldi-style log-mel filterbank features from scratch (framing, window, FFT,
+#   mel filters) and show they equal `torchaudio.compliance.kaldi.fbank`;
+# - stack frames to a low frame rate (LFR), normalise them (CMVN) and mask them
+#   (SpecAugment) as Paraformer does;
+# - batch utterances by length with padding and lengths;
+# - measure how many characters per second the speech carries against how many encoder
+#   frames per second the features give, the number the predictor of chapter 5 lives by.
+
+# %%
+# In Colab, install the book's package first:
+# # !pip install -q "paraformer-edu[book] @ git+https://github.com/paraformer-edu/paraformer-edu"
+# %matplotlib inline
+import io
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import IPython.display as ipd
+import matplotlib.pyplot as plt
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+import paraformer_edu
+
+torch.manual_seed(0)
+print("paraformer_edu", paraformer_edu.__version__)
+
+# %% [markdown]
+# ## A speech synthesiser in a wheel
+#
+# [espeak-ng](https://github.com/espeak-ng/espeak-ng) is a small formant synthesiser for
+# about a hundred languages. The PyPI package `espeakng-loader` ships its shared library
+# and voice data, so we can drive its C API through `ctypes` with no system package:
+#
+# 1. `espeak_Initialize` loads the data and returns the output sample rate (22,050 Hz);
+# 2. `espeak_SetVoiceByName("en-us+f3")` picks a voice (`en-us`) and a *variant*
+#    (`f3`, one of a dozen settings of pitch, formants and breathiness);
+# 3. `espeak_SetParameter` sets the speaking rate (words per minute) and pitch;
+# 4. `espeak_Synth` synthesises, calling back with chunks of 16-bit samples and with
+#    **events**: a `WORD` event says where in the audio each word of the text starts.
+#
+# Those word events are a gift: they are the ground truth for the timestamps of chapter 8.
+# The callback copies each chunk and keeps the word events; the C structure is declared
+# field by field as in `speak_lib.h`.
+
+# %%
+#| default_exp data
+#| export
+import ctypes
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+SAMPLE_RATE = 16_000  # every waveform in the book is 16 kHz mono float32 in [-1, 1]
+_ESPEAK_WORD_EVENT = 1  # espeakEVENT_WORD in speak_lib.h
+_ESPEAK_RATE, _ESPEAK_PITCH, _ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER values
+
+
+class _EspeakEvent(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
+                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                  ctypes.POINTER(_EspeakEvent))
+
+
+class _Espeak:
+    """The espeak-ng library from the `espeakng-loader` wheel, driven synchronously."""
+
+    def __init__(self):
+        import espeakng_loader
+
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        # AUDIO_OUTPUT_SYNCHRONOUS = 2: espeak_Synth returns when all audio was delivered
+        self.sample_rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("espeak-ng failed to initialise: reinstall `espeakng-loader`")
+        self.chunks, self.events = [], []
+        self.callback = _SynthCallback(self._collect)  # keep a reference: C holds only a pointer
+        self.lib.espeak_SetSynthCallback(self.callback)
+
+    def _collect(self, wav, n, events):
+        if n > 0:
+            self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        i = 0
+        while events[i].type != 0:  # the list ends with espeakEVENT_LIST_TERMINATED
+            if events[i].type == _ESPEAK_WORD_EVENT:
+                self.events.append((events[i].text_position - 1, events[i].length, events[i].sample))
+            i += 1
+        return 0
+
+    def synth(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int):
+        """Synthesise text; return int16 samples at `sample_rate` and the word events."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}; try 'en-us' or 'en-us+f3'")
+        for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range)):
+            self.lib.espeak_SetParameter(parameter, int(value), 0)
+        self.lib.espeak_ng_SetRandSeed(0)  # the breathy variants add noise: make it repeatable
+        self.chunks, self.events = [], []
+        data = text.encode()
+        # position 0, POS_CHARACTER = 1, end 0, espeakCHARS_UTF8 = 1
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
+        self.lib.espeak_Synchronize()
+        samples = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+        return samples, list(self.events)
+
+
+_espeak = None
+
+
+def _get_espeak() -> _Espeak:
+    global _espeak
+    if _espeak is None:
+        _espeak = _Espeak()
+    return _espeak
+
+
+# %% [markdown]
+# `synthesize` turns the 22,050 Hz int16 output into the book's format, 16 kHz float32,
+# with torchaudio's band-limited resampler, and maps each word event (a character offset
+# into the text and a sample index) to a word and its start time in seconds.
+
+# %%
+#| export
+def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
+               pitch_range: int = 50) -> tuple[torch.Tensor, list[tuple[str, float]]]:
+    """Speak `text` with espeak-ng: a 16 kHz waveform (T,) and each word's start time (s)."""
+    engine = _get_espeak()
+    samples, events = engine.synth(text, voice, rate, pitch, pitch_range)
+    wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
+    wave = torchaudio.functional.resample(wave, engine.sample_rate, SAMPLE_RATE)  # (T,)
+    words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
+             for start, length, sample in events]
+    return wave.clamp(-1.0, 1.0), words
+
+
+# %% [markdown]
+# Let us hear it. Two voices say the same sentence; the word events tell where each word
+# starts (the first word starts at 0: espeak counts the short silence before it).
+
+# %%
+sentence = "Speech recognition turns sound into text."
+for voice in ("en-us", "en-gb-scotland+f2"):
+    wave, words = paraformer_edu.data.synthesize(sentence, voice=voice, rate=160)  # (T,)
+    print(f"{voice:<18} {tuple(wave.shape)} samples = {wave.numel() / 16000:.2f} s;",
+          ", ".join(f"{w}@{t:.2f}" for w, t in words))
+    ipd.display(ipd.Audio(wave.numpy(), rate=16000))
+
+# %% [markdown]
+# ## Reading audio, and what to do with bad audio
+#
+# Everything that enters the recognizer goes through one function, `load_audio`. It
+# accepts a path or an array, and returns a 16 kHz mono float32 waveform. Real input is
+# messy; each kind of problem gets a deliberate answer:
+#
+# | input | answer | why |
+# |---|---|---|
+# | another sample rate (8, 22.05, 44.1, 48 kHz) | resample to 16 kHz | lossless for speech, the user meant it |
+# | stereo or more channels | average the channels | the speech is in both |
+# | integer samples | scale to $[-1, 1]$ | same signal |
+# | an array without a sample rate | error | we cannot guess the rate |
+# | empty (no samples) | error | nothing to recognise |
+# | shorter than one 25 ms frame | error | no feature frame fits |
+# | NaN or infinite samples | error | a broken file |
+# | not an audio file | error naming the formats | |
+# | silent (all zero) | returned as it is | silence is valid input: the right transcript is empty |
+#
+# The errors are `AudioError`, a `ValueError` whose message says what is wrong and what
+# to do, raised before any feature or model code sees the audio.
+
+# %%
+#| export
+MIN_SAMPLES = 400  # one 25 ms analysis window at 16 kHz
+
+
+class AudioError(ValueError):
+    """Audio that the recognizer cannot use: the message says what is wrong and what to do."""
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, int]:
+    """Read a sound file with soundfile as float32 (frames, channels) and its sample rate."""
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise AudioError(f"{path}: not a readable audio file ({error}). Use WAV, FLAC or OGG; "
+                         "convert other formats first, e.g. `ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav`") from None
+    return samples, rate
+
+
+# %%
+#| export
+def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
+    """Load a path or array as 16 kHz mono float32 (T,); resample and downmix as needed."""
+    if isinstance(source, (str, os.PathLike)):
+        samples, sample_rate = _read_file(Path(source))
+        wave = torch.from_numpy(samples).T  # (C, T)
+    else:
+        if sample_rate is None:
+            raise AudioError("an array was given without its sample rate: pass sample_rate=...")
+        wave = torch.as_tensor(np.asarray(source))
+        if not wave.is_floating_point():  # integer PCM: scale to [-1, 1]
+            wave = wave.float() / float(torch.iinfo(wave.dtype).max + 1)
+        wave = wave.float()
+        if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:  # (T, C) -> (C, T)
+            wave = wave.T
+        wave = wave.reshape(-1, wave.shape[-1]) if wave.dim() > 0 else wave.reshape(1, 1)  # (C, T)
+    if wave.shape[-1] == 0:
+        raise AudioError("the audio is empty (0 samples): nothing to transcribe")
+    if not torch.isfinite(wave).all():
+        raise AudioError("the audio holds NaN or infinite samples: the file is damaged")
+    wave = wave.mean(dim=0)  # (T,) mono: average the channels
+    if sample_rate != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)  # (T * 16000 / sr,)
+    if wave.numel() < MIN_SAMPLES:
+        raise AudioError(f"the audio is {1000 * wave.numel() / SAMPLE_RATE:.1f} ms long; "
+                         f"at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms are needed for one feature frame")
+    return wave.contiguous()
+
+
+def is_silent(wave: torch.Tensor, threshold: float = 1e-4) -> bool:
+    """True if the waveform (T,) never rises above `threshold` (about -80 dBFS)."""
+    return bool(wave.abs().max() <= threshold)
+
+
+# %% [markdown]
+# Each case, tried for real: we write the files, read them back and print the outcome.
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+stereo = torch.stack([wave, 0.5 * wave]).T.numpy()  # (T, 2)
+cases = {
+    "44.1 kHz stereo WAV": ("stereo.wav", stereo, 44100),
+    "8 kHz int16 WAV": ("narrow.wav", (wave[::2].numpy() * 20000).astype(np.int16), 8000),
+    "silent WAV": ("silent.wav", np.zeros(16000, np.float32), 16000),
+    "empty WAV": ("empty.wav", np.zeros(0, np.float32), 16000),
+    "10 ms WAV": ("short.wav", np.zeros(160, np.float32), 16000),
+}
+for name, (filename, data, rate) in cases.items():
+    sf.write(tmp / filename, data, rate)
+(tmp / "notes.wav").write_text("this is not audio")
+cases["text file named .wav"] = ("notes.wav", None, None)
+for name, (filename, _, _) in cases.items():
+    try:
+        w = paraformer_edu.data.load_audio(tmp / filename)  # (T,)
+        print(f"{name:<22} ok: {w.numel() / 16000:.2f} s at 16 kHz, silent={paraformer_edu.data.is_silent(w)}")
+    except paraformer_edu.data.AudioError as error:
+        print(f"{name:<22} AudioError: {str(error).replace(str(tmp) + '/', '')[:110]}")
+
+# %% [markdown]
+# ## The corpus
+#
+# **Text.** A recognizer must not learn a toy grammar by heart, so the sentences are
+# drawn from a real frequency list of English, the `wordfreq` package's 10,000 most
+# frequent words (those written with letters and an apostrophe). A word is drawn with
+# probability proportional to $f^{0.7}$, its frequency $f$ flattened so that rarer words
+# appear too; a sentence has 3 to 15 words, a capital, a full stop or a question mark,
+# sometimes a comma. The sentences are not grammatical, which is fine for acoustics: the
+# model must listen rather than guess from context. Chapter 2 normalises this text.
+#
+# **Voices.** An espeak voice is an accent (`en-us`, `en-gb-scotland`, ...) and a
+# variant (`m1`...`m7`, `f1`...`f5`). Every utterance gets a random voice, a speaking
+# rate (words per minute), a pitch and a pitch range. Two accents and two variants
+# are **held out**: the `test-voices` split uses only combinations that never occur in
+# training, to measure how the model copes with a voice it has never heard.
+#
+# | split | sentences | voices |
+# |---|---|---|
+# | train | its own | training voices |
+# | dev, test | unseen | training voices |
+# | test-voices | unseen | held-out accent or held-out variant |
+
+# %%
+#| export
+TRAIN_ACCENTS = ("en-us", "gmw/en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-us-nyc")
+HELD_OUT_ACCENTS = ("en-029", "en-gb-x-gbcwmd")  # Caribbean, Welsh-English
+TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3")
+HELD_OUT_VARIANTS = ("m7", "f4")
+
+
+def voice_pool(held_out: bool) -> list[str]:
+    """The espeak voices ('accent+variant') of the training splits, or only the held-out ones."""
+    def name(accent, variant):
+        return f"{accent}+{variant}" if variant else accent
+    if not held_out:
+        return [name(a, v) for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS]
+    return ([name(a, v) for a in HELD_OUT_ACCENTS for v in TRAIN_VARIANTS + HELD_OUT_VARIANTS]
+            + [name(a, v) for a in TRAIN_ACCENTS for v in HELD_OUT_VARIANTS])
+
+
+# %%
+#| export
+def word_list(n_words: int = 10_000) -> tuple[list[str], list[float]]:
+    """The `n_words` most frequent English words of `wordfreq` and their frequencies."""
+    import wordfreq
+
+    words = [w for w in wordfreq.top_n_list("en", 3 * n_words) if re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w)]
+    words = words[:n_words]
+    return words, [wordfreq.word_frequency(w, "en") for w in words]
+
+
+def make_sentence(rng: random.Random, words: list[str], weights: list[float],
+                  min_words: int = 3, max_words: int = 15) -> str:
+    """One sentence of random length: words drawn by weight, a capital, punctuation."""
+    chosen = rng.choices(words, weights, k=rng.randint(min_words, max_words))
+    chosen = ["I" + w[1:] if w == "i" or w.startswith("i'") else w for w in chosen]
+    if len(chosen) > 6 and rng.random() < 0.3:
+        chosen[rng.randrange(2, len(chosen) - 2)] += ","
+    text = " ".join(chosen)
+    return text[0].upper() + text[1:] + ("?" if rng.random() < 0.1 else ".")
+
+
+# %% [markdown]
+# The corpus is described by a `CorpusConfig`: its sizes, its seed and its ranges.
+# `corpus_config("book")` is the default the chapters use (about five hours, made in a
+# couple of minutes on two cores); `"large"` is the same recipe four times bigger, for a
+# reader with time or a GPU; `"tiny"` is for tests.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How to synthesise the book's corpus: sizes per split, seed, text and voice ranges."""
+
+    name: str = "book"
+    sizes: dict = field(default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300})
+    seed: int = 0
+    n_words: int = 10_000  # vocabulary: the most frequent words of wordfreq
+    word_weight_power: float = 0.7  # draw a word with probability ~ frequency ** power
+    min_words: int = 3
+    max_words: int = 15
+    rate: tuple = (130, 190)  # words per minute
+    pitch: tuple = (25, 75)  # espeak pitch, 0-99
+    pitch_range: tuple = (30, 80)  # espeak intonation range, 0-100
+
+
+CORPUS_CONFIGS = {
+    "book": CorpusConfig(),
+    "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500}),
+    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
+}
+
+
+def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
+    """A named corpus configuration ('book', 'large', 'tiny'), with fields overridden."""
+    if name not in CORPUS_CONFIGS:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPUS_CONFIGS)}")
+    return CorpusConfig(**{**asdict(CORPUS_CONFIGS[name]), **overrides})
+
+
+# %% [markdown]
+# Each split is its own random stream, seeded by the config's seed and the split's name,
+# so that changing the size of one split does not change the others. Sentences of the
+# evaluation splits that happen to occur in train are drawn again.
+
+# %%
+#| export
+def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
+    """What to synthesise: for every split, each utterance's text, voice, rate, pitch."""
+    words, freqs = word_list(config.n_words)
+    weights = [f ** config.word_weight_power for f in freqs]
+    plan, seen = {}, set()
+    for split in ("train", "dev", "test", "test-voices"):
+        rng = random.Random(f"{config.seed}:{split}")
+        voices = voice_pool(held_out=split == "test-voices")
+        utterances = []
+        while len(utterances) < config.sizes[split]:
+            text = make_sentence(rng, words, weights, config.min_words, config.max_words)
+            if text in seen:
+                continue
+            seen.add(text)
+            utterances.append({"text": text, "voice": rng.choice(voices), "rate": rng.randint(*config.rate),
+                               "pitch": rng.randint(*config.pitch), "pitch_range": rng.randint(*config.pitch_range)})
+        plan[split] = utterances
+    return plan
+
+
+# %% [markdown]
+# **Manifests.** Each split is a JSON-lines file, one utterance per line, in the form
+# NeMo and many other toolkits read: `audio_filepath` (relative to the manifest, so the
+# corpus can move), `text` and `duration` in seconds, plus what we know besides: the
+# voice and its settings and the word start times. The audio is 16 kHz mono 16-bit WAV.
+#
+# **Cache.** `build_corpus` writes into `$PARAFORMER_EDU_CACHE` (default
+# `~/.cache/paraformer_edu`), in a folder named after a hash of the config. It builds in
+# a temporary folder and renames it when complete, so an interrupted run never leaves a
+# half corpus that looks finished; a second call finds the folder and returns at once.
+#
+# **Determinism.** espeak-ng keeps a little state from one utterance to the next (two
+# calls with the same text can differ by a few samples), and its breathy variants add
+# noise from a random generator. So `synthesize` seeds that generator before every
+# utterance, and `build_corpus` synthesises in chunks of 250 utterances, each in a
+# fresh worker process (which also uses every core): the corpus comes out the same,
+# byte for byte, whatever ran before it and on whatever machine.
+
+# %%
+#| export
+def cache_dir() -> Path:
+    """The book's cache folder: $PARAFORMER_EDU_CACHE, or ~/.cache/paraformer_edu."""
+    return Path(os.environ.get("PARAFORMER_EDU_CACHE") or Path.home() / ".cache" / "paraformer_edu")
+
+
+def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dict]) -> list[str]:
+    """Synthesise utterances start, start+1, ... of a split into folder; their manifest lines."""
+    lines = []
+    for i, u in enumerate(utterances, start):
+        wave, words = synthesize(u["text"], u["voice"], u["rate"], u["pitch"], u["pitch_range"])
+        path = f"{split}/{split}-{i:05d}.wav"
+        sf.write(folder / path, wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
+        entry = {"audio_filepath": path, "text": u["text"], "duration": wave.numel() / SAMPLE_RATE,
+                 **{k: u[k] for k in ("voice", "rate", "pitch", "pitch_range")}, "words": [[w, t] for w, t in words]}
+        lines.append(json.dumps(entry) + "\n")
+    return lines
+
+
+def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 250) -> None:
+    """Synthesise every split, chunk by chunk, each chunk in a fresh worker process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(split, i, utterances[i:i + chunk]) for split, utterances in plan.items()
+            for i in range(0, len(utterances), chunk)]
+    for split in plan:
+        (folder / split).mkdir(parents=True)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        results = list(pool.map(_synthesize_chunk, *zip(*[(folder, s, i, u) for s, i, u in jobs])))
+    for split in plan:
+        with open(folder / f"{split}.jsonl", "w") as manifest:
+            manifest.writelines(line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines)
+
+
+def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Synthesise the corpus once (cached); return {split: manifest path}."""
+    config = config or corpus_config()
+    digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(root or cache_dir() / "corpus") / f"{config.name}-{digest}"
+    splits = [s for s in ("train", "dev", "test", "test-voices") if config.sizes[s] > 0]
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        plan = corpus_plan(config)
+        _synthesize_plan(partial, {split: plan[split] for split in splits})
+        (partial / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+        try:
+            partial.rename(folder)  # atomic: the folder exists only when complete
+        except OSError:  # another process finished first; keep its copy
+            shutil.rmtree(partial, ignore_errors=True)
+    return {split: folder / f"{split}.jsonl" for split in splits}
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines manifest; `audio_filepath` comes back absolute."""
+    path = Path(path)
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            entry = json.loads(line)
+            if not {"audio_filepath", "text", "duration"} <= entry.keys():
+                raise ValueError(f"{path}:{n}: a manifest line needs audio_filepath, text and duration")
+            entry["audio_filepath"] = str((path.parent / entry["audio_filepath"]).resolve())
+            entries.append(entry)
+    return entries
+
+
+# %% [markdown]
+# Now build the book's corpus. The first call synthesises it (the time is printed; the
+# figure varies with the machine), later calls find it in the cache.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+start = time.perf_counter()
+manifests = paraformer_edu.data.build_corpus()
+print(f"corpus ready in {time.perf_counter() - start:.1f} s:", {s: p.name for s, p in manifests.items()})
+print(f"{sum(f.stat().st_size for f in manifests['train'].parent.rglob('*.wav')) / 1e6:.0f} MB of WAV")
+
+# %%
+corpus = {split: paraformer_edu.data.read_manifest(path) for split, path in manifests.items()}
+print(manifests["train"].read_text().splitlines()[0])
+
+# %% [markdown]
+# A few utterances of each kind, to listen to:
+
+# %%
+for split in ("train", "test-voices"):
+    for u in corpus[split][:2]:
+        print(f"{split:<11} {u['voice']:<22} {u['rate']} wpm  {u['duration']:.2f} s  {u['text']}")
+        ipd.display(ipd.Audio(u["audio_filepath"]))
+
+# %% [markdown]
+# How big is it? Hours, utterances, words, and the checks the design promised: at least
+# 5,000 distinct words, no evaluation sentence in train, no test-voices voice in train.
+
+# %%
+train_words = Counter(w.strip(",.?").lower() for u in corpus["train"] for w in u["text"].split())
+train_voices = {u["voice"] for u in corpus["train"]}
+print(f"{'split':<12}{'utts':>6}{'hours':>7}{'words':>8}{'distinct':>9}{'voices':>7}{'unseen words':>13}")
+for split, utterances in corpus.items():
+    words = [w.strip(",.?").lower() for u in utterances for w in u["text"].split()]
+    unseen = sum(w not in train_words for w in words) / len(words)
+    print(f"{split:<12}{len(utterances):>6}{sum(u['duration'] for u in utterances) / 3600:>7.2f}{len(words):>8}"
+          f"{len(set(words)):>9}{len({u['voice'] for u in utterances}):>7}{unseen:>13.1%}")
+texts = {split: {u["text"] for u in us} for split, us in corpus.items()}
+assert len(train_words) >= 5000
+assert all(not (texts[s] & texts["train"]) for s in ("dev", "test", "test-voices"))
+assert not {u["voice"] for u in corpus["test-voices"]} & train_voices
+assert {u["voice"] for u in corpus["test"]} <= train_voices
+
+# %% [markdown]
+# ## Looking at speech
+#
+# A waveform is $x[n]$, $n = 0 \ldots N-1$, sampled 16,000 times a second. It shows
+# loudness over time, but hardly *which* sound is spoken. A **spectrogram** does: cut the
+# signal into short overlapping frames, and show the energy of each frequency in each
+# frame. Vowels show as stacks of horizontal bands (the harmonics of the voice's pitch,
+# shaped by formants), fricatives like *s* as noise high up, stops as gaps and bursts.
+
+# %%
+u = corpus["dev"][0]
+x = paraformer_edu.data.load_audio(u["audio_filepath"])  # (N,)
+spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
+                  return_complex=True).abs().pow(2)  # (257, frames)
+t = torch.arange(x.numel()) / 16000  # (N,) seconds
+fig, axes = plt.subplots(2, 1, figsize=(10, 4.5), dpi=90, sharex=True)
+axes[0].plot(t, x, lw=0.5)
+for word, start in u["words"]:
+    axes[0].axvline(start, color="C3", lw=0.8)
+    axes[0].text(start, 0.9 * x.abs().max(), word, fontsize=8, color="C3")
+axes[0].set(ylabel="amplitude", title=f"\"{u['text']}\" ({u['voice']})")
+axes[1].imshow(10 * spec.clamp(min=1e-10).log10(), origin="lower", aspect="auto", cmap="magma",
+               extent=(0, x.numel() / 16000, 0, 8000), vmin=-80)
+axes[1].set(xlabel="time (s)", ylabel="frequency (Hz)", title="power spectrogram (dB)")
+plt.tight_layout()
+plt.show()
+ipd.Audio(x.numpy(), rate=16000)
+
+# %% [markdown]
+# ## Log-mel filterbank features, from scratch
+#
+# Paraformer, like most recognizers, reads **log-mel filterbank** features ("fbank"), as
+# the Kaldi toolkit {cite:p}`povey2011kaldi` computes them. We write every step, then
+# compare with torchaudio's Kaldi-compatible implementation, which is what FunASR uses.
+#
+# **1. Scale.** FunASR feeds Kaldi 16-bit integer-scaled samples: $x \leftarrow 2^{15} x$.
+#
+# **2. Frames.** 25 ms windows ($L = 400$ samples) every 10 ms ($S = 160$), only whole
+# windows ("snip edges"): frame $t$ holds $x[tS + n]$, $n = 0 \ldots L-1$, and there are
+# $T = 1 + \lfloor (N - L) / S \rfloor$ of them.
+
+# %%
+#| export features
+import math
+
+import torch
+import torch.nn as nn
+
+from .data import SAMPLE_RATE, read_manifest, load_audio
+
+FRAME_LENGTH = 400  # 25 ms at 16 kHz
+FRAME_SHIFT = 160  # 10 ms
+N_FFT = 512  # the frame, zero-padded to a power of two
+N_MELS = 80
+
+
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Cut a waveform (N,) into overlapping frames (T, 400), 25 ms every 10 ms."""
+    if x.numel() < FRAME_LENGTH:
+        raise ValueError(f"{x.numel()} samples: at least {FRAME_LENGTH} (25 ms) are needed for a frame")
+    return x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)  # (T, L)
+
+
+# %%
+x_scaled = x * 32768  # (N,)
+framed = paraformer_edu.features.frames(x_scaled)  # (T, L)
+print("waveform", tuple(x.shape), "-> frames", tuple(framed.shape),
+      "; T = 1 + (N - 400) // 160 =", 1 + (x.numel() - 400) // 160)
+assert framed.shape[0] == 1 + (x.numel() - 400) // 160 and torch.equal(framed[3], x_scaled[480:880])
+
+# %% [markdown]
+# **3. Per-frame clean-up.** Remove the frame's mean (the DC offset), then apply a
+# pre-emphasis filter that boosts high frequencies, $y[n] = x[n] - 0.97\,x[n-1]$ (Kaldi
+# uses $x[0]$ itself as the sample before the first), and multiply by a **Hamming
+# window** $w[n] = 0.54 - 0.46 \cos\frac{2\pi n}{L-1}$ that tapers the frame's edges so
+# that cutting it out does not smear the spectrum.
+#
+# **4. Power spectrum.** Zero-pad each frame to $K = 512$ samples and take the real FFT:
+# $P_t[k] = |\sum_n y_t[n] e^{-2\pi i k n / K}|^2$ for $k = 0 \ldots 256$, frequency
+# $k \cdot 16000 / 512 = 31.25\,k$ Hz.
+
+# %%
+#| export features
+def power_spectrum(frames: torch.Tensor, preemphasis: float = 0.97) -> torch.Tensor:
+    """Kaldi's per-frame processing: DC removal, pre-emphasis, Hamming window, |FFT|^2."""
+    y = frames - frames.mean(dim=1, keepdim=True)  # (T, L) DC offset removed
+    previous = torch.cat([y[:, :1], y[:, :-1]], dim=1)  # (T, L) x[n-1], with x[-1] = x[0]
+    y = y - preemphasis * previous  # (T, L)
+    n = torch.arange(FRAME_LENGTH, dtype=frames.dtype, device=frames.device)  # (L,)
+    window = 0.54 - 0.46 * torch.cos(2 * math.pi * n / (FRAME_LENGTH - 1))  # (L,) Hamming
+    spectrum = torch.fft.rfft(y * window, n=N_FFT)  # (T, K/2 + 1) complex
+    return spectrum.abs().pow(2)  # (T, 257)
+
+
+# %%
+P = paraformer_edu.features.power_spectrum(framed)  # (T, 257)
+print("frames", tuple(framed.shape), "-> power spectrum", tuple(P.shape))
+
+# %% [markdown]
+# **5. Mel filters.** Hearing resolves low frequencies finely and high ones coarsely. The
+# mel scale models that: $m(f) = 1127 \ln(1 + f / 700)$. Kaldi places $M = 80$ triangular
+# filters with centres equally spaced in mel between 20 Hz and 8 kHz; filter $j$ rises
+# from $m_{j}$ to $m_{j+1}$ and falls to $m_{j+2}$, *linearly in mel*:
+#
+# $$
+# H_j(k) = \max\Big(0, \min\Big(\frac{m(f_k) - m_j}{m_{j+1} - m_j}, \frac{m_{j+2} - m(f_k)}{m_{j+2} - m_{j+1}}\Big)\Big),
+# \qquad m_j = m(20) + j\,\frac{m(8000) - m(20)}{M + 1}.
+# $$
+#
+# Kaldi leaves the last FFT bin (exactly 8 kHz) out of every filter.
+#
+# **6. Log.** $F_t[j] = \ln \max\big(\epsilon, \sum_k H_j(k) P_t[k]\big)$, with
+# $\epsilon$ the float32 machine epsilon so that silence gives a finite number.
+
+# %%
+#| export features
+def mel_scale(f: torch.Tensor) -> torch.Tensor:
+    """Hertz to mel, as Kaldi defines it: 1127 ln(1 + f / 700)."""
+    return 1127.0 * torch.log1p(f / 700.0)
+
+
+def mel_filterbank(n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2) -> torch.Tensor:
+    """Kaldi's triangular mel filters as a matrix (n_mels, 257) over the FFT bins."""
+    mel_fft = mel_scale(torch.arange(N_FFT // 2, dtype=torch.float64) * SAMPLE_RATE / N_FFT)  # (256,)
+    edges = torch.linspace(0, 1, n_mels + 2, dtype=torch.float64)  # (M + 2,)
+    edges = mel_scale(torch.tensor(low_hz)) + edges * (mel_scale(torch.tensor(high_hz)) - mel_scale(torch.tensor(low_hz)))
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (M, 1) each
+    up = (mel_fft - left) / (centre - left)  # (M, 256)
+    down = (right - mel_fft) / (right - centre)  # (M, 256)
+    H = torch.minimum(up, down).clamp(min=0)  # (M, 256)
+    return torch.cat([H, H.new_zeros(n_mels, 1)], dim=1).float()  # (M, 257): the Nyquist bin unused
+
+
+def fbank(x: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
+    """Kaldi log-mel filterbank of a 16 kHz waveform (N,) in [-1, 1]: (T, n_mels), 10 ms frames."""
+    P = power_spectrum(frames(x * 32768))  # (T, 257)
+    H = mel_filterbank(n_mels).to(P)  # (M, 257)
+    return (P @ H.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (T, M)
+
+
+# %%
+H = paraformer_edu.features.mel_filterbank()  # (80, 257)
+fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
+ax.plot(torch.arange(257) * 16000 / 512, H[::4].T, lw=0.8)
+ax.set(xlabel="frequency (Hz)", ylabel="weight", title="Every 4th of the 80 mel filters: narrow at low, wide at high frequencies")
+plt.show()
+
+# %% [markdown]
+# Now the check: our `fbank` against `torchaudio.compliance.kaldi.fbank` with FunASR's
+# settings, on real utterances of every split, in float32 (what the model uses) and in
+# float64 (where rounding is out of the way).
+
+# %%
+def torchaudio_fbank(x):
+    """The reference: torchaudio's Kaldi-compatible fbank with FunASR's settings."""
+    return torchaudio.compliance.kaldi.fbank(x[None] * 32768, num_mel_bins=80, frame_length=25, frame_shift=10,
+                                             dither=0.0, window_type="hamming", sample_frequency=16000)
+
+
+worst = {torch.float32: 0.0, torch.float64: 0.0}
+for split in corpus:
+    for u in corpus[split][:5]:
+        wave = paraformer_edu.data.load_audio(u["audio_filepath"])  # (N,)
+        for dtype in worst:
+            ours, ref = paraformer_edu.features.fbank(wave.to(dtype)), torchaudio_fbank(wave.to(dtype))  # (T, 80)
+            assert ours.shape == ref.shape
+            worst[dtype] = max(worst[dtype], (ours - ref).abs().max().item())
+print(f"fbank vs torchaudio.compliance.kaldi.fbank on 20 utterances: max abs diff "
+      f"{worst[torch.float32]:.0e} (float32), {worst[torch.float64]:.0e} (float64)")
+assert worst[torch.float32] < 2e-2 and worst[torch.float64] < 1e-3
+
+# %% [markdown]
+# In float64 the two agree to about $10^{-4}$ (the mel filters are built in a different
+# precision). The float32 difference is larger, and it sits in near-silent frames, where
+# the power is a tiny difference of large numbers and the log magnifies float32
+# rounding; torchaudio in float32 differs from torchaudio in float64 by as much.
+
+# %% [markdown]
+# The features of the utterance we plotted above: 80 log-mel energies every 10 ms.
+
+# %%
+F_x = paraformer_edu.features.fbank(x)  # (T, 80)
+fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
+ax.imshow(F_x.T, origin="lower", aspect="auto", cmap="magma", extent=(0, F_x.shape[0] / 100, 0, 80))
+ax.set(xlabel="time (s)", ylabel="mel bin", title=f"log-mel filterbank {tuple(F_x.shape)}")
+plt.show()
+
+# %% [markdown]
+# ## Low frame rate (LFR)
+#
+# 100 frames a second is more than a recognizer needs, and attention's cost grows with
+# the square of the length. Paraformer stacks $m = 7$ consecutive frames into one
+# 560-d vector and moves by $n = 6$ frames, so each **LFR frame** covers 70 ms and there
+# is one every **60 ms** (16.7 a second):
+#
+# $$
+# \tilde{F}_i = \big[F_{in - 3};\, F_{in - 2};\, \ldots;\, F_{in + 3}\big] \in \mathbb{R}^{7 \cdot 80},
+# \qquad i = 0 \ldots \lceil T / n \rceil - 1,
+# $$
+#
+# where indices before the start repeat frame 0 (three copies are prepended, so frame
+# $in$ sits in the middle) and indices past the end repeat the last frame.
+
+# %%
+#| export features
+def lfr(F: torch.Tensor, m: int = 7, n: int = 6) -> torch.Tensor:
+    """Low frame rate: stack m frames every n frames, (T, D) -> (ceil(T / n), m * D)."""
+    T, D = F.shape
+    T_lfr = math.ceil(T / n)
+    left = F[:1].expand((m - 1) // 2, D)  # (3, D) copies of frame 0
+    right = F[-1:].expand(max(0, (T_lfr - 1) * n + m - (T + (m - 1) // 2)), D)  # copies of the last frame
+    padded = torch.cat([left, F, right])  # (>= (T_lfr - 1) n + m, D)
+    return padded.unfold(0, m, n)[:T_lfr].transpose(1, 2).reshape(T_lfr, m * D)  # (T_lfr, m D)
+
+
+# %% [markdown]
+# We check it against the reference written as FunASR writes it, a plain loop:
+
+# %%
+def lfr_loop(F, m=7, n=6):
+    """LFR as a loop over output frames (the reference)."""
+    T = F.shape[0]
+    padded = torch.cat([F[:1].repeat((m - 1) // 2, 1), F])  # (T + 3, D)
+    out = []
+    for i in range(math.ceil(T / n)):
+        chunk = padded[i * n: i * n + m]  # (<= m, D)
+        chunk = torch.cat([chunk, padded[-1:].repeat(m - chunk.shape[0], 1)])  # (m, D)
+        out.append(chunk.reshape(-1))
+    return torch.stack(out)  # (ceil(T / n), m D)
+
+
+for T in (1, 2, 5, 6, 7, 12, 13, F_x.shape[0]):
+    assert torch.equal(paraformer_edu.features.lfr(F_x[:T]), lfr_loop(F_x[:T])), T
+X = paraformer_edu.features.lfr(F_x)  # (T', 560)
+print("fbank", tuple(F_x.shape), "-> LFR", tuple(X.shape), "; exact match with the loop for 8 lengths")
+
+# %% [markdown]
+# ## Global CMVN
+#
+# Log-mel energies have large, uneven means and spreads per dimension. Cepstral mean and
+# variance normalisation (CMVN) shifts and scales each of the 560 dimensions with the
+# mean $\mu$ and standard deviation $\sigma$ measured once over the training set:
+# $\hat{x} = (x - \mu) / \sigma$. The statistics are *global*, fixed after training, so
+# an utterance is normalised the same way whatever else is in its batch.
+
+# %%
+#| export features
+class CMVN(nn.Module):
+    """Global mean and variance normalisation, with statistics fitted on training features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))  # (D,)
+        self.register_buffer("std", torch.ones(dim))  # (D,)
+
+    @torch.no_grad()
+    def fit(self, features) -> "CMVN":
+        """Measure mean and std over an iterable of (T, D) feature matrices (float64 sums)."""
+        n, total, squares = 0, 0.0, 0.0
+        for F in features:
+            n, total, squares = n + F.shape[0], total + F.double().sum(0), squares + F.double().pow(2).sum(0)
+        mean = total / n  # (D,)
+        self.mean.copy_(mean)
+        self.std.copy_((squares / n - mean.pow(2)).clamp(min=1e-10).sqrt())
+        return self
+
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        """Normalise features (..., D)."""
+        return (F - self.mean) / self.std  # (..., D)
+
+
+# %% [markdown]
+# ## SpecAugment
+#
+# SpecAugment {cite:p}`park2019specaugment` hides parts of the features during training:
+# a few bands of mel bins (**frequency masks**) and a few spans of frames (**time
+# masks**) are set to zero, the mean after CMVN. The model learns not to depend on any
+# one band or moment. On LFR features a frequency mask hides the same mel bins in each of
+# the 7 stacked frames, as FunASR does; a time mask hides whole 60 ms frames, at most
+# `max_time_fraction` of the utterance in each mask.
+
+# %%
+#| export features
+class SpecAugment(nn.Module):
+    """Frequency and time masks on LFR features (T, m * n_mels); identity in eval mode."""
+
+    def __init__(self, n_freq_masks: int = 2, max_freq_width: int = 15, n_time_masks: int = 2,
+                 max_time_width: int = 6, max_time_fraction: float = 0.1, n_mels: int = N_MELS):
+        super().__init__()
+        self.n_freq_masks, self.max_freq_width = n_freq_masks, max_freq_width
+        self.n_time_masks, self.max_time_width, self.max_time_fraction = n_time_masks, max_time_width, max_time_fraction
+        self.n_mels = n_mels
+
+    def forward(self, X: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mask a copy of X (T, m * n_mels) in training mode."""
+        if not self.training:
+            return X
+        T = X.shape[0]
+        X = X.clone().view(T, -1, self.n_mels)  # (T, m, n_mels)
+        for _ in range(self.n_freq_masks):
+            w = int(torch.randint(0, self.max_freq_width + 1, (1,), generator=generator))
+            f0 = int(torch.randint(0, self.n_mels - w + 1, (1,), generator=generator))
+            X[:, :, f0:f0 + w] = 0  # the same bins in every stacked frame
+        max_t = min(self.max_time_width, int(self.max_time_fraction * T))
+        for _ in range(self.n_time_masks):
+            w = int(torch.randint(0, max_t + 1, (1,), generator=generator))
+            t0 = int(torch.randint(0, T - w + 1, (1,), generator=generator))
+            X[t0:t0 + w] = 0
+        return X.view(T, -1)  # (T, m * n_mels)
+
+
+# %% [markdown]
+# ## The front end
+#
+# Put together, Paraformer's front end is
+# waveform $\to$ fbank $\to$ LFR $\to$ CMVN, 60 ms frames of 560 numbers. `Frontend`
+# holds the fitted CMVN, so it travels with a model in its checkpoint;
+# `Frontend.fit(manifest)` measures the statistics on (the first 1,000 utterances of) a
+# training manifest.
+
+# %%
+#| export features
+class Frontend(nn.Module):
+    """Waveform (N,) -> fbank -> LFR -> CMVN features (T', m * n_mels) at n * 10 ms per frame."""
+
+    def __init__(self, n_mels: int = N_MELS, lfr_m: int = 7, lfr_n: int = 6):
+        super().__init__()
+        self.n_mels, self.lfr_m, self.lfr_n = n_mels, lfr_m, lfr_n
+        self.cmvn = CMVN(lfr_m * n_mels)
+
+    @property
+    def dim(self) -> int:
+        """Feature size, m * n_mels (560)."""
+        return self.lfr_m * self.n_mels
+
+    @property
+    def frame_seconds(self) -> float:
+        """Duration of one output frame (0.06 s)."""
+        return self.lfr_n * FRAME_SHIFT / SAMPLE_RATE
+
+    def num_frames(self, num_samples: int) -> int:
+        """Number of output frames for a waveform of num_samples samples."""
+        return math.ceil((1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT) / self.lfr_n)
+
+    def raw(self, wave: torch.Tensor) -> torch.Tensor:
+        """fbank and LFR, before CMVN: (T', m * n_mels)."""
+        return lfr(fbank(wave, self.n_mels), self.lfr_m, self.lfr_n)  # (T', 560)
+
+    @torch.no_grad()
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """Features of one waveform (N,): (T', m * n_mels)."""
+        return self.cmvn(self.raw(wave))  # (T', 560)
+
+    @classmethod
+    def fit(cls, manifest, max_utterances: int = 1000, **kwargs) -> "Frontend":
+        """A front end whose CMVN is measured on the first utterances of a manifest."""
+        frontend = cls(**kwargs)
+        entries = read_manifest(manifest)[:max_utterances]
+        frontend.cmvn.fit(frontend.raw(load_audio(e["audio_filepath"])) for e in entries)
+        return frontend
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+start = time.perf_counter()
+frontend = paraformer_edu.features.Frontend.fit(manifests["train"])
+print(f"CMVN fitted on 1,000 training utterances in {time.perf_counter() - start:.1f} s")
+
+# %%
+raw, X = frontend.raw(x), frontend(x)  # (T', 560) each
+print(f"before CMVN: mean {raw.mean():6.2f}, std per dim from {raw.std(0).min():.2f} to {raw.std(0).max():.2f}")
+print(f"after CMVN:  mean {X.mean():6.2f}, std per dim from {X.std(0).min():.2f} to {X.std(0).max():.2f}")
+augment = paraformer_edu.features.SpecAugment().train()
+X_aug = augment(X, generator=torch.Generator().manual_seed(1))  # (T', 560)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90, sharey=True)
+for ax, feats, title in ((axes[0], X, "LFR + CMVN"), (axes[1], X_aug, "after SpecAugment")):
+    ax.imshow(feats.T, origin="lower", aspect="auto", cmap="magma", vmin=-3, vmax=3,
+              extent=(0, feats.shape[0] * 0.06, 0, 560))
+    ax.set(xlabel="time (s)", title=f"{title} {tuple(feats.shape)}")
+    ax.set_yticks(range(0, 561, 80))
+axes[0].set_ylabel("7 stacked frames x 80 mel bins")
+plt.tight_layout()
+plt.show()
+assert (X_aug == 0).any() and torch.equal(augment.eval()(X), X)
+
+# %% [markdown]
+# ## Characters per second against frames per second
+#
+# Chapter 5's predictor, CIF, walks over the encoder frames and *fires* a token each time
+# its accumulated weight crosses 1. Each frame's weight is at most 1, so CIF emits **at
+# most about one token per frame** (the paper's implementation fires at most once per
+# frame). The same holds for CTC, which needs one frame per token and more for repeated
+# letters. So the number that matters is
+#
+# $$
+# r = \frac{\text{tokens per second of speech}}{\text{encoder frames per second}},
+# $$
+#
+# and it must stay well below 1, for every utterance, not just on average. Let us
+# measure characters (letters, apostrophes and spaces of the normalised text) per second
+# on the training set, against 10 ms frames, 40 ms frames and 60 ms LFR frames.
+
+# %%
+def n_chars(text):
+    """Letters, apostrophes and spaces of the lower-cased text, punctuation dropped."""
+    return len(" ".join("".join(c for c in text.lower() if c.isalpha() or c in "' ").split()))
+
+
+rates = np.array([n_chars(u["text"]) / u["duration"] for u in corpus["train"]])  # chars/s per utterance
+print(f"characters per second: mean {rates.mean():.1f}, p95 {np.percentile(rates, 95):.1f}, max {rates.max():.1f}")
+print(f"{'frame':>7}{'frames/s':>9}{'chars/frame mean':>17}{'p95':>6}{'max':>6}{'utts > 1':>9}")
+for ms in (10, 40, 60):
+    per_frame = rates * ms / 1000
+    print(f"{ms:>5}ms{1000 / ms:>9.1f}{per_frame.mean():>17.2f}{np.percentile(per_frame, 95):>6.2f}"
+          f"{per_frame.max():>6.2f}{(per_frame > 1).mean():>9.1%}")
+chars_per_60ms = rates * 0.06
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 2.8), dpi=90)
+ax.hist(chars_per_60ms, bins=50, color="C0")
+ax.axvline(1, color="C3", ls="--", label="one token per frame")
+ax.set(xlabel="characters per 60 ms frame", ylabel="utterances", title="Training utterances: characters per LFR frame")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# Speech carries about 13 characters a second here (spaces included), and the frames
+# run at 16.7 a second at 60 ms. On average that fits, with a ratio near 0.8; but
+# the fast utterances come too close to one token per frame (the table's p95 and max),
+# and CIF would have to fire on almost every frame of them. Two ways out, taken up in
+# the next chapters: a **larger unit** than the character (chapter 2 trains byte-pair
+# subwords, which cut the tokens per second) or a **faster frame rate** (40 ms, at the
+# price of longer sequences). Chapter 2 measures the same ratio for its tokenizers and
+# makes the choice.
+
+# %%
+assert 0.5 < chars_per_60ms.mean() < 1.0 and np.percentile(chars_per_60ms, 95) > 0.8
+
+# %% [markdown]
+# ## Batches: a dataset, length buckets, padding
+#
+# A network trains on batches, and utterances differ in length, so a batch is padded to
+# its longest member and carries the true **lengths**; every later chapter masks with
+# them. How much is padding depends on who shares a batch: random batches mix 1 s and
+# 5 s utterances and waste a lot; **length-bucketed** batches sort utterances by length,
+# cut the sorted list into batches of at most `max_frames` padded frames, and shuffle the
+# order of the batches each epoch (deterministically, from a seed and the epoch).
+#
+# `SpeechDataset` reads a manifest, and returns each utterance's features (and its token
+# ids, given an `encode` function, chapter 2's tokenizer). `collate` pads a list of them.
+
+# %%
+#| export data
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances of a manifest as features (T', D), text, and token ids when `encode` is given."""
+
+    def __init__(self, manifest, frontend, encode=None, spec_augment=None):
+        self.entries = read_manifest(manifest)
+        self.frontend, self.encode, self.spec_augment = frontend, encode, spec_augment
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Feature frames per utterance, from the durations (no audio is read)."""
+        return [self.frontend.num_frames(round(e["duration"] * SAMPLE_RATE)) for e in self.entries]
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[i]
+        features = self.frontend(load_audio(entry["audio_filepath"]))  # (T', D)
+        if self.spec_augment is not None:
+            features = self.spec_augment(features)  # (T', D)
+        item = {"index": i, "features": features, "text": entry["text"]}
+        if self.encode is not None:
+            item["targets"] = torch.tensor(self.encode(entry["text"]), dtype=torch.long)  # (N,)
+        return item
+
+
+# %%
+#| export data
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar length, at most `max_frames` padded frames each, in seeded random order."""
+
+    def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, seed: int = 0):
+        if max(lengths) > max_frames:
+            raise ValueError(f"an utterance has {max(lengths)} frames, more than max_frames={max_frames}")
+        self.lengths, self.max_frames, self.shuffle, self.seed, self.epoch = lengths, max_frames, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch, and with it the order of the batches."""
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """The batches of this epoch: sorted by length (ties broken at random), cut, shuffled."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        tiebreak = torch.randperm(len(self.lengths), generator=g).tolist() if self.shuffle else range(len(self.lengths))
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], tiebreak[i]))
+        batches, current = [], []
+        for i in order:  # ascending: the newest member is the longest
+            if current and self.lengths[i] * (len(current) + 1) > self.max_frames:
+                batches.append(current)
+                current = []
+            current.append(i)
+        batches.append(current)
+        if self.shuffle:
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+# %%
+#| export data
+def pad_sequences(sequences: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad tensors (T_b, ...) along their first dimension: (B, T_max, ...) and lengths (B,)."""
+    lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.long)  # (B,)
+    padded = sequences[0].new_full((len(sequences), int(lengths.max()), *sequences[0].shape[1:]), value)
+    for b, s in enumerate(sequences):
+        padded[b, :s.shape[0]] = s
+    return padded, lengths
+
+
+def collate(items: list[dict], target_pad: int = 0) -> dict:
+    """Pad a list of dataset items into a batch: features (B, T, D), lengths, targets (B, N)."""
+    batch = {"index": torch.tensor([it["index"] for it in items]), "texts": [it["text"] for it in items]}
+    batch["features"], batch["feature_lengths"] = pad_sequences([it["features"] for it in items])  # (B, T, D), (B,)
+    if "targets" in items[0]:
+        batch["targets"], batch["target_lengths"] = pad_sequences([it["targets"] for it in items], target_pad)  # (B, N)
+    return batch
+
+
+# %% [markdown]
+# A batch from the dev set, and what bucketing saves: the padded share of all frames in
+# one epoch of the training set, with random batches and with length buckets of the
+# same size.
+
+# %%
+dev = paraformer_edu.data.SpeechDataset(manifests["dev"], frontend)
+sampler = paraformer_edu.data.BucketBatchSampler(dev.lengths, max_frames=2000, seed=0)
+loader = torch.utils.data.DataLoader(dev, batch_sampler=sampler, collate_fn=paraformer_edu.data.collate)
+batch = next(iter(loader))
+print("features", tuple(batch["features"].shape), "lengths", batch["feature_lengths"].tolist())
+assert [dev.lengths[i] for i in batch["index"]] == batch["feature_lengths"].tolist()
+
+# %%
+train_lengths = paraformer_edu.data.SpeechDataset(manifests["train"], frontend).lengths
+buckets = paraformer_edu.data.BucketBatchSampler(train_lengths, max_frames=2000, seed=0).batches()
+perm = torch.randperm(len(train_lengths), generator=torch.Generator().manual_seed(0)).tolist()
+size = round(len(train_lengths) / len(buckets))
+random_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
+
+
+def padding_share(batches):
+    """Fraction of padded frames over all batches."""
+    padded = sum(max(train_lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(train_lengths) / padded
+
+
+print(f"{len(buckets)} batches of {size} utterances on average")
+print(f"padding, random batches: {padding_share(random_batches):.1%}; length buckets: {padding_share(buckets):.1%}")
+assert padding_share(buckets) < padding_share(random_batches) / 5
+assert sorted(i for b in buckets for i in b) == list(range(len(train_lengths)))
+
+# %% [markdown]
+# Finally the property every later chapter relies on: padding changes nothing. Each
+# utterance's features, cut out of the padded batch at its length, equal the features
+# computed alone; and everything past the length is zero.
+
+# %%
+for b, i in enumerate(batch["index"].tolist()):
+    T = batch["feature_lengths"][b]
+    assert torch.equal(batch["features"][b, :T], frontend(paraformer_edu.data.load_audio(dev.entries[i]["audio_filepath"])))
+    assert not batch["features"][b, T:].any()
+print(f"batched == unbatched for all {len(batch['index'])} utterances; padding is zero")
+
+# %% [markdown]
+# ## Summary
+#
+# - The book's corpus is synthesised with espeak-ng from a wheel: broad English text
+#   from a frequency list, dozens of voices, and a `test-voices` split of voices never
+#   heard in training; manifests are JSON lines, audio 16 kHz WAV, all cached and
+#   deterministic from a seed.
+# - `load_audio` is the one door for audio: it resamples and downmixes, and refuses
+#   empty, too-short, damaged and unreadable input with an `AudioError` that says why.
+# - Log-mel filterbank features are framing, DC removal, pre-emphasis, a Hamming window,
+#   a power spectrum and triangular mel filters, then a log; ours equal Kaldi's (through
+#   torchaudio) to float32 precision.
+# - LFR stacks 7 frames every 6 (60 ms, 560-d), CMVN normalises with global statistics,
+#   SpecAugment masks bands and spans; `Frontend` does it all.
+# - English characters come at about 0.8 per 60 ms frame on average and close to 1 for
+#   fast speech: the unit and the frame rate must be chosen with that in mind.
+# - Length-bucketed batches cut padding several-fold; batched features equal unbatched.
+#
+# ## Exercises
+#
+# 1. Kaldi's default window is the "povey" window, a Hann window raised to the power
+#    0.85. Change `power_spectrum` in a copy to use it and compare with
+#    `torchaudio.compliance.kaldi.fbank(..., window_type="povey")`.
+# 2. How do LFR frame rates of 40 ms ($n = 4$) and 80 ms ($n = 8$) change the
+#    characters-per-frame table? Compute the share of training utterances above 0.8
+#    characters per frame for $n = 4, 6, 8$.
+# 3. Use `BucketBatchSampler` with `max_frames` of 1000, 2000 and 4000 on the training
+#    set. How do the number of batches and the padding share change?
+
+# %% tags=["hide-input"]
+# Solution 1: the povey window
+def power_spectrum_povey(frames, preemphasis=0.97):
+    """Like power_spectrum, with Kaldi's default window (Hann ** 0.85)."""
+    y = frames - frames.mean(dim=1, keepdim=True)  # (T, L)
+    y = y - preemphasis * torch.cat([y[:, :1], y[:, :-1]], dim=1)  # (T, L)
+    window = torch.hann_window(400, periodic=False).pow(0.85)  # (L,)
+    return torch.fft.rfft(y * window, n=512).abs().pow(2)  # (T, 257)
+
+
+ours = (power_spectrum_povey(paraformer_edu.features.frames(x * 32768)) @ H.T).clamp(min=1.1920929e-07).log()
+ref = torchaudio.compliance.kaldi.fbank(x[None] * 32768, num_mel_bins=80, dither=0.0, window_type="povey")
+print(f"povey window: max abs diff {(ours - ref).abs().max():.1e}")
+assert (ours - ref).abs().max() < 1e-3
+
+# %% tags=["hide-input"]
+# Solution 2: the share of fast utterances at three frame rates
+for n in (4, 6, 8):
+    print(f"n = {n} ({10 * n} ms): {(rates * n / 100 > 0.8).mean():.1%} of utterances above 0.8 characters per frame")
+
+# %% tags=["hide-input"]
+# Solution 3: batch size against padding
+for max_frames in (1000, 2000, 4000):
+    bs = paraformer_edu.data.BucketBatchSampler(train_lengths, max_frames=max_frames, seed=0).batches()
+    print(f"max_frames {max_frames}: {len(bs):>4} batches, padding {padding_share(bs):.2%}")

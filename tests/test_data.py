@@ -1,0 +1,252 @@
+"""Tests of paraformer_edu.data (chapter 1): audio loading, the corpus, batching."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from paraformer_edu import data
+from paraformer_edu.data import AudioError, load_audio
+from paraformer_edu.features import Frontend
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The 'tiny' corpus, built once into a temporary folder."""
+    root = tmp_path_factory.mktemp("corpus")
+    return root, data.build_corpus(data.corpus_config("tiny"), root=root)
+
+
+# --- load_audio: every kind of input gets a defined answer -------------------------------------
+
+def tone(seconds=0.5, rate=16000, freq=440.0):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_wav_at_16k_is_returned_as_is(tmp_path):
+    x = tone()
+    sf.write(tmp_path / "a.wav", x, 16000, subtype="FLOAT")
+    y = load_audio(tmp_path / "a.wav")
+    assert y.dtype == torch.float32 and y.shape == (8000,)
+    assert torch.equal(y, torch.from_numpy(x))
+
+
+def test_stereo_is_averaged(tmp_path):
+    x = tone()
+    sf.write(tmp_path / "s.wav", np.stack([x, 0 * x], axis=1), 16000, subtype="FLOAT")
+    assert torch.allclose(load_audio(tmp_path / "s.wav"), torch.from_numpy(x) / 2)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_other_rates_are_resampled(tmp_path, rate):
+    sf.write(tmp_path / "r.wav", tone(rate=rate), rate)
+    y = load_audio(tmp_path / "r.wav")
+    assert abs(y.numel() - 8000) <= 1
+    peak = torch.fft.rfft(y).abs().argmax().item() * 16000 / y.numel()
+    assert abs(peak - 440) < 5  # the tone keeps its pitch
+
+
+def test_array_input_needs_a_rate_and_ints_are_scaled():
+    x = tone()
+    with pytest.raises(AudioError, match="sample_rate"):
+        load_audio(x)
+    pcm = (x * 32768).astype(np.int16)
+    assert torch.allclose(load_audio(pcm, sample_rate=16000), torch.from_numpy(x), atol=1e-4)
+    stereo_tc = np.stack([x, x], axis=1)  # (T, C) as soundfile returns it
+    assert torch.allclose(load_audio(stereo_tc, 16000), torch.from_numpy(x))
+    assert torch.allclose(load_audio(torch.from_numpy(x)[None], 16000), torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("samples, message", [(0, "empty"), (100, "ms long"), (399, "ms long")])
+def test_empty_and_too_short_are_refused(tmp_path, samples, message):
+    sf.write(tmp_path / "e.wav", np.zeros(samples, np.float32), 16000)
+    with pytest.raises(AudioError, match=message):
+        load_audio(tmp_path / "e.wav")
+
+
+def test_silence_is_valid_and_detected(tmp_path):
+    sf.write(tmp_path / "z.wav", np.zeros(16000, np.float32), 16000)
+    y = load_audio(tmp_path / "z.wav")
+    assert y.numel() == 16000 and data.is_silent(y) and not data.is_silent(torch.from_numpy(tone()))
+
+
+def test_unreadable_missing_and_damaged_files(tmp_path):
+    (tmp_path / "t.wav").write_text("not audio at all")
+    with pytest.raises(AudioError, match="not a readable audio file.*WAV"):
+        load_audio(tmp_path / "t.wav")
+    with pytest.raises(AudioError, match="no such file"):
+        load_audio(tmp_path / "missing.wav")
+    x = tone()
+    x[10] = np.nan
+    with pytest.raises(AudioError, match="NaN"):
+        load_audio(x, 16000)
+
+
+def test_audio_error_is_a_value_error():
+    assert issubclass(AudioError, ValueError)
+
+
+# --- synthesis and the corpus ------------------------------------------------------------------
+
+def test_synthesize_returns_16k_audio_and_ordered_word_times():
+    wave, words = data.synthesize("hello brave new world", voice="en-us+f2", rate=150)
+    assert wave.dtype == torch.float32 and wave.dim() == 1 and wave.abs().max() <= 1
+    assert [w for w, _ in words] == ["hello", "brave", "new", "world"]
+    times = [t for _, t in words]
+    assert times == sorted(times) and times[-1] < wave.numel() / 16000
+    with pytest.raises(ValueError, match="no voice"):
+        data.synthesize("hello", voice="xx-nonexistent")
+
+
+def test_synthesize_is_repeatable_in_a_fresh_process():
+    code = ("import hashlib; from paraformer_edu.data import synthesize\n"
+            "w, t = synthesize('hello brave new world', voice='en-us+f2', rate=150)\n"
+            "print(hashlib.sha1(w.numpy().tobytes()).hexdigest(), t)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 40
+
+
+def test_manifests_have_the_common_form(tiny):
+    root, manifests = tiny
+    assert set(manifests) == {"train", "dev", "test", "test-voices"}
+    for split, path in manifests.items():
+        lines = [json.loads(l) for l in path.read_text().splitlines()]
+        assert len(lines) == data.corpus_config("tiny").sizes[split]
+        for entry in lines:
+            assert not entry["audio_filepath"].startswith("/")  # relative to the manifest
+            info = sf.info(path.parent / entry["audio_filepath"])
+            assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
+            assert math.isclose(entry["duration"], info.frames / 16000)
+            assert entry["text"] and entry["words"]
+
+
+def test_read_manifest_resolves_paths_and_checks_fields(tiny, tmp_path):
+    _, manifests = tiny
+    entry = data.read_manifest(manifests["dev"])[0]
+    assert load_audio(entry["audio_filepath"]).numel() == round(entry["duration"] * 16000)
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="audio_filepath"):
+        data.read_manifest(tmp_path / "bad.jsonl")
+
+
+def test_splits_are_disjoint_and_voices_held_out(tiny):
+    _, manifests = tiny
+    corpus = {s: data.read_manifest(p) for s, p in manifests.items()}
+    train_texts = {u["text"] for u in corpus["train"]}
+    train_voices = set(data.voice_pool(held_out=False))
+    for split in ("dev", "test", "test-voices"):
+        assert not {u["text"] for u in corpus[split]} & train_texts
+    assert {u["voice"] for u in corpus["test"]} <= train_voices
+    assert not {u["voice"] for u in corpus["test-voices"]} & train_voices
+    assert not set(data.voice_pool(held_out=True)) & train_voices
+
+
+def test_book_corpus_text_is_broad_and_deterministic():
+    config = data.corpus_config("book")
+    plan = data.corpus_plan(config)
+    words = {w.strip(",.?").lower() for u in plan["train"] for w in u["text"].split()}
+    assert len(words) >= 5000
+    lengths = [len(u["text"].split()) for u in plan["train"]]
+    assert min(lengths) == config.min_words and max(lengths) == config.max_words
+    assert data.corpus_plan(config) == plan
+    assert data.corpus_plan(data.corpus_config("book", seed=1))["train"] != plan["train"]
+
+
+def test_corpus_is_cached_and_rebuilt_identically(tiny, tmp_path, monkeypatch):
+    root, manifests = tiny
+    calls = []
+    monkeypatch.setattr(data, "_synthesize_plan", lambda *a, **k: calls.append(a))
+    assert data.build_corpus(data.corpus_config("tiny"), root=root) == manifests
+    assert calls == []  # the second call synthesises nothing
+    monkeypatch.undo()
+    small = data.corpus_config("tiny", sizes={"train": 3, "dev": 2, "test": 0, "test-voices": 2})
+    data.synthesize("something else first", voice="en-us+f4")  # state left in this process must not matter
+    a = data.build_corpus(small, root=tmp_path / "a")
+    b = data.build_corpus(small, root=tmp_path / "b")
+    assert set(a) == {"train", "dev", "test-voices"}
+    for split in a:
+        assert a[split].read_bytes() == b[split].read_bytes()
+        for entry in data.read_manifest(a[split]):
+            other = entry["audio_filepath"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+            assert open(entry["audio_filepath"], "rb").read() == open(other, "rb").read()
+
+
+def test_an_interrupted_build_leaves_no_corpus(tmp_path, monkeypatch):
+    config = data.corpus_config("tiny", sizes={"train": 3, "dev": 1, "test": 1, "test-voices": 1})
+    real = data._synthesize_plan
+
+    def interrupted(folder, plan, **kwargs):
+        real(folder, {"train": plan["train"]})  # some files are written, then the run dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_synthesize_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_corpus(config, root=tmp_path)
+    assert [p for p in tmp_path.iterdir() if ".partial" not in p.name] == []
+    monkeypatch.undo()
+    manifests = data.build_corpus(config, root=tmp_path)  # starts again and completes
+    assert len(data.read_manifest(manifests["train"])) == 3
+    assert len(data.read_manifest(manifests["test-voices"])) == 1
+
+
+def test_unknown_corpus_name():
+    with pytest.raises(ValueError, match="unknown corpus"):
+        data.corpus_config("huge")
+
+
+# --- datasets and batching ---------------------------------------------------------------------
+
+def test_bucket_sampler_covers_everything_once_within_budget():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 100, (500,), generator=g).tolist()
+    sampler = data.BucketBatchSampler(lengths, max_frames=400, seed=3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(500))
+        assert all(max(lengths[i] for i in b) * len(b) <= 400 for b in batches)
+        assert len(batches) == len(sampler)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    again = data.BucketBatchSampler(lengths, max_frames=400, seed=3)
+    again.set_epoch(1)
+    assert list(again) == first  # deterministic from seed and epoch
+    again.set_epoch(2)
+    assert list(again) != first  # a new order each epoch
+    with pytest.raises(ValueError, match="max_frames"):
+        data.BucketBatchSampler([10, 500], max_frames=400)
+
+
+def test_collate_pads_features_and_targets():
+    items = [{"index": i, "text": "ab"[:n], "features": torch.full((n, 3), float(n)),
+              "targets": torch.arange(1, n + 1)} for i, n in enumerate([2, 5, 1])]
+    batch = data.collate(items)
+    assert batch["features"].shape == (3, 5, 3) and batch["feature_lengths"].tolist() == [2, 5, 1]
+    assert batch["targets"].tolist() == [[1, 2, 0, 0, 0], [1, 2, 3, 4, 5], [1, 0, 0, 0, 0]]
+    assert batch["target_lengths"].tolist() == [2, 5, 1]
+    assert not batch["features"][0, 2:].any() and torch.equal(batch["features"][1], torch.full((5, 3), 5.0))
+
+
+def test_dataset_lengths_match_features_and_batched_equals_unbatched(tiny):
+    _, manifests = tiny
+    frontend = Frontend.fit(manifests["train"])
+    dataset = data.SpeechDataset(manifests["dev"], frontend, encode=lambda t: [ord(c) % 7 + 1 for c in t])
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [it["features"].shape[0] for it in items] == dataset.lengths
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=data.BucketBatchSampler(dataset.lengths, 600),
+                                         collate_fn=data.collate)
+    seen = 0
+    for batch in loader:
+        for b, i in enumerate(batch["index"].tolist()):
+            T, N = batch["feature_lengths"][b], batch["target_lengths"][b]
+            assert torch.equal(batch["features"][b, :T], items[i]["features"])
+            assert torch.equal(batch["targets"][b, :N], items[i]["targets"])
+            seen += 1
+    assert seen == len(dataset)
