@@ -124,6 +124,7 @@ class _Espeak:
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise: reinstall `espeakng-loader`")
         self.chunks, self.events = [], []
+        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)  # its kernel, computed once
         self.callback = _SynthCallback(self._collect)  # keep a reference: C holds only a pointer
         self.lib.espeak_SetSynthCallback(self.callback)
 
@@ -165,8 +166,9 @@ def _get_espeak() -> _Espeak:
 
 # %% [markdown]
 # `synthesize` turns the 22,050 Hz int16 output into the book's format, 16 kHz float32,
-# with torchaudio's band-limited resampler, and maps each word event (a character offset
-# into the text and a sample index) to a word and its start time in seconds.
+# with torchaudio's band-limited resampler (its filter computed once and kept), and
+# maps each word event (a character offset into the text and a sample index) to a word
+# and its start time in seconds.
 
 # %%
 #| export
@@ -176,7 +178,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     engine = _get_espeak()
     samples, events = engine.synth(text, voice, rate, pitch, pitch_range)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
-    wave = torchaudio.functional.resample(wave, engine.sample_rate, SAMPLE_RATE)  # (T,)
+    wave = engine.resample(wave)  # (T,) at 16 kHz
     words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
              for start, length, sample in events]
     return wave.clamp(-1.0, 1.0), words
@@ -189,7 +191,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
 # %%
 sentence = "Speech recognition turns sound into text."
 for voice in ("en-us", "en-gb-scotland+f2"):
-    wave, words = paraformer_edu.data.synthesize(sentence, voice=voice, rate=160)  # (T,)
+    wave, words = synthesize(sentence, voice=voice, rate=160)  # (T,)
     print(f"{voice:<18} {tuple(wave.shape)} samples = {wave.numel() / 16000:.2f} s;",
           ", ".join(f"{w}@{t:.2f}" for w, t in words))
     ipd.display(ipd.Audio(wave.numpy(), rate=16000))
@@ -277,10 +279,11 @@ def is_silent(wave: torch.Tensor, threshold: float = 1e-4) -> bool:
 
 # %%
 tmp = Path(tempfile.mkdtemp())
-stereo = torch.stack([wave, 0.5 * wave]).T.numpy()  # (T, 2)
+wave_44k = torchaudio.functional.resample(wave, 16000, 44100)  # (T * 44100 / 16000,)
+wave_8k = torchaudio.functional.resample(wave, 16000, 8000)  # (T / 2,)
 cases = {
-    "44.1 kHz stereo WAV": ("stereo.wav", stereo, 44100),
-    "8 kHz int16 WAV": ("narrow.wav", (wave[::2].numpy() * 20000).astype(np.int16), 8000),
+    "44.1 kHz stereo WAV": ("stereo.wav", torch.stack([wave_44k, 0.5 * wave_44k], dim=1).numpy(), 44100),
+    "8 kHz int16 WAV": ("narrow.wav", (wave_8k.numpy() * 32767).astype(np.int16), 8000),
     "silent WAV": ("silent.wav", np.zeros(16000, np.float32), 16000),
     "empty WAV": ("empty.wav", np.zeros(0, np.float32), 16000),
     "10 ms WAV": ("short.wav", np.zeros(160, np.float32), 16000),
@@ -291,9 +294,9 @@ for name, (filename, data, rate) in cases.items():
 cases["text file named .wav"] = ("notes.wav", None, None)
 for name, (filename, _, _) in cases.items():
     try:
-        w = paraformer_edu.data.load_audio(tmp / filename)  # (T,)
-        print(f"{name:<22} ok: {w.numel() / 16000:.2f} s at 16 kHz, silent={paraformer_edu.data.is_silent(w)}")
-    except paraformer_edu.data.AudioError as error:
+        w = load_audio(tmp / filename)  # (T,)
+        print(f"{name:<22} ok: {w.numel() / 16000:.2f} s at 16 kHz, silent={is_silent(w)}")
+    except AudioError as error:
         print(f"{name:<22} AudioError: {str(error).replace(str(tmp) + '/', '')[:110]}")
 
 # %% [markdown]
@@ -361,8 +364,8 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 
 # %% [markdown]
 # The corpus is described by a `CorpusConfig`: its sizes, its seed and its ranges.
-# `corpus_config("book")` is the default the chapters use (about five hours, made in a
-# couple of minutes on two cores); `"large"` is the same recipe four times bigger, for a
+# `corpus_config("book")` is the default the chapters use (about eight hours, made in a
+# few minutes on two cores); `"large"` is the same recipe four times bigger, for a
 # reader with time or a GPU; `"tiny"` is for tests.
 
 # %%
@@ -438,7 +441,7 @@ def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
 # **Determinism.** espeak-ng keeps a little state from one utterance to the next (two
 # calls with the same text can differ by a few samples), and its breathy variants add
 # noise from a random generator. So `synthesize` seeds that generator before every
-# utterance, and `build_corpus` synthesises in chunks of 250 utterances, each in a
+# utterance, and `build_corpus` synthesises in chunks of 1,000 utterances, each in a
 # fresh worker process (which also uses every core): the corpus comes out the same,
 # byte for byte, whatever ran before it and on whatever machine.
 
@@ -462,7 +465,7 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
     return lines
 
 
-def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 250) -> None:
+def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 1000) -> None:
     """Synthesise every split, chunk by chunk, each chunk in a fresh worker process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -515,7 +518,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 
 # %% [markdown]
 # Now build the book's corpus. The first call synthesises it (the time is printed; the
-# figure varies with the machine), later calls find it in the cache.
+# figure varies with the machine), later calls find it in the cache. We call the
+# package's copy of `build_corpus`, because its worker processes import the functions
+# they run from the package; elsewhere the chapter uses the functions defined above.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -525,15 +530,15 @@ print(f"corpus ready in {time.perf_counter() - start:.1f} s:", {s: p.name for s,
 print(f"{sum(f.stat().st_size for f in manifests['train'].parent.rglob('*.wav')) / 1e6:.0f} MB of WAV")
 
 # %%
-corpus = {split: paraformer_edu.data.read_manifest(path) for split, path in manifests.items()}
+corpus = {split: read_manifest(path) for split, path in manifests.items()}
 print(manifests["train"].read_text().splitlines()[0])
 
 # %% [markdown]
-# A few utterances of each kind, to listen to:
+# One utterance of train and one of test-voices, to listen to:
 
 # %%
 for split in ("train", "test-voices"):
-    for u in corpus[split][:2]:
+    for u in corpus[split][:1]:
         print(f"{split:<11} {u['voice']:<22} {u['rate']} wpm  {u['duration']:.2f} s  {u['text']}")
         ipd.display(ipd.Audio(u["audio_filepath"]))
 
@@ -567,7 +572,7 @@ assert {u["voice"] for u in corpus["test"]} <= train_voices
 
 # %%
 u = corpus["dev"][0]
-x = paraformer_edu.data.load_audio(u["audio_filepath"])  # (N,)
+x = load_audio(u["audio_filepath"])  # (N,)
 spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
                   return_complex=True).abs().pow(2)  # (257, frames)
 t = torch.arange(x.numel()) / 16000  # (N,) seconds
@@ -604,7 +609,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .data import SAMPLE_RATE, read_manifest, load_audio
+from paraformer_edu.data import SAMPLE_RATE, load_audio, read_manifest
 
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
@@ -621,7 +626,7 @@ def frames(x: torch.Tensor) -> torch.Tensor:
 
 # %%
 x_scaled = x * 32768  # (N,)
-framed = paraformer_edu.features.frames(x_scaled)  # (T, L)
+framed = frames(x_scaled)  # (T, L)
 print("waveform", tuple(x.shape), "-> frames", tuple(framed.shape),
       "; T = 1 + (N - 400) // 160 =", 1 + (x.numel() - 400) // 160)
 assert framed.shape[0] == 1 + (x.numel() - 400) // 160 and torch.equal(framed[3], x_scaled[480:880])
@@ -651,7 +656,7 @@ def power_spectrum(frames: torch.Tensor, preemphasis: float = 0.97) -> torch.Ten
 
 
 # %%
-P = paraformer_edu.features.power_spectrum(framed)  # (T, 257)
+P = power_spectrum(framed)  # (T, 257)
 print("frames", tuple(framed.shape), "-> power spectrum", tuple(P.shape))
 
 # %% [markdown]
@@ -697,7 +702,7 @@ def fbank(x: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
 
 
 # %%
-H = paraformer_edu.features.mel_filterbank()  # (80, 257)
+H = mel_filterbank()  # (80, 257)
 fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
 ax.plot(torch.arange(257) * 16000 / 512, H[::4].T, lw=0.8)
 ax.set(xlabel="frequency (Hz)", ylabel="weight", title="Every 4th of the 80 mel filters: narrow at low, wide at high frequencies")
@@ -718,9 +723,9 @@ def torchaudio_fbank(x):
 worst = {torch.float32: 0.0, torch.float64: 0.0}
 for split in corpus:
     for u in corpus[split][:5]:
-        wave = paraformer_edu.data.load_audio(u["audio_filepath"])  # (N,)
+        wave = load_audio(u["audio_filepath"])  # (N,)
         for dtype in worst:
-            ours, ref = paraformer_edu.features.fbank(wave.to(dtype)), torchaudio_fbank(wave.to(dtype))  # (T, 80)
+            ours, ref = fbank(wave.to(dtype)), torchaudio_fbank(wave.to(dtype))  # (T, 80)
             assert ours.shape == ref.shape
             worst[dtype] = max(worst[dtype], (ours - ref).abs().max().item())
 print(f"fbank vs torchaudio.compliance.kaldi.fbank on 20 utterances: max abs diff "
@@ -737,7 +742,7 @@ assert worst[torch.float32] < 2e-2 and worst[torch.float64] < 1e-3
 # The features of the utterance we plotted above: 80 log-mel energies every 10 ms.
 
 # %%
-F_x = paraformer_edu.features.fbank(x)  # (T, 80)
+F_x = fbank(x)  # (T, 80)
 fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
 ax.imshow(F_x.T, origin="lower", aspect="auto", cmap="magma", extent=(0, F_x.shape[0] / 100, 0, 80))
 ax.set(xlabel="time (s)", ylabel="mel bin", title=f"log-mel filterbank {tuple(F_x.shape)}")
@@ -788,8 +793,8 @@ def lfr_loop(F, m=7, n=6):
 
 
 for T in (1, 2, 5, 6, 7, 12, 13, F_x.shape[0]):
-    assert torch.equal(paraformer_edu.features.lfr(F_x[:T]), lfr_loop(F_x[:T])), T
-X = paraformer_edu.features.lfr(F_x)  # (T', 560)
+    assert torch.equal(lfr(F_x[:T]), lfr_loop(F_x[:T])), T
+X = lfr(F_x)  # (T', 560)
 print("fbank", tuple(F_x.shape), "-> LFR", tuple(X.shape), "; exact match with the loop for 8 lengths")
 
 # %% [markdown]
@@ -921,18 +926,20 @@ class Frontend(nn.Module):
 # %%
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
-frontend = paraformer_edu.features.Frontend.fit(manifests["train"])
+frontend = Frontend.fit(manifests["train"])
 print(f"CMVN fitted on 1,000 training utterances in {time.perf_counter() - start:.1f} s")
 
 # %%
 raw, X = frontend.raw(x), frontend(x)  # (T', 560) each
 print(f"before CMVN: mean {raw.mean():6.2f}, std per dim from {raw.std(0).min():.2f} to {raw.std(0).max():.2f}")
 print(f"after CMVN:  mean {X.mean():6.2f}, std per dim from {X.std(0).min():.2f} to {X.std(0).max():.2f}")
-augment = paraformer_edu.features.SpecAugment().train()
+augment = SpecAugment().train()
 X_aug = augment(X, generator=torch.Generator().manual_seed(1))  # (T', 560)
+masked = X_aug.masked_fill((X_aug == 0) & (X != 0), float("nan"))  # (T', 560): masks shown in white
+cmap = plt.get_cmap("magma").with_extremes(bad="white")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90, sharey=True)
-for ax, feats, title in ((axes[0], X, "LFR + CMVN"), (axes[1], X_aug, "after SpecAugment")):
-    ax.imshow(feats.T, origin="lower", aspect="auto", cmap="magma", vmin=-3, vmax=3,
+for ax, feats, title in ((axes[0], X, "LFR + CMVN"), (axes[1], masked, "after SpecAugment (masks in white)")):
+    ax.imshow(feats.T, origin="lower", aspect="auto", cmap=cmap, vmin=-3, vmax=3, interpolation="nearest",
               extent=(0, feats.shape[0] * 0.06, 0, 560))
     ax.set(xlabel="time (s)", title=f"{title} {tuple(feats.shape)}")
     ax.set_yticks(range(0, 561, 80))
@@ -982,17 +989,20 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Speech carries about 13 characters a second here (spaces included), and the frames
-# run at 16.7 a second at 60 ms. On average that fits, with a ratio near 0.8; but
-# the fast utterances come too close to one token per frame (the table's p95 and max),
-# and CIF would have to fire on almost every frame of them. Two ways out, taken up in
-# the next chapters: a **larger unit** than the character (chapter 2 trains byte-pair
-# subwords, which cut the tokens per second) or a **faster frame rate** (40 ms, at the
-# price of longer sequences). Chapter 2 measures the same ratio for its tokenizers and
-# makes the choice.
+# Speech carries about 16 characters a second here (spaces included; espeak speaks
+# briskly), and LFR frames run at 16.7 a second. At 60 ms that is close to one character
+# per frame *on average*, and four utterances in ten would need more than one token per
+# frame: a character-level Paraformer at 60 ms cannot even represent them. At 40 ms the
+# ratio is about 0.65, with the fastest utterances just above 1. Two ways out, taken up
+# in the next chapters: a **larger unit** than the character (chapter 2 trains
+# byte-pair subwords, which cut the tokens per second) or a **faster frame rate** (40 ms,
+# at the price of 50% longer sequences for attention). Chapter 2 measures the same ratio
+# for its tokenizers and makes the choice.
 
 # %%
-assert 0.5 < chars_per_60ms.mean() < 1.0 and np.percentile(chars_per_60ms, 95) > 0.8
+per_frame_40ms = rates * 0.04
+assert (chars_per_60ms > 1).mean() > 0.2  # characters at 60 ms do not fit
+assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 
 # %% [markdown]
 # ## Batches: a dataset, length buckets, padding
@@ -1098,16 +1108,16 @@ def collate(items: list[dict], target_pad: int = 0) -> dict:
 # same size.
 
 # %%
-dev = paraformer_edu.data.SpeechDataset(manifests["dev"], frontend)
-sampler = paraformer_edu.data.BucketBatchSampler(dev.lengths, max_frames=2000, seed=0)
-loader = torch.utils.data.DataLoader(dev, batch_sampler=sampler, collate_fn=paraformer_edu.data.collate)
+dev = SpeechDataset(manifests["dev"], frontend)
+sampler = BucketBatchSampler(dev.lengths, max_frames=2000, seed=0)
+loader = torch.utils.data.DataLoader(dev, batch_sampler=sampler, collate_fn=collate)
 batch = next(iter(loader))
 print("features", tuple(batch["features"].shape), "lengths", batch["feature_lengths"].tolist())
 assert [dev.lengths[i] for i in batch["index"]] == batch["feature_lengths"].tolist()
 
 # %%
-train_lengths = paraformer_edu.data.SpeechDataset(manifests["train"], frontend).lengths
-buckets = paraformer_edu.data.BucketBatchSampler(train_lengths, max_frames=2000, seed=0).batches()
+train_lengths = SpeechDataset(manifests["train"], frontend).lengths
+buckets = BucketBatchSampler(train_lengths, max_frames=2000, seed=0).batches()
 perm = torch.randperm(len(train_lengths), generator=torch.Generator().manual_seed(0)).tolist()
 size = round(len(train_lengths) / len(buckets))
 random_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
@@ -1132,7 +1142,7 @@ assert sorted(i for b in buckets for i in b) == list(range(len(train_lengths)))
 # %%
 for b, i in enumerate(batch["index"].tolist()):
     T = batch["feature_lengths"][b]
-    assert torch.equal(batch["features"][b, :T], frontend(paraformer_edu.data.load_audio(dev.entries[i]["audio_filepath"])))
+    assert torch.equal(batch["features"][b, :T], frontend(load_audio(dev.entries[i]["audio_filepath"])))
     assert not batch["features"][b, T:].any()
 print(f"batched == unbatched for all {len(batch['index'])} utterances; padding is zero")
 
@@ -1150,8 +1160,9 @@ print(f"batched == unbatched for all {len(batch['index'])} utterances; padding i
 #   torchaudio) to float32 precision.
 # - LFR stacks 7 frames every 6 (60 ms, 560-d), CMVN normalises with global statistics,
 #   SpecAugment masks bands and spans; `Frontend` does it all.
-# - English characters come at about 0.8 per 60 ms frame on average and close to 1 for
-#   fast speech: the unit and the frame rate must be chosen with that in mind.
+# - English characters come at about one per 60 ms frame on average, and four
+#   utterances in ten need more than one: the unit or the frame rate must change
+#   (chapter 2).
 # - Length-bucketed batches cut padding several-fold; batched features equal unbatched.
 #
 # ## Exercises
@@ -1175,7 +1186,7 @@ def power_spectrum_povey(frames, preemphasis=0.97):
     return torch.fft.rfft(y * window, n=512).abs().pow(2)  # (T, 257)
 
 
-ours = (power_spectrum_povey(paraformer_edu.features.frames(x * 32768)) @ H.T).clamp(min=1.1920929e-07).log()
+ours = (power_spectrum_povey(frames(x * 32768)) @ H.T).clamp(min=1.1920929e-07).log()
 ref = torchaudio.compliance.kaldi.fbank(x[None] * 32768, num_mel_bins=80, dither=0.0, window_type="povey")
 print(f"povey window: max abs diff {(ours - ref).abs().max():.1e}")
 assert (ours - ref).abs().max() < 1e-3
@@ -1188,5 +1199,5 @@ for n in (4, 6, 8):
 # %% tags=["hide-input"]
 # Solution 3: batch size against padding
 for max_frames in (1000, 2000, 4000):
-    bs = paraformer_edu.data.BucketBatchSampler(train_lengths, max_frames=max_frames, seed=0).batches()
+    bs = BucketBatchSampler(train_lengths, max_frames=max_frames, seed=0).batches()
     print(f"max_frames {max_frames}: {len(bs):>4} batches, padding {padding_share(bs):.2%}")

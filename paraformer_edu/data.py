@@ -49,6 +49,7 @@ class _Espeak:
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise: reinstall `espeakng-loader`")
         self.chunks, self.events = [], []
+        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)  # its kernel, computed once
         self.callback = _SynthCallback(self._collect)  # keep a reference: C holds only a pointer
         self.lib.espeak_SetSynthCallback(self.callback)
 
@@ -97,7 +98,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     engine = _get_espeak()
     samples, events = engine.synth(text, voice, rate, pitch, pitch_range)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
-    wave = torchaudio.functional.resample(wave, engine.sample_rate, SAMPLE_RATE)  # (T,)
+    wave = engine.resample(wave)  # (T,) at 16 kHz
     words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
              for start, length, sample in events]
     return wave.clamp(-1.0, 1.0), words
@@ -289,7 +290,7 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
     return lines
 
 
-def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 250) -> None:
+def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 1000) -> None:
     """Synthesise every split, chunk by chunk, each chunk in a fresh worker process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
