@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .data import SAMPLE_RATE, read_manifest, load_audio
+from paraformer_edu.data import SAMPLE_RATE, load_audio, read_manifest
 
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
