@@ -37,6 +37,14 @@ def test_wav_at_16k_is_returned_as_is(tmp_path):
     assert torch.equal(y, torch.from_numpy(x))
 
 
+@pytest.mark.parametrize("fmt", ["FLAC", "OGG"])
+def test_other_sound_formats_are_read(tmp_path, fmt):
+    x = tone()
+    sf.write(tmp_path / f"a.{fmt.lower()}", x, 16000, format=fmt)
+    y = load_audio(tmp_path / f"a.{fmt.lower()}")
+    assert y.shape == (8000,) and torch.allclose(y, torch.from_numpy(x), atol=0.05)
+
+
 def test_stereo_is_averaged(tmp_path):
     x = tone()
     sf.write(tmp_path / "s.wav", np.stack([x, 0 * x], axis=1), 16000, subtype="FLOAT")
