@@ -11,7 +11,7 @@
 # %% [markdown]
 # # Attention
 #
-# Every part of Paraformer that looks at more than one frame at a time does it with
+# Paraformer is a Transformer: most of its work across frames and tokens is done by
 # **attention** {cite:p}`vaswani2017attention`. The encoder's self-attention lets each
 # 60 ms frame gather information from the whole utterance (chapter 4); the decoder's
 # cross-attention lets each token's embedding read the encoder frames it needs. Unlike
@@ -94,7 +94,7 @@ words = ["the", "cat", "sat", "on", "the", "mat"]
 embedding = {w: 1.5 * torch.randn(16) for w in dict.fromkeys(words)}  # (d_k,) per distinct word
 K = torch.stack([embedding[w] for w in words])  # (T_k, d_k)
 V = torch.arange(6.0)[:, None]  # (T_k, 1): the value of key j is its position j
-queries = {"cat": embedding["cat"] + 0.3 * torch.randn(16), "mat": embedding["mat"] + 0.3 * torch.randn(16),
+queries = {"cat": embedding["cat"] + 0.3 * torch.randn(16), "mat": embedding["mat"] + 0.3 * torch.randn(16),  # (d_k,) each
            "the": embedding["the"] + 0.3 * torch.randn(16), "cat + mat": embedding["cat"] + embedding["mat"],
            "zero": torch.zeros(16)}
 Q = torch.stack(list(queries.values()))  # (T_q, d_k)
@@ -165,6 +165,7 @@ forward, backward = compare_with_sdpa(lambda Q, K, V: attention(Q, K, V)[0])
 print(f"attention vs F.scaled_dot_product_attention: max abs diff {forward:.0e} (forward), "
       f"{backward:.0e} (gradients)")
 assert forward < 1e-6 and backward < 1e-5
+reference_diffs = {"F.scaled_dot_product_attention": (forward, backward)}  # the worst cases, for the closing note
 
 # %% [markdown]
 # ## Masks
@@ -293,12 +294,13 @@ def our_sdpa(Q, K, V, mask=None):
 
 pad = padding_mask(torch.tensor([7, 4]))[:, None, None, :]  # (B, 1, 1, T_k)
 masks = {"no mask": None, "padding": pad, "causal": causal_mask(7), "padding & causal": pad & causal_mask(7)}
-worst_forward, worst_backward = 0.0, 0.0
+worst_forward, worst_backward = reference_diffs["F.scaled_dot_product_attention"]
 for name, mask in masks.items():
     forward, backward = compare_with_sdpa(our_sdpa, T_q=7, T_k=7, mask=mask)
     worst_forward, worst_backward = max(worst_forward, forward), max(worst_backward, backward)
     print(f"{name:>16}: max abs diff {forward:.0e} (forward), {backward:.0e} (gradients)")
 assert worst_forward < 1e-6 and worst_backward < 1e-5
+reference_diffs["F.scaled_dot_product_attention"] = (worst_forward, worst_backward)
 
 # %% [markdown]
 # And the empty sequence: the batch of the trap above, in our function. Its output and
@@ -321,6 +323,112 @@ assert (out[1] == 0).all() and not out.isnan().any() and not Q.grad.isnan().any(
 assert max_diff(out[0], attention(Q[0], K[0], V[0])[0]) < 1e-6
 
 # %% [markdown]
+# ## Attention on speech
+#
+# What does attention find in speech? In a trained encoder the projections $W^Q$ and
+# $W^K$ (next section) are learned, and decide which aspects of two frames to compare.
+# Before any training, the simplest choice is to compare the frames themselves: every
+# frame is a query and a key. Take an utterance of chapter 1's corpus in which a word
+# occurs twice, and its features from chapter 1's front end: 60 ms frames of 560 numbers
+# (7 stacked log-mel frames, normalised with the training set's mean and variance).
+# Listen for the repeated word:
+
+# %%
+from IPython.display import Audio
+
+from paraformer_edu.data import build_corpus, load_audio, read_manifest
+from paraformer_edu.features import Frontend, fbank
+
+manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
+frontend = Frontend.fit(manifests["train"])  # fbank -> LFR -> CMVN, statistics of the training set
+
+
+def repeated_word(entry):
+    """A word of 4 or more letters that occurs at least twice in a manifest entry, or None."""
+    words = [w.lower() for w, _ in entry["words"]]
+    return next((w for w in words if len(w) >= 4 and words.count(w) > 1), None)
+
+
+entry = next(e for e in read_manifest(manifests["dev"]) if e["duration"] < 5 and repeated_word(e))
+wave = load_audio(entry["audio_filepath"])  # (N,): 16 kHz
+X = frontend(wave)  # (T, 560): 60 ms frames
+spectrogram = fbank(wave)  # (6 T, 80): 10 ms frames, for the picture
+print(f"{entry['text']!r}\n{entry['duration']:.1f} s, voice {entry['voice']}, {X.size(0)} frames; "
+      f"{repeated_word(entry)!r} occurs twice")
+Audio(wave.numpy(), rate=16000)
+
+# %% [markdown]
+# We normalise each frame to unit length, so that the score of two frames is their
+# cosine similarity, times a sharpness $\beta$:
+#
+# $$
+# s_{ts} = \beta \, \frac{x_t \cdot x_s}{\lVert x_t \rVert \, \lVert x_s \rVert}, \qquad \beta = 10
+# $$
+#
+# (The raw dot product would favour the frames with the largest norms, whatever they
+# sound like: after CMVN, the digital silences between espeak's words are such frames.)
+# Our function divides by $\sqrt{d_k} = \sqrt{560}$, so the queries are multiplied by
+# $\beta\sqrt{560}$. A frame is always most similar to itself and to its neighbours,
+# which overlap it in time; to see what it attends to *elsewhere*, a second run masks
+# the keys within 2 frames (120 ms) of the query: a mask is any pattern of allowed
+# pairs, not only padding or causality. Then a number: how much of the attention of the
+# first occurrence's frames goes to the frames of the second one, and back?
+
+# %%
+T, frame = X.size(0), frontend.frame_seconds  # T frames of 0.06 s
+U = X / X.norm(dim=-1, keepdim=True)  # (T, 560): unit-length frames
+beta = 10.0  # sharpness
+t = torch.arange(T)  # (T,)
+far = (t[:, None] - t[None, :]).abs() > 2  # (T, T): True where the key is more than 2 frames away
+_, weights_all = scaled_dot_product_attention(beta * math.sqrt(U.size(-1)) * U, U, U)  # (T, T)
+_, weights_far = scaled_dot_product_attention(beta * math.sqrt(U.size(-1)) * U, U, U, far)  # (T, T)
+
+starts = [s for _, s in entry["words"]] + [entry["duration"]]  # word start times (s), then the end
+spans = [(w.lower(), round(a / frame), round(b / frame)) for (w, _), a, b in zip(entry["words"], starts, starts[1:])]
+(_, a0, a1), (_, b0, b1) = [span for span in spans if span[0] == repeated_word(entry)][:2]  # frames of each
+there = weights_far[a0:a1, b0:b1].sum(-1).mean().item()  # first occurrence -> second
+back = weights_far[b0:b1, a0:a1].sum(-1).mean().item()  # second -> first
+uniform = (b1 - b0) / T  # the share of equal weights on every key
+print(f"all keys: each frame gives itself {weights_all.diagonal().mean():.0%} of its attention on average")
+print(f"keys beyond 120 ms: the frames of the first {repeated_word(entry)!r} give {there:.0%} of their attention "
+      f"to the {b1 - b0} frames of the second one, which give {back:.0%} back (equal weights: about {uniform:.0%})")
+assert min(there, back) > 5 * uniform
+
+# %%
+seconds = T * frame
+ticks, labels = starts[:-1], [w for w, _ in entry["words"]]
+fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=90, sharex=True, sharey="row", layout="constrained",
+                         gridspec_kw={"height_ratios": [1, 3]})
+for col, (title, w) in enumerate([("all keys", weights_all), ("keys more than 2 frames (120 ms) away", weights_far)]):
+    axes[0, col].imshow(spectrogram.T.numpy(), origin="lower", aspect="auto", cmap="magma",
+                        extent=(0, spectrogram.size(0) * 0.01, 0, 80), vmin=spectrogram.quantile(0.05).item())
+    for start, end in [(a0, a1), (b0, b1)]:  # the repeated word, boxed
+        axes[0, col].axvspan(start * frame, end * frame, fill=False, edgecolor="white", lw=1.5)
+    axes[0, col].set_title(f"log-mel spectrogram and attention weights,\n{title}", fontsize=10)
+    image = axes[1, col].imshow(w.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                                extent=(-frame / 2, seconds - frame / 2, seconds - frame / 2, -frame / 2))
+    axes[1, col].set_xticks(ticks, labels, rotation=90, fontsize=8)
+    axes[1, col].set_yticks(ticks, labels, fontsize=8)
+    axes[1, col].set_xlabel("key frame (ticks: word starts)")
+axes[0, 0].set_ylabel("mel bin")
+axes[1, 0].set_ylabel("query frame")
+fig.colorbar(image, ax=axes[1, 1], label="weight")
+plt.show()
+
+# %% [markdown]
+# Read the maps row by row, a query frame at a time, with the spectrogram above them on
+# the same time axis. With all keys (left) the diagonal dominates: speech changes
+# little from one 60 ms frame to the next, and each frame is most like itself. With the
+# neighbourhood masked (right), the brightest marks are two short stripes parallel to
+# the diagonal, where the rows of one boxed word meet the columns of the other: the two
+# occurrences of the word attend to each other, frame by frame, in step, because they
+# unfold at the same pace. The corners pair the silence before the first word with the
+# silence after the last. Other, weaker marks pair single frames that happen to be
+# alike. A trained head does the same thing with learned $W^Q, W^K$: it can choose what
+# "alike" means (the same phone, the same speaker, the next syllable) and so what each
+# frame gathers from the whole utterance.
+
+# %% [markdown]
 # ## Multi-head attention
 #
 # A single attention compares queries and keys in one way. **Multi-head attention**
@@ -336,8 +444,9 @@ assert max_diff(out[0], attention(Q[0], K[0], V[0])[0]) < 1e-6
 #
 # with $W_i^Q, W_i^K, W_i^V \in \mathbb{R}^{D \times d_k}$ and
 # $W^O \in \mathbb{R}^{h d_k \times D}$ (we take $d_v = d_k$). One head can follow the
-# neighbouring frames while another follows frames of the same phone elsewhere in the
-# utterance; the cost is the same as one head of width $D$.
+# neighbouring frames while another follows frames of the same sound elsewhere in the
+# utterance, as the two occurrences of a word did above; the cost is the same as one
+# head of width $D$.
 #
 # In code, the $h$ matrices $W_i^Q$ side by side are one `nn.Linear(D, D)`, `linear_q`
 # (with a bias, as in most implementations); its output $(B, T, D)$ is reshaped into
@@ -387,7 +496,8 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.linear_q(query))  # (B, h, T_q, d_k)
         k = self.split_heads(self.linear_k(key))  # (B, h, T_k, d_k)
         v = self.split_heads(self.linear_v(value))  # (B, h, T_k, d_k)
-        heads, weights = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        heads, weights = scaled_dot_product_attention(q, k, v, mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
 
@@ -449,6 +559,7 @@ for name, (query, key, key_lengths, attn_mask) in cases.items():
     worst_forward, worst_backward = max(worst_forward, forward), max(worst_backward, backward)
     print(f"{name:>22}: max abs diff {forward:.0e} (output, weights), {backward:.0e} (gradients)")
 assert worst_forward < 1e-5 and worst_backward < 1e-5
+reference_diffs["nn.MultiheadAttention"] = (worst_forward, worst_backward)
 
 # %% [markdown]
 # **Padding must not matter.** Attention over a padded batch must give each sequence
@@ -661,6 +772,20 @@ plt.show()
 # recordings, the quadratic memory is the reason production systems use fused kernels,
 # and the reason long audio is cut into segments before recognition.
 #
+# **Closing note: how close to PyTorch.** Every check of this chapter against PyTorch's
+# own attention, in one place: the largest absolute difference over all the cases above
+# (with and without padding and causal masks, self- and cross-attention), for the
+# outputs (and, for `nn.MultiheadAttention`, the per-head weights) and for the
+# gradients with respect to the inputs and every parameter. All are float32 rounding
+# errors.
+
+# %%
+print(f"{'ours vs':>32}{'forward':>10}{'gradients':>11}")
+for reference, (forward, backward) in reference_diffs.items():
+    print(f"{reference:>32}{forward:>10.0e}{backward:>11.0e}")
+assert all(forward < 1e-5 and backward < 1e-5 for forward, backward in reference_diffs.values())
+
+# %% [markdown]
 # ## Summary
 #
 # - Attention is a soft lookup:
@@ -674,7 +799,11 @@ plt.show()
 #   (`linear_q`, `linear_k`, `linear_v`, `linear_out`), for self- and
 #   cross-attention, and returns the weights of every head. It equals
 #   `nn.MultiheadAttention` with copied weights, forward and gradients, with and without
-#   masks, and a padded batch gives each sequence what it gets alone.
+#   masks, and a padded batch gives each sequence what it gets alone. The largest
+#   differences from PyTorch's two references are float32 rounding (closing note).
+# - On speech features, even without learned projections, attention finds structure:
+#   frames attend to their neighbours and to frames of the same sound elsewhere, such
+#   as a word spoken twice.
 # - Attention ignores order; `sinusoidal_positional_encoding(T, D)` adds it back, one
 #   rotating pair of channels per frequency.
 # - Its time and memory grow as $T^2$: negligible for short utterances, the limit for
@@ -694,6 +823,10 @@ plt.show()
 #    $\mathrm{PE}_{t+k} = \mathrm{PE}_t\, M_k$ for every $t$ (hint: each pair of
 #    channels turns by the angle $\omega_i k$; use $\sin(a+b)$ and $\cos(a+b)$) and check
 #    it numerically for $k = 5$.
+# 4. **Sharpness.** In the speech example, compute the share of attention the frames of
+#    the first occurrence give to the second one for $\beta = 2, 5, 10, 20, 50$, with all
+#    keys and with the neighbourhood masked. Why does the share with all keys not keep
+#    growing with $\beta$? What does $\beta$ correspond to in a trained model?
 
 # %% tags=["hide-input"]
 # Solution 1: permute the frames of a sequence, with and without positional encoding.
@@ -734,3 +867,17 @@ M[1::2, 1::2] = torch.diag(torch.cos(omega * k))  # (D/2, D/2)
 pe = sinusoidal_positional_encoding(200, D).double()  # (T, D)
 diff = max_diff(pe[:-k] @ M, pe[k:])
 print(f"PE[t + {k}] vs PE[t] @ M_{k}, t = 0..194: max abs diff < 1e-6: {diff < 1e-6}")
+
+# %% tags=["hide-input"]
+# Solution 4: a larger beta sharpens every row. With all keys, the weight then flows to
+# the diagonal (a frame is most like itself), so the share of the other occurrence first
+# grows, then shrinks; with the neighbourhood masked, the other occurrence holds the
+# closest frames left, and takes almost everything. In a trained model, beta is the
+# size of W^Q and W^K: the projections learn how sharp each head is.
+print(f"{'beta':>6}{'all keys':>10}{'masked':>8}")
+for b in [2.0, 5.0, 10.0, 20.0, 50.0]:
+    shares = []
+    for mask in [None, far]:
+        _, w = scaled_dot_product_attention(b * math.sqrt(U.size(-1)) * U, U, U, mask)  # (T, T)
+        shares.append(w[a0:a1, b0:b1].sum(-1).mean().item())
+    print(f"{b:>6.0f}{shares[0]:>10.0%}{shares[1]:>8.0%}")

@@ -80,7 +80,8 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.linear_q(query))  # (B, h, T_q, d_k)
         k = self.split_heads(self.linear_k(key))  # (B, h, T_k, d_k)
         v = self.split_heads(self.linear_v(value))  # (B, h, T_k, d_k)
-        heads, weights = scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        heads, weights = scaled_dot_product_attention(q, k, v, mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
 
