@@ -140,16 +140,40 @@ def test_mha_wider_inputs():
     assert y.shape == (2, 5, D)
 
 
-def test_batched_with_padding_equals_unbatched_self(mha):
+@pytest.mark.parametrize("causal", [False, True])
+def test_batched_with_padding_equals_unbatched_self(mha, causal):
     g = torch.Generator().manual_seed(4)
-    lengths = torch.tensor([9, 4, 1, 7])
-    x = torch.randn(4, 9, D, generator=g)
+    lengths = torch.tensor([9, 4, 1, 7, 0])  # an empty sequence must not disturb the others
+    x = torch.randn(5, 9, D, generator=g)
     x = x.masked_fill(~padding_mask(lengths)[..., None], 1e3)  # garbage in the padding must not matter
     with torch.no_grad():
-        y, _ = mha(x, x, x, padding_mask(lengths))
+        y, weights = mha(x, x, x, padding_mask(lengths), causal_mask(9) if causal else None)
+        assert torch.isfinite(y).all() and (weights[4] == 0).all()
         for b, n in enumerate(lengths.tolist()):
-            alone, _ = mha(x[b:b + 1, :n], x[b:b + 1, :n], x[b:b + 1, :n])
+            if n == 0:
+                continue
+            seq = x[b:b + 1, :n]
+            alone, alone_weights = mha(seq, seq, seq, None, causal_mask(n) if causal else None)
             torch.testing.assert_close(y[b, :n], alone[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(weights[b, :, :n, :n], alone_weights[0], atol=1e-6, rtol=0)
+            assert (weights[b, :, :, n:] == 0).all()
+
+
+def test_batched_with_padding_equals_unbatched_gradients(mha):
+    """The gradients of each sequence's loss are the same in a padded batch as alone."""
+    g = torch.Generator().manual_seed(6)
+    lengths = torch.tensor([6, 3, 0])
+    x = torch.randn(3, 6, D, generator=g, requires_grad=True)
+    y, _ = mha(x, x, x, padding_mask(lengths))
+    loss = sum(y[b, :n].square().sum() for b, n in enumerate(lengths.tolist()) if n > 0)
+    (grad_x,) = torch.autograd.grad(loss, x)
+    assert (grad_x[1, 3:] == 0).all() and (grad_x[2] == 0).all()  # padding gets no gradient
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            continue
+        seq = x[b:b + 1, :n].detach().requires_grad_()
+        (grad_alone,) = torch.autograd.grad(mha(seq, seq, seq)[0].square().sum(), seq)
+        torch.testing.assert_close(grad_x[b, :n], grad_alone[0], atol=1e-5, rtol=0)
 
 
 def test_batched_with_padding_equals_unbatched_cross(mha):
