@@ -617,8 +617,9 @@ assert (weights[1] == 0).all() and not y.isnan().any() and not xg.grad.isnan().a
 # a long utterance a frame is. Because a shift by $k$ positions turns every circle by a
 # fixed angle $\omega_i k$, $\mathrm{PE}_{t+k}$ is a linear function of $\mathrm{PE}_t$
 # (exercise 3), which makes relative positions easy for the projections to use.
-# (FunASR's encoder uses a variant that puts all the sines before all the cosines:
-# the same information in another channel order.)
+# (FunASR's encoder uses a variant of the same idea: all the sines before all the
+# cosines, frequencies $10000^{-i/(D/2-1)}$ so that the slowest is exactly $1/10000$,
+# and positions counted from 1.)
 
 # %%
 #| export
@@ -875,9 +876,9 @@ print(f"PE[t + {k}] vs PE[t] @ M_{k}, t = 0..194: max abs diff < 1e-6: {diff < 1
 # closest frames left, and takes almost everything. In a trained model, beta is the
 # size of W^Q and W^K: the projections learn how sharp each head is.
 print(f"{'beta':>6}{'all keys':>10}{'masked':>8}")
-for b in [2.0, 5.0, 10.0, 20.0, 50.0]:
+for sharpness in [2.0, 5.0, 10.0, 20.0, 50.0]:
     shares = []
     for mask in [None, far]:
-        _, w = scaled_dot_product_attention(b * math.sqrt(U.size(-1)) * U, U, U, mask)  # (T, T)
+        _, w = scaled_dot_product_attention(sharpness * math.sqrt(U.size(-1)) * U, U, U, mask)  # (T, T)
         shares.append(w[a0:a1, b0:b1].sum(-1).mean().item())
-    print(f"{b:>6.0f}{shares[0]:>10.0%}{shares[1]:>8.0%}")
+    print(f"{sharpness:>6.0f}{shares[0]:>10.0%}{shares[1]:>8.0%}")
