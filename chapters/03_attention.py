@@ -773,11 +773,13 @@ plt.show()
 # recordings, the quadratic memory is the reason production systems use fused kernels,
 # and the reason long audio is cut into segments before recognition.
 #
-# **Closing note: how close to PyTorch.** Every check of this chapter against PyTorch's
-# own attention, in one place: the largest absolute difference over all the cases above
-# (with and without padding and causal masks, self- and cross-attention), for the
-# outputs (and, for `nn.MultiheadAttention`, the per-head weights) and for the
-# gradients with respect to the inputs and every parameter. All are float32 rounding
+# ## Closing note: how close to PyTorch
+#
+# Every check of this chapter against PyTorch's own attention, in one place: the
+# largest absolute difference over all the cases above (with and without padding and
+# causal masks; self- and cross-attention), for the forward pass (outputs and, for
+# `nn.MultiheadAttention`, the per-head weights) and for the gradients (with respect to
+# $Q, K, V$; for the layer, to its inputs and every parameter). All are float32 rounding
 # errors.
 
 # %%
