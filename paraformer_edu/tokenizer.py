@@ -6,6 +6,7 @@
 Generated from chapter 2, "The tokenizer" (chapters/02_tokenizer.py).
 """
 
+import heapq
 import itertools
 import re
 import unicodedata
@@ -91,8 +92,11 @@ def normalize_text(text: str) -> str:
 
 
 SPECIAL_TOKENS = ("<blank>", "<sos>", "<eos>", "<unk>")
-BLANK_ID, SOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
-PAD_ID = BLANK_ID  # padding of target batches shares the blank's id
+BLANK_ID = 0  # CTC's blank, and the padding of target batches
+PAD_ID = BLANK_ID
+SOS_ID = 1
+EOS_ID = 2
+UNK_ID = 3
 WORD_BOUNDARY = "\u2581"  # '▁': a space between words (characters) or a word's start (BPE)
 
 
@@ -244,20 +248,27 @@ def bpe_merges(word_counts: dict):
         for pair in zip(symbols, symbols[1:]):
             where[pair].add(i)
     tokens = {symbol for symbols in words for symbol in symbols}
-    while True:
-        candidates = [p for p, n in pairs.items() if n > 0 and p[0] + p[1] not in tokens]
-        if not candidates:
-            return
-        best = min(candidates, key=lambda p: merge_priority(p, pairs[p]))
+    heap = [merge_priority(pair, count) for pair, count in pairs.items()]  # best candidate first
+    heapq.heapify(heap)
+    while heap:
+        minus_count, *_, best = heapq.heappop(heap)
+        if -minus_count != pairs[best] or best[0] + best[1] in tokens:
+            continue  # stale: the pair's count has changed since, or its token exists already
         yield best, pairs[best]
         tokens.add(best[0] + best[1])
+        changed = Counter()
         for i in sorted(where.pop(best)):
             new = merge_pair(words[i], best)
-            pairs.subtract(count_pairs([words[i]], [counts[i]]))
-            pairs.update(count_pairs([new], [counts[i]]))
+            changed.subtract(count_pairs([words[i]], [counts[i]]))
+            changed.update(count_pairs([new], [counts[i]]))
             for pair in zip(new, new[1:]):
                 where[pair].add(i)
             words[i] = new
+        for pair, delta in changed.items():
+            if delta:
+                pairs[pair] += delta
+                if pairs[pair] > 0:
+                    heapq.heappush(heap, merge_priority(pair, pairs[pair]))
 
 
 class BPETokenizer(Tokenizer):
@@ -352,7 +363,11 @@ __all__ = [
     "SPOKEN_SYMBOLS",
     "normalize_text",
     "SPECIAL_TOKENS",
+    "BLANK_ID",
     "PAD_ID",
+    "SOS_ID",
+    "EOS_ID",
+    "UNK_ID",
     "WORD_BOUNDARY",
     "Tokenizer",
     "read_vocab",

@@ -29,6 +29,19 @@ def bpe(texts) -> BPETokenizer:
     return train_bpe(texts, 150)
 
 
+@pytest.fixture(scope="module")
+def book_texts() -> dict[str, list[str]]:
+    """The transcripts of the book's corpus, as written (chapter 1's plan: text only, no audio)."""
+    data = pytest.importorskip("paraformer_edu.data")
+    plan = data.corpus_plan(data.corpus_config("book"))
+    return {split: [u["text"] for u in utterances] for split, utterances in plan.items()}
+
+
+@pytest.fixture(scope="module")
+def book_bpe(book_texts) -> BPETokenizer:
+    return train_bpe(book_texts["train"], 200)
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("", ""),
     (" \t\n ", ""),
@@ -194,16 +207,21 @@ def test_merge_pair_and_count_pairs():
 
 
 def naive_merges(word_counts: dict, n: int) -> list:
-    """Reference BPE: recount every pair of every word at each step."""
+    """Reference BPE: recount every pair of every word at each step; skip pairs spelling a known token."""
     words = {(WORD_BOUNDARY, *w): c for w, c in word_counts.items()}
+    tokens = {symbol for symbols in words for symbol in symbols}
     merges = []
     for _ in range(n):
         pairs = {}
         for symbols, c in words.items():
             for pair in zip(symbols, symbols[1:]):
-                pairs[pair] = pairs.get(pair, 0) + c
+                if pair[0] + pair[1] not in tokens:
+                    pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:
+            break
         best = sorted(pairs, key=lambda p: (-pairs[p], len(p[0] + p[1]), p[0] + p[1], p))[0]
         merges.append((best, pairs[best]))
+        tokens.add(best[0] + best[1])
         words = {tuple(merge_pair(list(s), best)): c for s, c in words.items()}
     return merges
 
@@ -215,6 +233,18 @@ def test_bpe_merges_match_naive_recount(texts):
             counts[word] = counts.get(word, 0) + 1
     fast = list(zip(range(80), bpe_merges(counts)))
     assert [m for _, m in fast] == naive_merges(counts, 80)
+
+
+def test_bpe_merges_to_exhaustion_match_naive_recount(texts):
+    # run until every word is one token: every stale heap entry and every skipped pair is exercised
+    counts = {}
+    for text in texts[:60]:
+        for word in text.split():
+            counts[word] = counts.get(word, 0) + 1
+    fast = list(bpe_merges(counts))
+    assert fast == naive_merges(counts, 10**6)
+    assert len({a + b for (a, b), _ in fast}) == len(fast)  # every merge makes a new token
+    assert {a + b for (a, b), _ in fast} >= {WORD_BOUNDARY + w for w in counts}  # each word ends as one token
 
 
 def test_merge_priority_ties():
@@ -276,3 +306,40 @@ def test_default_tokenizer(tmp_path, texts):
     tok = default_tokenizer(manifest)
     assert isinstance(tok, BPETokenizer) and tok.vocab_size == 200
     assert tok.merges == train_bpe(texts, 200).merges
+    assert default_tokenizer(manifest).tokens == tok.tokens  # deterministic
+
+
+def test_book_corpus_normalisation(book_texts):
+    # the corpus is written text (capitals, , . ? and apostrophes): normalised, it is lowercase words
+    for raw in (t for split in book_texts.values() for t in split):
+        spoken = normalize_text(raw)
+        assert spoken == re.sub(r"[,.?]", "", raw).lower()
+        assert set(spoken) <= set(ALPHABET + " ") and normalize_text(spoken) == spoken
+
+
+def test_book_corpus_round_trips(book_texts, book_bpe):
+    chars = CharTokenizer()
+    assert book_bpe.vocab_size == 200
+    for raw in (t for split in book_texts.values() for t in split):
+        spoken = normalize_text(raw)
+        for tok in (chars, book_bpe):
+            ids = tok.encode(raw)
+            assert UNK_ID not in ids and tok.decode(ids) == spoken
+        assert len(chars.encode(raw)) == len(spoken)
+
+
+def test_book_corpus_save_load_identical_ids(tmp_path, book_texts, book_bpe):
+    path = tmp_path / "bpe200.vocab"
+    book_bpe.save(path)
+    loaded = BPETokenizer.load(path)
+    assert loaded.tokens == book_bpe.tokens
+    assert all(loaded.encode(t) == book_bpe.encode(t) for split in book_texts.values() for t in split)
+
+
+def test_book_bpe_deterministic(book_texts, book_bpe):
+    shuffled = list(book_texts["train"])
+    random.Random(0).shuffle(shuffled)
+    assert train_bpe(shuffled, 200).merges == book_bpe.merges  # the order of the sentences does not matter
+    assert book_bpe.merges[:5] == [("i", "n"), ("▁", "s"), ("e", "r"), ("▁", "t"), ("▁", "a")]
+    per_word = sum(len(book_bpe.encode(t)) for t in book_texts["dev"]) / sum(len(t.split()) for t in book_texts["dev"])
+    assert 3.2 < per_word < 3.6  # about 3.4 tokens per word (chapter 2)
