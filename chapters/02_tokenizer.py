@@ -568,16 +568,19 @@ def bpe_merges(word_counts: dict):
 
 # %% [markdown]
 # On the corpus's training text, the merge table as it grows: the first merges join `▁`
-# to frequent first letters and build the most frequent short words.
+# to frequent first letters and build frequent endings (`in` + `g`); later ones, each
+# counted fewer times, build longer pieces (`ress`, `▁str`). The first 16 merges, then
+# every 50th and the last of a 500-token vocabulary:
 
 # %%
 train_word_counts = Counter(word for text in train_texts for word in text.split())
 print(f"{sum(train_word_counts.values()):,} running words, {len(train_word_counts):,} distinct")
 n_base = len(SPECIAL_TOKENS) + 1 + len(ALPHABET)  # special tokens, '▁' and the alphabet: 32
 merge_table = list(itertools.islice(bpe_merges(train_word_counts), 500 - n_base))  # a vocabulary of 500
-print(" rank  pair          count  new token")
-for rank, ((a, b), n) in enumerate(merge_table[:20]):
-    print(f"{rank:>5}  {a + ' + ' + b:<12}{n:>7,}  {a + b}")
+print(" rank  pair              count  new token")
+for rank, ((a, b), n) in enumerate(merge_table):
+    if rank < 16 or rank % 50 == 0 or rank == len(merge_table) - 1:
+        print(f"{rank:>5}  {a + ' + ' + b:<16}{n:>7,}  {a + b}")
 
 # %% [markdown]
 # An independent check of the bookkeeping: the plain algorithm, which recounts every pair
@@ -717,8 +720,8 @@ print(f"train_bpe(vocab_size=500) on {len(train_texts):,} utterances: {time.perf
 # %% [markdown]
 # Checks: the tokenizer's merges are the merge table above; encoding each training word
 # reproduces the segmentation training gave it; training on the texts in reverse order
-# gives the same merges; decoding restores every transcript (normalised); the vocabulary file gives
-# back the same tokenizer.
+# gives the same merges; decoding restores every transcript, as written, in its
+# normalised form; the vocabulary file gives back the same tokenizer.
 
 # %%
 assert bpe500.merges == [pair for pair, _ in merge_table]
