@@ -839,8 +839,8 @@ print(f"{len(history)} steps in {seconds:.0f} s")
 # %%
 for step in (0, 9, 19, 29, 49):
     row = history[step]
-    print(f"step {step + 1:>2}: loss {row['loss']:7.3f} | CE {row['loss_ce']:6.3f} | quantity {row['loss_quantity']:6.3f} "
-          f"| CTC {row['loss_ctc']:6.3f} | accuracy first pass {row['accuracy_first_pass']:.2f}")
+    print(f"step {step + 1:>2}: loss {row['loss']:6.2f} | CE {row['loss_ce']:5.2f} | quantity {row['loss_quantity']:5.2f} "
+          f"| CTC {row['loss_ctc']:5.2f} | accuracy first pass {row['accuracy_first_pass']:.2f}")
 factor = history[0]["loss"] / history[-1]["loss"]
 factor_ce = history[0]["loss_ce"] / history[-1]["loss_ce"]
 print(f"the loss fell by a factor of more than 10: {factor > 10}; the decoder's CE by more than 50: {factor_ce > 50}")
