@@ -934,12 +934,12 @@ for name in ("characters", "BPE-100", "BPE-200", "BPE-500"):
 assert all(1.05 < np.median(b) < 1.35 for b in burst.values())
 
 # %% [markdown]
-# Whatever the unit, the busiest three words of an utterance run at about 1.2 times its
-# average pace (the median ratio), and at 1.4 times for one utterance in twenty. An
-# utterance at $\rho = 0.8$ therefore typically asks for about $0.8 \times 1.2 \approx 0.95$
-# tokens per frame in its busiest stretch: 0.8 is where the margin runs out. With
-# characters, two utterances in three have a stretch beyond one token per frame; with
-# BPE-200, one in a thousand.
+# Whatever the unit, the busiest three words of an utterance run at 1.1 to 1.2 times its
+# average pace (the median ratio; 1.2 for BPE), and at 1.3 to 1.4 times for one utterance
+# in twenty. A BPE utterance at $\rho = 0.8$ therefore typically asks for about
+# $0.8 \times 1.2 \approx 0.95$ tokens per frame in its busiest stretch: 0.8 is where the
+# margin runs out. With characters, two utterances in three have a stretch beyond one
+# token per frame; with BPE-200, one in a thousand.
 #
 # The other side of the balance is the vocabulary. A larger one means fewer tokens per
 # frame, but each token is rarer, and the decoder's output layer must learn every one of
