@@ -189,7 +189,7 @@ reach = torch.stack(spread)  # (L, T): |memory| after 1..6 blocks
 fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90)
 axes[0].imshow(reach.log10().clamp(min=-6).masked_fill(reach == 0, float("nan")).numpy(),
                aspect="auto", cmap="viridis", extent=(-0.5, T - 0.5, 6.5, 0.5))
-axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks", xlabel="frame (60 ms)",
+axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks\n(colour: log |memory|)", xlabel="frame (60 ms)",
             ylabel="blocks", xlim=(5, 75))
 axes[1].stem(at_end.numpy(), basefmt=" ")
 axes[1].axvspan(60.5, T, color="0.85", label="padding")
@@ -742,6 +742,106 @@ print([decode(ids) for ids in hypotheses])
 assert [decode(ids) for ids in hypotheses] == ["ERROR", "ORE"]
 
 # %% [markdown]
+# ## Real speech through the encoder
+#
+# Until now the inputs were random numbers. Here are real ones: chapter 1's corpus and
+# front end (fbank, LFR, CMVN with the training set's statistics), chapter 2's BPE
+# tokenizer (200 tokens, the blank at index 0), and chapter 1's `collate`, which pads a
+# few dev utterances into a batch with their lengths.
+
+# %%
+from paraformer_edu.data import SpeechDataset, build_corpus, collate
+from paraformer_edu.features import Frontend
+from paraformer_edu.tokenizer import default_tokenizer
+
+manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
+frontend = Frontend.fit(manifests["train"])  # fbank -> LFR -> CMVN, statistics of the training set
+tokenizer = default_tokenizer(manifests["train"])  # chapter 2: BPE on the training transcripts
+dev = SpeechDataset(manifests["dev"], frontend, encode=tokenizer.encode)
+batch = collate([dev[i] for i in range(4)])
+X, X_lengths = batch["features"], batch["feature_lengths"]  # (B, T, 560), (B,)
+Y, Y_lengths = batch["targets"], batch["target_lengths"]  # (B, U), (B,)
+print("features", tuple(X.shape), "lengths", X_lengths.tolist(), "| targets", tuple(Y.shape),
+      "lengths", Y_lengths.tolist(), "| vocabulary", tokenizer.vocab_size)
+for text, n, u in zip(batch["texts"], X_lengths.tolist(), Y_lengths.tolist()):
+    print(f"{n:>4} frames = {n * frontend.frame_seconds:.2f} s, {u:>2} tokens: {text}")
+
+# %% [markdown]
+# The encoder of the previous section (untrained, evaluation mode) reads the batch. The
+# padded-batch property holds on real features too, and the figure shows the second
+# utterance's input and output on the batch's time axis: 560 feature rows (the seven
+# stacked 80-bin fbank frames show as seven bands), $D = 192$ output rows, and zeros
+# in the padding after its last frame.
+
+# %%
+with torch.no_grad():
+    H, H_lengths = encoder(X, X_lengths)  # (B, T, D), (B,)
+    alone = [encoder(X[b:b + 1, :n], X_lengths[b:b + 1])[0][0] for b, n in enumerate(X_lengths.tolist())]
+diff = max((H[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(X_lengths.tolist()))
+print("h", tuple(H.shape), "lengths", H_lengths.tolist())
+print(f"real batch vs one utterance at a time: max abs diff {diff:.0e}")
+assert diff < 1e-4 and torch.equal(H_lengths, X_lengths)
+
+b = 1
+fig, axes = plt.subplots(2, 1, figsize=(9, 5), dpi=90, sharex=True, layout="constrained",
+                         gridspec_kw={"height_ratios": [3, 1.4]})
+for ax, data, title in [(axes[0], X[b], "input: LFR + CMVN features (560)"), (axes[1], H[b], "encoder output h (192)")]:
+    image = ax.imshow(data.T.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-3, vmax=3,
+                      interpolation="nearest", extent=(-0.5, X.size(1) - 0.5, -0.5, data.size(1) - 0.5))
+    ax.axvline(X_lengths[b].item() - 0.5, color="w", ls="--", lw=1)
+    ax.set(title=title, ylabel="channel")
+axes[0].set_yticks([80 * k for k in range(8)])
+axes[1].set_xlabel(f"frame (60 ms); dashed: the end of utterance {b} ({X_lengths[b].item()} frames), "
+                   f"padding after it")
+fig.colorbar(image, ax=axes, shrink=0.8)
+plt.show()
+
+# %% [markdown]
+# **CTC on real tensors.** A CTC head for the 200-token vocabulary gives the untrained
+# encoder's log-probabilities, and our `ctc_loss` and `F.ctc_loss` (through `CTCHead.loss`)
+# agree on the padded batch, in float32 to the rounding of sums over a few hundred
+# frames. (The losses are large: an untrained head spreads its probability over all
+# 200 tokens at every frame.)
+
+# %%
+torch.manual_seed(0)
+head = CTCHead(config.d_model, tokenizer.vocab_size, blank=tokenizer.blank_id)
+with torch.no_grad():
+    log_probs = head(H)  # (B, T, V)
+    ours = ctc_loss(log_probs, Y, X_lengths, Y_lengths, blank=tokenizer.blank_id, reduction="none")  # (B,)
+    library = head.loss(H, X_lengths, Y, Y_lengths, reduction="none")  # (B,): F.ctc_loss
+diff = (ours - library).abs().max().item()
+print("CTC loss per utterance, ours:", [round(v, 1) for v in ours.tolist()])
+print(f"ours vs F.ctc_loss on the real batch: max abs diff {diff:.1e} (relative {diff / library.abs().max().item():.0e})")
+assert diff / library.abs().max().item() < 1e-5
+
+# %% [markdown]
+# **Does CTC fit this corpus?** A CTC path needs one frame per token plus one blank
+# between equal neighbours (exercise 3). The front end and the tokenizer tell us both
+# counts for all 8,000 training utterances without reading the audio (the frame count
+# follows from the duration):
+
+# %%
+train = SpeechDataset(manifests["train"], frontend)
+train_frames = torch.tensor(train.lengths)  # (N,): frames per utterance, from the durations
+train_tokens = [tokenizer.encode(entry["text"]) for entry in train.entries]  # N lists of ids
+repeats = torch.tensor([sum(p == q for p, q in zip(y[:-1], y[1:])) for y in train_tokens])  # (N,)
+U_train = torch.tensor([len(y) for y in train_tokens])  # (N,)
+frames_needed = (U_train + repeats) / train_frames  # (N,): the share of its frames a path needs
+T_median, U_median = int(train_frames.median()), int(U_train.median())
+print(f"{len(train_frames):,} training utterances: median {T_median} frames ({T_median * 0.06:.1f} s), "
+      f"median {U_median} tokens")
+print(f"tokens (+ blanks between repeats) per frame: mean {frames_needed.mean():.2f}, "
+      f"99th percentile {frames_needed.quantile(0.99):.2f}, max {frames_needed.max():.2f}")
+assert frames_needed.max() < 1
+
+# %% [markdown]
+# Every training utterance leaves CTC room: on average a path needs about half of the
+# frames, the densest utterance most of them. That is the reason for BPE units at 60 ms
+# frames: English *characters* run at about one per frame (chapter 1), more than CTC can
+# emit on many utterances (exercise 3).
+
+# %% [markdown]
 # ## Size and speed
 #
 # **Where the parameters are.** A helper sums the parameters of each part: the
@@ -757,7 +857,7 @@ def count_parameters(module: nn.Module, contains: str = "") -> int:
 
 
 # %%
-vocab_size = 200  # replaced by chapter 2's tokenizer below
+vocab_size = tokenizer.vocab_size  # chapter 2's BPE vocabulary, the blank included
 encoder = SANMEncoder(EncoderConfig())
 transformer = SANMEncoder(EncoderConfig(kernel_size=0))
 head = CTCHead(EncoderConfig().d_model, vocab_size)
@@ -779,14 +879,16 @@ print(f"the memory blocks add {count_parameters(encoder, 'memory') / total_t:.2%
 # network are linear in $T$. At 60 ms per frame, typical utterances (a few seconds,
 # well under 100 frames) sit in the linear regime; the quadratic term shows only for
 # long inputs. The cell below times one utterance (batch 1, evaluation mode, no
-# gradients) at lengths from 1.5 to 48 seconds on this machine's CPU. Timings vary from
-# run to run and machine to machine, so the cell's output is not checked
+# gradients) at lengths from 1.5 to 48 seconds on this machine's CPU, then the dev set's
+# real utterances as they come, each alone, to place the corpus on the curve. Timings
+# vary from run to run and machine to machine, so the cell's output is not checked
 # (`NBVAL_IGNORE_OUTPUT`).
 
 # %%
-def time_forward(model, T, B=1, repeats=5):
-    """Best wall time (s) of a few forward passes over B random utterances of T frames."""
-    x, lengths = torch.randn(B, T, model.config.d_input), torch.full((B,), T)  # (B, T, 560), (B,)
+def time_forward(model, T, B=1, repeats=5, x=None):
+    """Best wall time (s) of a few forward passes over B utterances of T frames (random unless x is given)."""
+    x = torch.randn(B, T, model.config.d_input) if x is None else x  # (B, T, 560)
+    lengths = torch.full((x.size(0),), x.size(1))  # (B,)
     times = []
     with torch.inference_mode():
         model(x, lengths)  # warm-up
@@ -802,11 +904,22 @@ def time_forward(model, T, B=1, repeats=5):
 torch.manual_seed(0)
 frames = [25, 50, 100, 200, 400, 800]
 models = {"SAN-M": SANMEncoder(EncoderConfig()).eval(), "Transformer": SANMEncoder(EncoderConfig(kernel_size=0)).eval()}
-seconds = {name: [time_forward(model, T) for T in frames] for name, model in models.items()}
+for model in models.values():
+    time_forward(model, 100)  # warm-up: the first calls pay for memory allocation
+seconds = {name: [] for name in models}
+for T in frames:
+    for name, model in models.items():  # alternate, so both see the same machine state
+        seconds[name].append(time_forward(model, T))
 print(f"{'frames':>7}{'audio (s)':>10}{'SAN-M (ms)':>12}{'Transformer (ms)':>18}{'SAN-M RTF':>11}")
 for i, T in enumerate(frames):
     print(f"{T:>7}{T * 0.06:>10.1f}{1000 * seconds['SAN-M'][i]:>12.1f}{1000 * seconds['Transformer'][i]:>18.1f}"
           f"{seconds['SAN-M'][i] / (T * 0.06):>11.4f}")
+real = [dev[i]["features"] for i in range(0, len(dev), 10)]  # (T_b, 560): 30 dev utterances
+real_frames = [x.size(0) for x in real]
+real_seconds = [time_forward(models["SAN-M"], x.size(0), x=x[None], repeats=3) for x in real]
+rtf = sum(real_seconds) / (sum(real_frames) * 0.06)
+print(f"{len(real)} dev utterances of {min(real_frames)}-{max(real_frames)} frames, one at a time: "
+      f"{1000 * sum(real_seconds) / len(real):.1f} ms each on average, real-time factor {rtf:.4f}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -816,8 +929,12 @@ for name, times in seconds.items():
     ax.plot(audio, [1000 * t for t in times], "o-", label=name)
 linear = [1000 * seconds["SAN-M"][1] * a / audio[1] for a in audio]
 ax.plot(audio, linear, "k:", label="linear in T (from 3 s)")
+ax.plot([T * 0.06 for T in real_frames], [1000 * t for t in real_seconds], "x", color="C0", alpha=0.6,
+        label="SAN-M, dev utterances")
 ax.set(xscale="log", yscale="log", xlabel="audio length (s)", ylabel="forward time (ms)",
        title="Encoder forward time, batch 1, CPU")
+ax.set_xticks(audio, [f"{a:g}" for a in audio])
+ax.minorticks_off()
 ax.legend(fontsize=8)
 plt.show()
 
@@ -825,19 +942,19 @@ plt.show()
 # **Can it train on a 2-core CPU?** What limits the book is training: a forward pass,
 # a backward pass (about twice the forward) and an optimiser step per batch, thousands
 # of times. The cell below times one training step of the encoder and CTC head on a
-# batch of 16 four-second utterances (67 frames) for three sizes. Our prototype (a
+# batch of 16 utterances of the training set's median length, for a few sizes. Our prototype (a
 # 6-layer, $D = 192$ Transformer encoder with CTC, about 2.8 M parameters) reached a
 # usable character error rate on about five hours of synthetic speech in 10 to 20
 # minutes on this kind of machine; a model twice the size would need twice the time for
 # the same number of updates.
 
 # %%
-def time_training_step(config, vocab_size, B=16, T=67, repeats=3):
+def time_training_step(config, vocab_size, B=16, T=60, U=30, repeats=3):
     """Best wall time (s) of a few training steps (forward, CTC loss, backward, Adam)."""
     model, head = SANMEncoder(config).train(), CTCHead(config.d_model, vocab_size)
     optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
     x, lengths = torch.randn(B, T, config.d_input), torch.full((B,), T)  # (B, T, 560), (B,)
-    targets, target_lengths = torch.randint(1, vocab_size, (B, 25)), torch.full((B,), 25)  # (B, U), (B,)
+    targets, target_lengths = torch.randint(1, vocab_size, (B, U)), torch.full((B,), U)  # (B, U), (B,)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -859,7 +976,7 @@ sizes = {"small: 6 x 144": EncoderConfig(d_model=144, d_ffn=576),
          "larger: 8 x 256": EncoderConfig(d_model=256, d_ffn=1024, n_layers=8)}
 print(f"{'encoder':<20}{'parameters':>12}{'step (ms)':>11}{'utterances/s':>14}")
 for name, cfg in sizes.items():
-    step = time_training_step(cfg, vocab_size)
+    step = time_training_step(cfg, vocab_size, T=T_median, U=U_median)
     n = count_parameters(SANMEncoder(cfg)) + cfg.d_model * vocab_size + vocab_size
     print(f"{name:<20}{n:>12,}{1000 * step:>11.0f}{16 / step:>14.0f}")
 
@@ -885,6 +1002,11 @@ for name, cfg in sizes.items():
 #   algorithm over the extended label sequence $y'$ does it in $O(TU)$, in log space;
 #   ours equals `F.ctc_loss` in value and gradient. **Greedy decoding** takes the best
 #   symbol per frame and collapses.
+# - On **real speech** (chapter 1's features, chapter 2's BPE targets) the encoder maps
+#   a padded batch (B, T, 560) to (B, T, 192) exactly as it maps each utterance alone,
+#   our CTC loss equals `F.ctc_loss` on it, and every training utterance leaves CTC
+#   room: BPE tokens need about half of the 60 ms frames on average, at most 91%. A
+#   dev utterance of a few seconds takes a few milliseconds to encode on a CPU.
 #
 # In `paraformer_edu.encoder`: `EncoderConfig`, `SANMEncoder`, `SANMEncoderLayer`,
 # `SANMAttention`, `FSMNMemory`, `FeedForward`, `CTCHead`, `ctc_loss`, `ctc_trellis`,

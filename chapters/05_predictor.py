@@ -22,10 +22,10 @@
 # it integrated. The number of tokens is about $\sum_t \alpha_t$, and the token
 # embeddings $E_{ac}$ (B, N, D) are what the decoder of chapter 6 reads.
 #
-# CIF is simple to write as a loop over frames and fiddly to write fast: the loop is
-# the slow part of Paraformer's decoding on a CPU, and the vectorised versions in the
-# wild have had bugs (a training bug that got one rolled back in FunASR, peaks and
-# weights swapped in timestamps). So we write it three ways and show they agree.
+# CIF is simple to write as a loop over frames and fiddly to write fast. The loop is
+# slow, and fast versions in the wild have had bugs: FunASR rolled back a vectorised
+# version over a training bug, and once swapped peaks and weights in its timestamps. So
+# we write CIF three ways and show that they agree.
 #
 # **Learning goals.** After this chapter you can
 #
@@ -39,6 +39,7 @@
 # - decode the length at inference with FunASR's tail rule, and know what it does for
 #   sums like 2.999999 and 3.000001;
 # - turn firing positions into token timestamps;
+# - train the predictor on real speech and measure how well it counts tokens;
 # - measure how fast each version is.
 
 # %%
@@ -138,7 +139,7 @@ axes[1].plot(t, alpha_example.cumsum(0), "o-", color="C2", label=r"$\sum_{s \leq
 for k in (1, 2, 3):
     axes[1].axhline(k, color="0.5", ls=":", lw=1)
 axes[1].plot(fire_frames, alpha_example.cumsum(0)[fire_frames], "rv", markersize=9, label="fire")
-axes[1].set(xlabel="frame t", title="The same fires: the running sum crosses 1, 2, 3")
+axes[1].set(xlabel="frame t", title="The same fires: the running sum crosses 1, 2, 3", yticks=[0, 1, 2, 3])
 axes[1].legend(fontsize=8, loc="upper left")
 plt.tight_layout()
 plt.show()
@@ -152,8 +153,9 @@ plt.show()
 # happen, but it does at training time, where the weights are scaled up to the target
 # length (next sections), and with a threshold $\beta < 1$. The `while` fires as many
 # times as needed; the reference must be complete. The accumulator is kept in float64,
-# so that long utterances do not drift. The function also returns what is left at the
-# end: the partial embedding $c$ and its weight $a$.
+# like the running sum of the vectorised version below, so that both decide alike on a
+# frame that ends within float32 rounding of a boundary. The function also returns what
+# is left at the end: the partial embedding $c$ and its weight $a$.
 
 # %%
 #| default_exp predictor
@@ -218,7 +220,8 @@ def _pad_tokens(tokens: list, h: torch.Tensor):
     embeds = torch.stack([F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
                           for e, _ in tokens]) if tokens else h.new_zeros(0, N, h.size(2))  # (B, N, D)
     fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(len(tokens), N)
-    return embeds, torch.tensor([len(e) for e, _ in tokens], dtype=torch.long), fires.to(h.device)
+    counts = torch.tensor([len(e) for e, _ in tokens], dtype=torch.long, device=h.device)  # (B,)
+    return embeds, counts, fires.to(h.device)
 
 
 def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
@@ -427,8 +430,8 @@ assert worst_e < 1e-5 and worst_g < 1e-5
 #
 # - **padding mask**: `True` marks *padding* (we pass lengths);
 # - **training**: it scales the weights to $\beta|y| + \epsilon$ with $\epsilon = 10^{-4}$
-#   (so that the last token surely fires) and drops the surplus. We scale to exactly
-#   $\beta |y|$, so we pass `eps=0` to compare;
+#   (so that the last token surely fires); the surplus $\epsilon$ lands in the slot after
+#   the last token. We scale to exactly $\beta |y|$, so we pass `eps=0` to compare;
 # - **tail**: it never appends a frame. It computes the leftover weight $r$ of the
 #   unfinished token and emits that token when $r \ge$ `tail_thres`, **rescaled** to full
 #   weight by $\beta / r$. FunASR's rule ($r + \tau \ge \beta$, embedding left as it is)
@@ -505,10 +508,10 @@ assert torch.equal(f_loop, f_vec) and max_abs_diff(e_loop, e_vec) < 1e-5
 # %% [markdown]
 # ## The predictor network
 #
-# Where do the weights come from? In Paraformer a small network reads the encoder
-# output: a 1-d convolution over time (kernel 3, so each weight sees its two
-# neighbours), a ReLU, a linear map to one number, and a sigmoid
-# {cite:p}`gao2022paraformer`:
+# Where do the weights come from? In Paraformer {cite:p}`gao2022paraformer` a small
+# network reads the encoder output; in its reference implementation, FunASR
+# {cite:p}`gao2023funasr`, that is a 1-d convolution over time (kernel 3, so each weight
+# sees its two neighbours), a ReLU, a linear map to one number, and a sigmoid:
 #
 # $$
 # \alpha_t = \sigma\big(w^\top \mathrm{ReLU}(\mathrm{Conv1d}_3(H))_t + b\big) \in (0, 1),
@@ -773,7 +776,241 @@ assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
 # %% [markdown]
 # ## On real encoder output
 #
-# REAL-DATA-SECTION
+# Everything so far ran on random weights. On speech, the weights come from the
+# predictor network reading a trained encoder, and the question that matters is whether
+# $\sum_t \alpha_t$ learns the number of tokens. We train, inside this chapter, a
+# small model on chapter 1's corpus: chapter 4's encoder with its CTC head, and the
+# predictor, with the loss
+#
+# $$
+# \mathcal{L} = \mathcal{L}_{\mathrm{CTC}} + \mathcal{L}_{\mathrm{MAE}}
+# $$
+#
+# (Paraformer adds the decoder's cross-entropy, chapter 6). The budget is about a
+# minute and a half of a 2-core CPU, so the data is small: the first 1,000 training
+# utterances (an hour of speech) and the 300 dev utterances for the
+# evaluation, tokenised with chapter 2's BPE (200 tokens). `Frontend.fit` measures
+# the CMVN statistics on exactly those 1,000 utterances, so we compute their fbank + LFR
+# features once, fit the CMVN on them, and normalise: the same features as
+# `Frontend.fit(manifests["train"])` would give, at half the cost.
+
+# %%
+from paraformer_edu.data import BucketBatchSampler, build_corpus, load_audio, pad_sequences, read_manifest
+from paraformer_edu.encoder import CTCHead, EncoderConfig, SANMEncoder
+from paraformer_edu.features import Frontend
+from paraformer_edu.tokenizer import default_tokenizer
+
+manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
+tokenizer = default_tokenizer(manifests["train"])  # chapter 2: BPE on the training transcripts
+train_entries = read_manifest(manifests["train"])[:1000]
+dev_entries = read_manifest(manifests["dev"])
+frontend = Frontend()
+raw_train = [frontend.raw(load_audio(e["audio_filepath"])) for e in train_entries]  # (T_b, 560) each, before CMVN
+frontend.cmvn.fit(raw_train)  # as Frontend.fit(manifests["train"]) does: its first 1,000 utterances
+X_train = [frontend.cmvn(x) for x in raw_train]  # (T_b, 560) each
+X_dev = [frontend(load_audio(e["audio_filepath"])) for e in dev_entries]  # (T_b, 560) each
+Y_train = [torch.tensor(tokenizer.encode(e["text"])) for e in train_entries]  # (U_b,) each
+Y_dev = [torch.tensor(tokenizer.encode(e["text"])) for e in dev_entries]  # (U_b,) each
+T_dev = torch.tensor([len(x) for x in X_dev])  # (N,)
+U_dev = torch.tensor([len(y) for y in Y_dev])  # (N,)
+hours = sum(e["duration"] for e in train_entries) / 3600
+print(f"train: {len(X_train)} utterances, {hours:.2f} h, {sum(len(x) for x in X_train):,} frames, "
+      f"{sum(len(y) for y in Y_train):,} tokens")
+print(f"dev: {len(X_dev)} utterances, tokens per utterance {U_dev.min()}-{U_dev.max()}, "
+      f"tokens per frame mean {(U_dev / T_dev).mean():.2f}, max {(U_dev / T_dev).max():.2f}")
+
+# %% [markdown]
+# Two helpers: the weights $\alpha$ of the dev set (in evaluation mode, batches of 50),
+# whose sums are the predicted lengths, and their error statistics against the true token counts:
+# the mean error (the bias), the mean absolute error (what the quantity loss
+# minimises), the same relative to the length, and how often the count of inference,
+# $\lfloor \sum_t \alpha_t + 0.45 \rfloor$, is exactly right.
+
+# %%
+def predict_alphas(encoder, predictor, X, batch_size=50):
+    """The weights alpha (N, T_max) of N feature matrices (T_b, 560), in evaluation mode; 0 on padding."""
+    encoder.eval(), predictor.eval()
+    T_max, chunks = max(len(x) for x in X), []
+    with torch.no_grad():
+        for i in range(0, len(X), batch_size):
+            x, lengths = pad_sequences(X[i:i + batch_size])  # (B, T, 560), (B,)
+            h, h_lengths = encoder(x, lengths)  # (B, T, D), (B,)
+            alphas = predictor.weights(h, h_lengths)  # (B, T)
+            chunks.append(F.pad(alphas, (0, T_max - alphas.size(1))))  # (B, T_max)
+    return torch.cat(chunks)  # (N, T_max)
+
+
+def length_errors(predicted, true):
+    """Statistics of predicted lengths (N,) against true token counts (N,)."""
+    error = predicted.double() - true  # (N,)
+    count = torch.floor(predicted.double() + 0.45)  # (N,): the count at inference (tail rule)
+    return {"mean error": error.mean().item(), "mean abs error": error.abs().mean().item(),
+            "relative abs error": (error.abs() / true).mean().item(),
+            "exact count": (count == true).double().mean().item()}
+
+# %% [markdown]
+# The model: an encoder of 4 layers of width 144 (chapter 4's SAN-M layers; about half
+# the cost per step of the book's default), its CTC head and the predictor. Before any
+# training we record its predicted lengths, and a baseline that knows only the average
+# rate: the training set's tokens per frame times each utterance's number of frames.
+# A predictor has to beat that baseline to have learned anything about the utterance
+# in front of it.
+
+# %%
+torch.manual_seed(0)
+config = EncoderConfig(d_model=144, d_ffn=576, n_layers=4)
+encoder = SANMEncoder(config)
+ctc_head = CTCHead(config.d_model, tokenizer.vocab_size, blank=tokenizer.blank_id)
+predictor = CifPredictor(config.d_model)
+n_parameters = sum(p.numel() for m in (encoder, ctc_head, predictor) for p in m.parameters())
+print(f"parameters: {n_parameters:,} (predictor {sum(p.numel() for p in predictor.parameters()):,})")
+
+alphas_before = predict_alphas(encoder, predictor, X_dev)  # (N, T_max)
+lengths_before = alphas_before.sum(1)  # (N,)
+rate = sum(len(y) for y in Y_train) / sum(len(x) for x in X_train)  # tokens per frame in training
+lengths_baseline = rate * T_dev  # (N,)
+print(f"untrained: mean alpha {(lengths_before / T_dev).mean():.2f} per frame; "
+      f"training set: {rate:.2f} tokens per frame")
+
+# %% [markdown]
+# **Training.** Adam with a peak learning rate of $2 \cdot 10^{-3}$, warmed up over 50
+# steps and decayed linearly to 0 at step 500, gradients clipped at norm 5, batches of
+# at most 1,200 padded frames (about 20 utterances) from chapter 1's
+# `BucketBatchSampler` in a seeded order. Each step runs the predictor as in training,
+# with the target lengths (the embeddings are what chapter 6's decoder will read; here
+# nothing reads them). The printed losses and times depend on the machine (floating-point
+# rounding, amplified over 500 steps), so the output of this cell and the next are not
+# checked; their assertions are.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+steps, peak_lr, warmup = 500, 2e-3, 50
+parameters = [*encoder.parameters(), *ctc_head.parameters(), *predictor.parameters()]
+optimizer = torch.optim.Adam(parameters, lr=peak_lr)
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1 - s / steps))
+sampler = BucketBatchSampler([len(x) for x in X_train], max_frames=1200, seed=0)
+encoder.train(), predictor.train()
+step, epoch, start = 0, 0, time.perf_counter()
+while step < steps:
+    sampler.set_epoch(epoch)
+    for batch in sampler:
+        if step == steps:
+            break
+        x, x_lengths = pad_sequences([X_train[i] for i in batch])  # (B, T, 560), (B,)
+        y, y_lengths = pad_sequences([Y_train[i] for i in batch], tokenizer.pad_id)  # (B, U), (B,)
+        h, h_lengths = encoder(x, x_lengths)  # (B, T, D), (B,)
+        loss_ctc = ctc_head.loss(h, h_lengths, y, y_lengths)
+        out = predictor(h, h_lengths, target_lengths=y_lengths)  # embeds (B, U, D), alphas (B, T)
+        loss_mae = quantity_loss(out.alphas, y_lengths)
+        optimizer.zero_grad()
+        (loss_ctc + loss_mae).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step:>3} (epoch {epoch}): CTC {loss_ctc.item():.2f}, quantity {loss_mae.item():.2f}, "
+                  f"{time.perf_counter() - start:.0f} s")
+    epoch += 1
+alphas_after = predict_alphas(encoder, predictor, X_dev)  # (N, T_max)
+lengths_after = alphas_after.sum(1)  # (N,)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+rows = {"untrained": length_errors(lengths_before, U_dev),
+        "average rate (baseline)": length_errors(lengths_baseline, U_dev),
+        "trained (500 steps)": length_errors(lengths_after, U_dev)}
+print(f"{len(U_dev)} dev utterances, {U_dev.double().mean():.1f} tokens on average")
+print(f"{'predicted length':<25}{'mean error':>11}{'mean abs error':>16}{'relative':>10}{'exact count':>13}")
+for name, r in rows.items():
+    print(f"{name:<25}{r['mean error']:>+11.2f}{r['mean abs error']:>16.2f}{r['relative abs error']:>10.1%}"
+          f"{r['exact count']:>13.1%}")
+before, baseline, after = (rows[k]["mean abs error"] for k in rows)
+print(f"mean abs error: trained / untrained {after / before:.2f}, trained / baseline {after / baseline:.2f}")
+assert after < 0.7 * before and after < 0.85 * baseline and abs(rows["trained (500 steps)"]["mean error"]) < 1.5
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=90, sharex=True, sharey=True, layout="constrained")
+top = int(U_dev.max()) + 5
+for ax, predicted, title in [(axes[0], lengths_before, "untrained"), (axes[1], lengths_after, "trained, 500 steps")]:
+    ax.plot(U_dev, lengths_baseline, ".", color="0.7", label="average rate x frames (baseline)")
+    ax.plot(U_dev, predicted, ".", color="C0", label=r"predictor, $\sum_t \alpha_t$")
+    ax.plot([0, top], [0, top], "k:", lw=1)
+    ax.set(title=f"{title}: mean abs error {length_errors(predicted, U_dev)['mean abs error']:.1f}",
+           xlabel="true number of tokens |y|", xlim=(0, top), ylim=(0, top))
+axes[0].set_ylabel("predicted length")
+axes[0].legend(fontsize=8, loc="upper left")
+plt.show()
+
+# %% [markdown]
+# Read the table with the baseline in mind. The untrained predictor's weights are
+# sigmoids near 0.45, close to this corpus's rate of about 0.5 BPE tokens per frame by
+# luck of the initialisation; its error (about 4.5 tokens, 15% of the length) is
+# mostly that bias. The average-rate baseline removes the bias and still misses by
+# about 3.5 tokens: utterances are spoken at different rates (130-190 words per minute)
+# and their words split into different numbers of BPE tokens. After about a minute and
+# a half of training the predictor has fixed its bias and gets under the baseline
+# (about 2.5 tokens, 10%): it has begun to hear how much text there is, not only how
+# long the audio lasts. It is still far from the exact count that a decoder needs
+# (the last column: right in only a small share of the utterances). In our prototype the quantity loss reached
+# 0.84 tokens only after 20 minutes of full Paraformer training: the count learns slowly,
+# and its errors become whole inserted or deleted tokens.
+#
+# **Timestamps on known audio.** espeak reports when each word starts, so the corpus
+# carries true word times (chapter 1). Word-initial BPE tokens (those starting with
+# `▁`) should start with their word. Forcing the true count (training mode, so that the
+# tokens line up with the transcript), we compare the starts that `cif_timestamps`
+# gives with espeak's, for the trained weights and for weights spread evenly over the
+# frames:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from paraformer_edu.tokenizer import WORD_BOUNDARY
+
+
+def word_start_errors(alphas, lengths):
+    """|start - espeak's start| (s) of every dev word whose tokens line up, from CIF fire frames."""
+    _, n, fires = cif(alphas.new_zeros(*alphas.shape, 1), alphas, lengths, target_lengths=U_dev)  # (N,), (N, U)
+    errors = []
+    for entry, y, stamps in zip(dev_entries, Y_dev, cif_timestamps(fires, n, lengths)):
+        starts = [start for (start, _), t in zip(stamps, y.tolist()) if tokenizer.tokens[t].startswith(WORD_BOUNDARY)]
+        words = [start for _, start in entry["words"]]
+        if len(starts) == len(words):
+            errors += [abs(a - b) for a, b in zip(starts, words)]
+    return torch.tensor(errors)  # (W,)
+
+
+valid_dev = (torch.arange(alphas_after.size(1)) < T_dev[:, None]).float()  # (N, T_max)
+trained_errors = word_start_errors(alphas_after, T_dev)  # (W,)
+even_errors = word_start_errors(valid_dev, T_dev)  # (W,)
+print(f"{len(trained_errors):,} words: start time off by {1000 * trained_errors.mean():.0f} ms on average "
+      f"(trained weights), {1000 * even_errors.mean():.0f} ms (even weights)")
+assert len(trained_errors) > 1000 and trained_errors.mean() < 0.2
+
+# %% [markdown]
+# Both are off by about two frames (120 ms), the trained weights hardly better than
+# even ones.
+# The quantity loss tells the predictor how *many* tokens, never *where* (its gradient
+# is the same at every frame), so after this training the weights are nearly flat.
+# The figure shows one dev utterance: the weights rise and fall a little, the fires
+# march along at an almost even pace. Where the tokens go is learned from the decoder's
+# loss, which needs the right token in the right embedding: chapter 6.
+
+# %%
+i = 0
+entry, T_i = dev_entries[i], int(T_dev[i])
+_, n_i, fires_i = cif(torch.zeros(1, T_i, 1), alphas_after[i:i + 1, :T_i], T_dev[i:i + 1], tail_threshold=0.45)
+seconds = torch.arange(T_i) * 0.06  # (T,)
+fig, ax = plt.subplots(figsize=(10, 3), dpi=90, layout="constrained")
+ax.bar(seconds + 0.03, alphas_after[i, :T_i], width=0.05, color="C0", label=r"$\alpha_t$ (trained)")
+ax.plot(0.06 * fires_i[0, :n_i[0]] + 0.03, [1.02] * int(n_i[0]), "rv", markersize=5, label="fire")
+for word, start in entry["words"]:
+    ax.axvline(start, color="0.4", ls=":", lw=1)
+    ax.text(start + 0.01, 1.1, word, fontsize=8, rotation=30)
+ax.set(xlabel="time (s); dotted: espeak's word starts", ylim=(0, 1.35), xlim=(0, T_i * 0.06),
+       title=f"{n_i[0].item()} tokens predicted, {len(Y_dev[i])} in the transcript")
+ax.legend(fontsize=8, loc="lower right")
+plt.show()
 
 # %% [markdown]
 # ## How fast?
@@ -815,7 +1052,6 @@ def time_cif(fn, B, T, D=192, training=False):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-torch.set_num_threads(2)
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 sizes = [(1, 100), (16, 500)]
 fns = {"loop": cif_loop, "vectorised": cif, "torch-cif": cif_torch_cif}
@@ -872,6 +1108,12 @@ plt.show()
 #   out. **Inference**: FunASR's tail frame ($\tau = 0.45$), so
 #   $\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$ for $\beta = 1$.
 # - `cif_timestamps` turns fire frames into token times, 60 ms per frame.
+# - On real speech, a small encoder with CTC and the predictor, trained for about a
+#   minute and a half on 1,000 utterances, brings the length error of the dev set under
+#   that of the average rate (about 2.5 tokens against 3.5; 4.5 untrained). The weights
+#   stay nearly flat: the quantity loss teaches how many tokens, not where, and the
+#   timestamps are no better than even spacing until the decoder's loss (chapter 6)
+#   shapes them.
 #
 # In `paraformer_edu.predictor`: `CifPredictor`, `CifOutput`, `cif`, `cif_count`,
 # `cif_loop`, `integrate_and_fire`, `quantity_loss`, `cif_timestamps`. Chapter 6 feeds

@@ -40,7 +40,8 @@ def _pad_tokens(tokens: list, h: torch.Tensor):
     embeds = torch.stack([F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
                           for e, _ in tokens]) if tokens else h.new_zeros(0, N, h.size(2))  # (B, N, D)
     fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(len(tokens), N)
-    return embeds, torch.tensor([len(e) for e, _ in tokens], dtype=torch.long), fires.to(h.device)
+    counts = torch.tensor([len(e) for e, _ in tokens], dtype=torch.long, device=h.device)  # (B,)
+    return embeds, counts, fires.to(h.device)
 
 
 def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
