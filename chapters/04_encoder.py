@@ -768,10 +768,11 @@ for text, n, u in zip(batch["texts"], X_lengths.tolist(), Y_lengths.tolist()):
 
 # %% [markdown]
 # The encoder of the previous section (untrained, evaluation mode) reads the batch. The
-# padded-batch property holds on real features too, and the figure shows the second
-# utterance's input and output on the batch's time axis: 560 feature rows (the seven
-# stacked 80-bin fbank frames show as seven bands), $D = 192$ output rows, and zeros
-# in the padding after its last frame.
+# padded-batch property holds on real features too. The figure shows the first
+# utterance's input and output on the batch's time axis: 560 feature rows (seven stacked
+# 80-bin fbank frames, ticks every 80: each black block, one slot tall, is a single
+# 10 ms frame of espeak's digital silence inside a stack), the $D = 192$ rows of the untrained encoder's output, which shows little
+# structure yet, and zeros in the padding after the utterance's last frame.
 
 # %%
 with torch.no_grad():
@@ -782,7 +783,7 @@ print("h", tuple(H.shape), "lengths", H_lengths.tolist())
 print(f"real batch vs one utterance at a time: max abs diff {diff:.0e}")
 assert diff < 1e-4 and torch.equal(H_lengths, X_lengths)
 
-b = 1
+b = 0
 fig, axes = plt.subplots(2, 1, figsize=(9, 5), dpi=90, sharex=True, layout="constrained",
                          gridspec_kw={"height_ratios": [3, 1.4]})
 for ax, data, title in [(axes[0], X[b], "input: LFR + CMVN features (560)"), (axes[1], H[b], "encoder output h (192)")]:

@@ -786,10 +786,9 @@ assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
 # \mathcal{L} = \mathcal{L}_{\mathrm{CTC}} + \mathcal{L}_{\mathrm{MAE}}
 # $$
 #
-# (Paraformer adds the decoder's cross-entropy, chapter 6). The budget is about a
-# minute and a half of a 2-core CPU, so the data is small: the first 1,000 training
-# utterances (an hour of speech) and the 300 dev utterances for the
-# evaluation, tokenised with chapter 2's BPE (200 tokens). `Frontend.fit` measures
+# (Paraformer adds the decoder's cross-entropy, chapter 6). The budget is a minute or so
+# of a 2-core CPU, so the data is small: the first 1,000 training utterances (an hour
+# of speech) and the 300 dev utterances for the evaluation, tokenised with chapter 2's BPE (200 tokens). `Frontend.fit` measures
 # the CMVN statistics on exactly those 1,000 utterances, so we compute their fbank + LFR
 # features once, fit the CMVN on them, and normalise: the same features as
 # `Frontend.fit(manifests["train"])` would give, at half the cost.
@@ -849,7 +848,7 @@ def length_errors(predicted, true):
             "exact count": (count == true).double().mean().item()}
 
 # %% [markdown]
-# The model: an encoder of 4 layers of width 144 (chapter 4's SAN-M layers; about half
+# The model: an encoder of 4 layers of width 144 (chapter 4's SAN-M layers; less than half
 # the cost per step of the book's default), its CTC head and the predictor. Before any
 # training we record its predicted lengths, and a baseline that knows only the average
 # rate: the training set's tokens per frame times each utterance's number of frames.
@@ -948,8 +947,8 @@ plt.show()
 # luck of the initialisation; its error (about 4.5 tokens, 15% of the length) is
 # mostly that bias. The average-rate baseline removes the bias and still misses by
 # about 3.5 tokens: utterances are spoken at different rates (130-190 words per minute)
-# and their words split into different numbers of BPE tokens. After about a minute and
-# a half of training the predictor has fixed its bias and gets under the baseline
+# and their words split into different numbers of BPE tokens. After a minute or so of
+# training the predictor has fixed its bias and gets under the baseline
 # (about 2.5 tokens, 10%): it has begun to hear how much text there is, not only how
 # long the audio lasts. It is still far from the exact count that a decoder needs
 # (the last column: right in only a small share of the utterances). In our prototype the quantity loss reached
@@ -1108,8 +1107,8 @@ plt.show()
 #   out. **Inference**: FunASR's tail frame ($\tau = 0.45$), so
 #   $\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$ for $\beta = 1$.
 # - `cif_timestamps` turns fire frames into token times, 60 ms per frame.
-# - On real speech, a small encoder with CTC and the predictor, trained for about a
-#   minute and a half on 1,000 utterances, brings the length error of the dev set under
+# - On real speech, a small encoder with CTC and the predictor, trained for a minute
+#   or so on 1,000 utterances, brings the length error of the dev set under
 #   that of the average rate (about 2.5 tokens against 3.5; 4.5 untrained). The weights
 #   stay nearly flat: the quantity loss teaches how many tokens, not where, and the
 #   timestamps are no better than even spacing until the decoder's loss (chapter 6)

@@ -304,3 +304,31 @@ def test_timestamps_need_fire_frames_not_weights():
     assert cif_timestamps(f, n, torch.tensor([10])) == [[(0.0, 0.18), (0.18, 0.48)]]
     with pytest.raises(TypeError):  # FunASR once passed the weights where the fire frames belong
         cif_timestamps(alphas, n, torch.tensor([10]))
+
+
+def test_predictor_learns_a_length_with_the_quantity_loss():
+    """Frames marked by channel 0 carry one token each; the quantity loss alone teaches the count."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    B, T, D = 32, 40, 8
+    h = torch.randn(B, T, D, generator=g)
+    marked = torch.rand(B, T, generator=g) < 0.3  # (B, T): the frames that carry a token
+    h[..., 0] = marked.float() * 3.0
+    lengths = torch.randint(20, T + 1, (B,), generator=g)
+    valid = torch.arange(T) < lengths[:, None]
+    targets = (marked & valid).sum(1)  # (B,): tokens per utterance
+    predictor = CifPredictor(d_model=D)
+    optimizer = torch.optim.Adam(predictor.parameters(), lr=1e-2)
+    errors = []
+    for _ in range(300):
+        out = predictor(h, lengths, targets)
+        loss = quantity_loss(out.alphas, targets)
+        errors.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(out.token_lengths, targets)  # training mode: exactly |y| tokens
+    assert errors[-1] < errors[0] / 5 and errors[-1] < 1.0
+    with torch.no_grad():
+        predicted = predictor(h, lengths).token_lengths  # inference: the tail rule
+    assert (predicted - targets).abs().float().mean() < 1.0
