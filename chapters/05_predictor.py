@@ -600,7 +600,8 @@ assert diff < 1e-6 and (out.alphas[1, 31:] == 0).all()
 g = torch.Generator().manual_seed(0)
 alphas_many = torch.rand(1000, 300, generator=g) * 0.8  # (B, T)
 targets_many = torch.randint(20, 120, (1000,), generator=g)  # (B,)
-scaled = alphas_many * (targets_many / alphas_many.sum(1))[:, None]  # (B, T), float32
+scale = (targets_many / alphas_many.double().sum(1)).float()  # (B,): exact sum, then float32
+scaled = alphas_many * scale[:, None]  # (B, T), float32
 _, n_naive = cif_count(scaled)  # counts a CIF without target would produce
 print(f"scaled in float32, then counted: {(n_naive < targets_many).float().mean():.1%} of 1000 utterances "
       f"fire one token too few")

@@ -834,9 +834,13 @@ seconds = time.perf_counter() - start
 print(f"{len(history)} steps in {seconds:.0f} s")
 
 # %% [markdown]
-# The losses at a few steps (the value before the step is taken), and the curve:
+# The losses at a few steps (the value before the step is taken), and the curve. Fifty
+# steps of training amplify the last-digit differences between CPUs' float kernels, so
+# the values printed after training are not compared when the chapter is re-run
+# (`NBVAL_IGNORE_OUTPUT`); the assertions check the claims instead.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 for step in (0, 9, 19, 29, 49):
     row = history[step]
     print(f"step {step + 1:>2}: loss {row['loss']:6.2f} | CE {row['loss_ce']:5.2f} | quantity {row['loss_quantity']:5.2f} "
@@ -875,6 +879,7 @@ plt.show()
 # prove nothing about new ones; that is the next chapter's job.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 references = [tokenizer.decode(tokenizer.encode(batch["texts"][i])) for i in few.tolist()]
 recognised = learner.transcribe(small[0], small[1], tokenizer)
 char_errors = sum(edit_distance(list(hyp), list(ref)) for hyp, ref in zip(recognised, references))
@@ -998,6 +1003,7 @@ assert rules["floor (FunASR)"][:3].tolist() == [0, 0, 0] and (rules["ceil"][1:] 
 #    last, and apply it to a hypothesis of the overfitted model.
 
 # %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
 def word_timestamps(hyp, tokenizer):
     """(word, start, end) for each word of a hypothesis, from its token timestamps."""
     words = []

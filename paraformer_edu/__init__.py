@@ -8,24 +8,27 @@ file, hand-written, gathers the public API:
 - `tokenizer` (chapter 2): text normalisation, character and BPE tokenizers;
 - `attention` (chapter 3): scaled dot-product and multi-head attention, masks;
 - `encoder` (chapter 4): the SAN-M encoder, CTC;
-- `predictor` (chapter 5): continuous integrate-and-fire (CIF).
+- `predictor` (chapter 5): continuous integrate-and-fire (CIF);
+- `decoder`, `model` (chapter 6): the parallel decoder, the GLM sampler, the whole Paraformer.
 """
 
 __version__ = "0.1.0"
 
-from . import attention, data, encoder, features, predictor, tokenizer
+from . import attention, data, decoder, encoder, features, model, predictor, tokenizer
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .data import (AudioError, BucketBatchSampler, SpeechDataset, build_corpus, collate, corpus_config,
                    load_audio, read_manifest, synthesize)
+from .decoder import ParaformerDecoder, glm_sample
 from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc_loss
 from .features import CMVN, Frontend, SpecAugment, fbank, lfr
+from .model import Hypothesis, Paraformer, ParaformerConfig
 from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, normalize_text
 
 __all__ = [
     "__version__",
     # modules
-    "data", "features", "tokenizer", "attention", "encoder", "predictor",
+    "data", "features", "tokenizer", "attention", "encoder", "predictor", "decoder", "model",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
@@ -37,4 +40,6 @@ __all__ = [
     "EncoderConfig", "SANMEncoder", "CTCHead", "ctc_loss", "ctc_greedy_decode",
     # chapter 5
     "CifPredictor", "cif", "cif_timestamps", "quantity_loss",
+    # chapter 6
+    "ParaformerDecoder", "glm_sample", "ParaformerConfig", "Paraformer", "Hypothesis",
 ]
