@@ -143,6 +143,8 @@ def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
         wave = wave.float()
         if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:  # (T, C) -> (C, T)
             wave = wave.T
+        if wave.numel() == 0:
+            raise AudioError("the audio is empty (0 samples): nothing to transcribe")
         wave = wave.reshape(-1, wave.shape[-1]) if wave.dim() > 0 else wave.reshape(1, 1)  # (C, T)
     if wave.shape[-1] == 0:
         raise AudioError("the audio is empty (0 samples): nothing to transcribe")

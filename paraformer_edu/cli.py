@@ -1,0 +1,126 @@
+"""The command line: `python -m paraformer_edu train | evaluate | transcribe`.
+
+Hand-written (not generated): a thin layer over what chapter 7 builds
+(`paraformer_edu.training`, `paraformer_edu.checkpoint`, `paraformer_edu.metrics`).
+
+    python -m paraformer_edu train --config configs/paraformer.yaml [--override training.lr=3e-4 ...]
+                                   [--out runs/NAME] [--resume runs/NAME/latest.pt]
+    python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
+    python -m paraformer_edu transcribe --checkpoint CKPT a.wav b.wav ... [--list files.txt] [--timestamps]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from paraformer_edu.data import AudioError, read_manifest
+
+
+def _train(args) -> int:
+    """Train from a config file (or resume a run) until its budget is spent."""
+    from paraformer_edu.config import load_config
+    from paraformer_edu.training import Trainer
+
+    if args.resume:
+        config = load_config(args.config, args.override) if args.config else None
+        trainer = Trainer.resume(args.resume, args.out, config)
+        print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
+    else:
+        config = load_config(args.config, args.override)
+        out = Path(args.out or Path("runs") / Path(args.config or "default").stem)
+        if (out / "latest.pt").exists():
+            print(f"{out} already holds a run: resume it with --resume {out / 'latest.pt'}, "
+                  f"or choose another --out", file=sys.stderr)
+            return 2
+        trainer = Trainer(config, out)
+    trainer.train(progress=sys.stderr.isatty())
+    last = [row for row in trainer.log if "dev_cer" in row][-1]
+    print(json.dumps({"step": trainer.step, "train_seconds": round(trainer.train_seconds, 1),
+                      "dev_cer": last["dev_cer"], "dev_wer": last["dev_wer"], "out": str(trainer.out_dir)}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    """Per manifest: CER, WER, sentence accuracy and real-time factor; last line one JSON object."""
+    from paraformer_edu.checkpoint import load_model
+    from paraformer_edu.metrics import cer, sentence_accuracy, wer
+    from paraformer_edu.tokenizer import normalize_text
+
+    recognizer = load_model(args.checkpoint, args.device)
+    references, hypotheses, total_audio, total_seconds = [], [], 0.0, 0.0
+    for manifest in args.manifest:
+        entries = read_manifest(manifest)
+        start = time.perf_counter()
+        features = [recognizer.features(e["audio_filepath"]) for e in entries]
+        hyps = [t.text for t in recognizer.recognize_features(features, args.max_frames)]
+        seconds = time.perf_counter() - start
+        refs = [normalize_text(e["text"]) for e in entries]
+        audio = sum(e["duration"] for e in entries)
+        print(f"{manifest}: {len(entries)} utterances, CER {cer(refs, hyps):.2%}, WER {wer(refs, hyps):.2%}, "
+              f"sentences right {sentence_accuracy(refs, hyps):.1%}, RTF {seconds / audio:.4f}")
+        references += refs
+        hypotheses += hyps
+        total_audio, total_seconds = total_audio + audio, total_seconds + seconds
+    print(json.dumps({"cer": cer(references, hypotheses), "wer": wer(references, hypotheses),
+                      "sentence_accuracy": sentence_accuracy(references, hypotheses),
+                      "utterances": len(references), "rtf": total_seconds / total_audio}))
+    return 0
+
+
+def _transcribe(args) -> int:
+    """One line per file: the path, a tab, the text (and the token timestamps with --timestamps)."""
+    from paraformer_edu.checkpoint import load_model
+
+    paths = list(args.audio)
+    if args.list:
+        paths += [line.strip() for line in Path(args.list).read_text().splitlines() if line.strip()]
+    if not paths:
+        print("no audio given: name files, or --list FILE with one path a line", file=sys.stderr)
+        return 2
+    recognizer = load_model(args.checkpoint, args.device)
+    failed = 0
+    features, usable = [], []
+    for path in paths:
+        try:
+            features.append(recognizer.features(path))
+            usable.append(path)
+        except AudioError as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            failed += 1
+    for path, transcript in zip(usable, recognizer.recognize_features(features, args.max_frames)):
+        line = f"{path}\t{transcript.text}"
+        if args.timestamps:
+            line += "\t" + json.dumps([[tok, s, e] for tok, (s, e) in zip(transcript.tokens, transcript.timestamps)])
+        print(line)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one command."""
+    parser = argparse.ArgumentParser(prog="python -m paraformer_edu", description="Paraformer from scratch")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model from a YAML config (or resume a run)")
+    train.add_argument("--config", help="YAML recipe, e.g. configs/paraformer.yaml")
+    train.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. training.lr=3e-4")
+    train.add_argument("--resume", metavar="CKPT", help="a latest.pt written by an earlier run")
+    train.add_argument("--out", help="output folder (default runs/<config name>)")
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on manifests")
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files")
+    for sub in (evaluate, transcribe):
+        sub.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, or the book's model)")
+        sub.add_argument("--device", default="cpu")
+        sub.add_argument("--max-frames", type=int, default=8000, help="padded frames per decoding batch")
+    evaluate.add_argument("--manifest", required=True, action="append", help="JSON-lines manifest (repeatable)")
+    transcribe.add_argument("audio", nargs="*", help="audio files (WAV, FLAC, OGG; any rate, mono or stereo)")
+    transcribe.add_argument("--list", help="a text file with one audio path a line")
+    transcribe.add_argument("--timestamps", action="store_true", help="add each token's start and end seconds")
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _train, "evaluate": _evaluate, "transcribe": _transcribe}[args.command](args)
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError, AudioError, config errors
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,328 @@
+"""Chapter 7: metrics against jiwer and torchaudio, configuration, checkpoints, exact resume, the recognizer, the CLI."""
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+import paraformer_edu
+from paraformer_edu.checkpoint import (CheckpointError, Recognizer, load_checkpoint, load_model, model_from_checkpoint,
+                                       save_checkpoint)
+from paraformer_edu.config import Config, apply_override, config_to_dict, load_config, save_config
+from paraformer_edu.data import AudioError, build_corpus, corpus_config, read_manifest
+from paraformer_edu.metrics import align, cer, edit_distance, sentence_accuracy, wer
+from paraformer_edu.training import FeatureDataset, Trainer, cached_features, fit_frontend, warmup_lr
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "paraformer.yaml"
+BOOK_MODEL = ROOT / "models" / "paraformer-book"
+TINY = ["data.corpus=tiny", "model.vocab_size=60", "model.encoder.n_layers=2", "model.encoder.d_model=64",
+        "model.encoder.d_ffn=128", "model.decoder_layers=1", "model.decoder_ffn=128", "data.max_frames=600",
+        "training.eval_utterances=4", "training.eval_every=1000", "training.log_every=2", "training.warmup_steps=2"]
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+def random_pairs(n=200, seed=0):
+    rng = random.Random(seed)
+    words = "a an the cat sat on mat dog ran far away".split()
+    pairs = []
+    for _ in range(n):
+        ref = " ".join(rng.choices(words, k=rng.randint(1, 8)))
+        hyp = " ".join(rng.choices(words, k=rng.randint(0, 8)))
+        pairs.append((ref, hyp))
+    return pairs
+
+
+def test_edit_distance_equals_torchaudio_on_characters_and_words():
+    for ref, hyp in random_pairs():
+        assert edit_distance(ref, hyp) == torchaudio.functional.edit_distance(ref, hyp)
+        assert edit_distance(ref.split(), hyp.split()) == torchaudio.functional.edit_distance(ref.split(), hyp.split())
+
+
+def test_alignment_counts_add_up_to_the_distance():
+    for ref, hyp in random_pairs():
+        counts = align(ref.split(), hyp.split()).counts()
+        assert counts["S"] + counts["D"] + counts["I"] == edit_distance(ref.split(), hyp.split())
+        assert counts["="] + counts["S"] + counts["D"] == len(ref.split())
+        assert counts["="] + counts["S"] + counts["I"] == len(hyp.split())
+
+
+def test_cer_and_wer_equal_jiwer_over_a_corpus():
+    pairs = [(r, h) for r, h in random_pairs() if h]  # jiwer refuses empty hypotheses in some versions
+    refs, hyps = zip(*pairs)
+    assert cer(refs, hyps) == pytest.approx(jiwer.cer(list(refs), list(hyps)), abs=1e-12)
+    assert wer(refs, hyps) == pytest.approx(jiwer.wer(list(refs), list(hyps)), abs=1e-12)
+
+
+def test_error_rates_of_known_cases():
+    assert wer(["the cat sat"], ["a cat sat down"]) == pytest.approx(2 / 3)
+    assert cer(["abc"], [""]) == 1.0 and cer(["abc"], ["abc"]) == 0.0
+    assert wer(["a"], ["b c d"]) == 3.0  # insertions make it exceed 100%
+    assert sentence_accuracy(["a b", "c"], ["a b", "d"]) == 0.5
+    with pytest.raises(ValueError, match="references are empty"):
+        cer([""], ["x"])
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        wer(["a", "b"], ["a"])
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+def test_recipe_loads_and_overrides_apply():
+    config = load_config(RECIPE, ["training.lr=3e-4", "model.encoder.n_layers=4", "data.spec_augment=false"])
+    assert config.training.lr == 3e-4 and config.model.encoder.n_layers == 4 and config.data.spec_augment is False
+    assert load_config(RECIPE).training.lr == 2e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.lrate=1", "unknown setting training.lrate"),
+    ("model.encoder.width=1", "unknown setting model.encoder.width"),
+    ("training.lr=fast", "training.lr must be float"),
+    ("model.encoder.n_layers=4.5", "model.encoder.n_layers must be int"),
+    ("training.max_steps=true", "training.max_steps must be int"),
+    ("training.lr", "not of the form section.key=value"),
+])
+def test_bad_overrides_are_refused_by_name(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(RECIPE, [override])
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = load_config(RECIPE, ["training.seed=7"])
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+    assert apply_override({}, "a.b=1") == {"a": {"b": 1}}
+
+
+def test_warmup_schedule():
+    assert warmup_lr(1, 1e-3, 100) == pytest.approx(1e-5)
+    assert warmup_lr(100, 1e-3, 100) == pytest.approx(1e-3)
+    assert warmup_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+    assert max(warmup_lr(s, 1e-3, 100) for s in range(1, 1000)) == pytest.approx(1e-3)
+
+
+# --- features, trainer, resume --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A trained-for-a-few-steps tiny model and its run folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    trainer = Trainer(load_config(RECIPE, TINY), folder / "run")
+    trainer.train(max_minutes=0, max_steps=6)
+    return trainer
+
+
+def test_cached_features_equal_the_front_end(tiny):
+    manifest = tiny.manifests["dev"]
+    raw = cached_features(manifest, paraformer_edu.Frontend())
+    for entry, x in zip(read_manifest(manifest)[:3], raw):
+        fresh = paraformer_edu.Frontend().raw(paraformer_edu.load_audio(entry["audio_filepath"]))
+        assert x.dtype == torch.float16 and x.shape == fresh.shape
+        assert (x.float() - fresh).abs().max() < 0.02
+    assert fit_frontend(raw).cmvn.mean.shape == (560,)
+
+
+def test_spec_augment_is_a_function_of_seed_epoch_and_utterance(tiny):
+    dataset = tiny.train_set
+    assert not dataset.augment, "the recipe starts SpecAugment only at step 4000"
+    clean = dataset[3]["features"]
+    dataset.augment = True
+    a = dataset[3]["features"]
+    assert not torch.equal(a, clean)
+    epoch = dataset.epoch
+    dataset.epoch = epoch + 1
+    b = dataset[3]["features"]
+    dataset.epoch = epoch
+    assert torch.equal(a, dataset[3]["features"]) and not torch.equal(a, b)
+    dataset.augment = False
+
+
+def test_spec_augment_starts_at_its_step(tmp_path):
+    trainer = Trainer(load_config(RECIPE, TINY + ["data.spec_augment_from=3"]), tmp_path / "run")
+    seen = []
+    batches = trainer.batches()
+    for _ in range(5):
+        next(batches)
+        seen.append(trainer.train_set.augment)
+        trainer.step += 1
+    assert seen == [False, False, False, True, True]
+
+
+def test_training_logs_every_loss_part_and_checkpoints(tiny):
+    rows = [r for r in tiny.log if "loss" in r]
+    assert rows and all(k in rows[0] for k in ("loss", "loss_ce", "loss_ctc", "loss_quantity", "glm_replaced", "lr"))
+    assert any("dev_cer" in r for r in tiny.log)
+    assert (tiny.out_dir / "latest.pt").exists() and (tiny.out_dir / "best.pt").exists()
+    lines = (tiny.out_dir / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == len(tiny.log) and json.loads(lines[-1])["step"] == 6
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    config = load_config(RECIPE, TINY)
+    straight = Trainer(config, tmp_path / "a")
+    straight.train(max_minutes=0, max_steps=7)
+    first = Trainer(config, tmp_path / "b")
+    first.train(max_minutes=0, max_steps=3)
+    resumed = Trainer.resume(tmp_path / "b" / "latest.pt")
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (first.step, first.epoch, first.batch_in_epoch)
+    resumed.train(max_minutes=0, max_steps=7)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda t: [r["loss"] for r in t.log if "loss" in r and r["step"] > 4]  # noqa: E731
+    assert losses(straight) == losses(resumed)
+
+
+def test_resume_refuses_another_model_configuration(tiny):
+    other = load_config(RECIPE, TINY + ["model.encoder.n_layers=3"])
+    with pytest.raises(CheckpointError, match=r"model.encoder: checkpoint .*n_layers.: 2"):
+        Trainer.resume(tiny.out_dir / "latest.pt", config=other)
+    with pytest.raises(ValueError, match="no training state"):
+        Trainer.resume(tiny.out_dir / "best.pt")
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_in_float32_and_float16(tiny, tmp_path):
+    for half in (False, True):
+        path = tmp_path / f"m{half}.pt"
+        save_checkpoint(path, tiny.model, tiny.tokenizer, tiny.frontend, tiny.config, half=half)
+        model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(path))
+        assert config == tiny.config and tokenizer.tokens == tiny.tokenizer.tokens
+        assert torch.equal(frontend.cmvn.mean, tiny.frontend.cmvn.mean)
+        ours, theirs = model.state_dict(), tiny.model.state_dict()
+        worst = max((ours[k] - theirs[k].float()).abs().max().item() for k in ours)
+        assert worst == 0 if not half else worst < 1e-2
+    assert not list(tmp_path.glob("*.partial-*")), "no half-written files are left behind"
+
+
+def test_bad_checkpoints_get_clear_errors(tiny, tmp_path):
+    good = tiny.out_dir / "best.pt"
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    for name in ("cut.pt", "text.pt"):
+        with pytest.raises(CheckpointError, match="not a readable paraformer_edu checkpoint"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="expected a 'paraformer-edu checkpoint 1' file"):
+        load_checkpoint(tmp_path / "other.pt")
+    payload = load_checkpoint(good)
+    payload["model"]["decoder.output.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="do not fit the model its configuration describes"):
+        model_from_checkpoint(payload)
+
+
+# --- the recognizer ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recognizer(tiny):
+    return load_model(tiny.out_dir / "best.pt")
+
+
+def test_transcribe_paths_waveforms_and_lists_alike(recognizer, tiny, tmp_path):
+    entries = read_manifest(tiny.manifests["test"])[:4]
+    paths = [e["audio_filepath"] for e in entries]
+    one_by_one = [recognizer.transcribe(p) for p in paths]
+    assert recognizer.transcribe(paths) == one_by_one  # batched equals unbatched
+    wave = paraformer_edu.load_audio(paths[0])
+    assert recognizer.transcribe(wave, sample_rate=16000) == one_by_one[0]
+    assert recognizer.transcribe(wave.numpy(), sample_rate=16000) == one_by_one[0]
+    t = recognizer.transcribe(paths[0], timestamps=True)
+    assert t.text == one_by_one[0] and len(t.tokens) == len(t.timestamps)
+    assert all(0 <= s <= e for s, e in t.timestamps)
+
+
+def test_transcribe_converts_rate_and_channels(recognizer, tiny, tmp_path):
+    path = read_manifest(tiny.manifests["test"])[0]["audio_filepath"]
+    wave = paraformer_edu.load_audio(path)
+    stereo_44k = torchaudio.functional.resample(wave, 16000, 44100)
+    sf.write(tmp_path / "s.wav", torch.stack([stereo_44k, stereo_44k], 1).numpy(), 44100)
+    text = recognizer.transcribe(tmp_path / "s.wav")
+    assert isinstance(text, str)  # converted, not refused; the words may differ slightly after resampling
+
+
+def test_silence_gives_empty_text_and_bad_audio_a_clear_error(recognizer, tmp_path):
+    assert recognizer.transcribe(torch.zeros(32000), sample_rate=16000) == ""
+    assert recognizer.transcribe([torch.zeros(16000), torch.zeros(8000)], sample_rate=16000) == ["", ""]
+    with pytest.raises(AudioError, match="ms long"):
+        recognizer.transcribe(torch.zeros(100), sample_rate=16000)
+    with pytest.raises(AudioError, match="empty"):
+        recognizer.transcribe(np.zeros(0, dtype=np.float32), sample_rate=16000)
+    with pytest.raises(AudioError, match="without its sample rate"):
+        recognizer.transcribe(torch.zeros(16000))
+    (tmp_path / "x.wav").write_text("not audio")
+    with pytest.raises(AudioError, match="not a readable audio file"):
+        recognizer.transcribe(tmp_path / "x.wav")
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "paraformer_edu", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_cli_transcribe_prints_path_tab_text(tiny, recognizer, tmp_path):
+    paths = [e["audio_filepath"] for e in read_manifest(tiny.manifests["test"])[:2]]
+    (tmp_path / "list.txt").write_text(paths[1] + "\n")
+    done = run_cli("transcribe", "--checkpoint", tiny.out_dir / "best.pt", paths[0], "--list", tmp_path / "list.txt")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    assert [line.split("\t")[1] for line in lines] == recognizer.transcribe(paths)
+    bad = run_cli("transcribe", "--checkpoint", tiny.out_dir / "best.pt", tmp_path / "missing.wav", paths[0])
+    assert bad.returncode == 1 and "no such file" in bad.stderr and bad.stdout.startswith(paths[0])
+
+
+def test_cli_evaluate_ends_with_one_json_line(tiny):
+    done = run_cli("evaluate", "--checkpoint", tiny.out_dir / "best.pt", "--manifest", tiny.manifests["test"])
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert {"cer", "wer", "utterances", "rtf"} <= final.keys() and final["utterances"] == 8
+    assert 0 < final["rtf"] < 1
+
+
+def test_cli_reports_bad_checkpoints_and_configs_without_a_traceback(tmp_path):
+    (tmp_path / "bad.pt").write_text("x")
+    done = run_cli("transcribe", "--checkpoint", tmp_path / "bad.pt", "a.wav")
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+    done = run_cli("train", "--config", RECIPE, "--override", "training.lrate=1", "--out", tmp_path / "r")
+    assert done.returncode == 2 and "unknown setting training.lrate" in done.stderr
+
+
+def test_cli_train_and_resume(tmp_path):
+    args = ["--config", RECIPE, "--out", tmp_path / "run", "--override", *TINY, "training.max_minutes=0",
+            "training.max_steps=2"]
+    done = run_cli("train", *args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["step"] == 2
+    again = run_cli("train", *args)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_cli("train", "--resume", tmp_path / "run" / "latest.pt", "--config", RECIPE, "--override", *TINY,
+                      "training.max_minutes=0", "training.max_steps=4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["step"] == 4
+
+
+# --- the book's committed model ------------------------------------------------------------------------------
+
+def test_book_model_is_small_and_reaches_its_recorded_dev_cer():
+    assert (BOOK_MODEL / "model.pt").stat().st_size < 20 * 2**20
+    recorded = json.loads((BOOK_MODEL / "metrics.json").read_text())
+    book = load_model(BOOK_MODEL / "model.pt")
+    manifests = build_corpus(corpus_config(book.config.data.corpus))
+    from paraformer_edu.training import evaluate
+
+    scores = evaluate(book.model, FeatureDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)
+    assert abs(scores["cer"] - recorded["dev"]["cer"]) < 0.005
+    assert scores["cer"] < 0.5, "the committed model transcribes"

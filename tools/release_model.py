@@ -1,0 +1,68 @@
+"""Release a trained checkpoint as the book's model: float16 weights, config, vocabulary, log, metrics.
+
+    python tools/release_model.py runs/book/best.pt models/paraformer-book [--log runs/book/train_log.jsonl]
+
+Writes into the folder:
+- model.pt        one file for `paraformer_edu.load_model`: float16 weights, configuration,
+                  vocabulary and CMVN statistics (loaded with weights_only=True);
+- config.yaml     the training configuration, as `--config` reads it;
+- vocab.txt       the tokenizer's vocabulary file (chapter 2's format);
+- train_log.jsonl the training log (one JSON object per logged step or dev evaluation);
+- metrics.json    CER/WER/sentence accuracy on dev, test and test-voices, measured now from
+                  model.pt itself, with parameters, steps and training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from paraformer_edu.config import save_config
+from paraformer_edu.data import build_corpus, corpus_config
+from paraformer_edu.training import FeatureDataset, evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert, copy and measure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--log", type=Path, help="training log (default: train_log.jsonl beside the checkpoint)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    payload = load_checkpoint(args.checkpoint)
+    model, tokenizer, frontend, config = model_from_checkpoint(payload)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(args.folder / "model.pt", model, tokenizer, frontend, config, half=True)
+    save_config(config, args.folder / "config.yaml")
+    tokenizer.save(args.folder / "vocab.txt")
+    log_path = args.log or args.checkpoint.parent / "train_log.jsonl"
+    shutil.copyfile(log_path, args.folder / "train_log.jsonl")
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    step = payload.get("step", max(row["step"] for row in log))
+    seconds = max(row["train_seconds"] for row in log if row["step"] <= step)
+    # measure the released file, not the float32 checkpoint: what users load is what is scored
+    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
+    manifests = build_corpus(corpus_config(config.data.corpus))
+    metrics = {"checkpoint": args.checkpoint.name, "steps": step, "train_hours": seconds / 3600,
+               "device": f"{platform.machine()} CPU, 2 threads" if config.training.device != "cuda" else "cuda",
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "size_mb": (args.folder / "model.pt").stat().st_size / 2**20}
+    for split in ("dev", "test", "test-voices"):
+        scores = evaluate(model, FeatureDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
+        metrics[split] = {k: v for k, v in scores.items() if not isinstance(v, list)}
+        print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}", file=sys.stderr)
+    (args.folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
