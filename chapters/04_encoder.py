@@ -388,7 +388,7 @@ def _sinusoidal_positions(length: int, d: int) -> torch.Tensor:
 #| export
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Sizes of the SAN-M encoder; the defaults are the book's model, sized for a 2-core CPU."""
+    """Sizes of the SAN-M encoder; the defaults are sized for a 2-core CPU (chapter 7's recipe sets the book model's)."""
 
     d_input: int = 560  # LFR features: 7 stacked 80-d fbank frames
     d_model: int = 192

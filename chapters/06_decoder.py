@@ -570,10 +570,11 @@ assert diff < 1e-5
 #
 # `ParaformerConfig` gathers every size and weight of the model: chapter 4's encoder
 # configuration, the vocabulary, the decoder's sizes, the predictor's threshold and tail,
-# the loss weights and the GLM ratio. The defaults are the book's model, sized to
-# train on a 2-core CPU: a 6-layer encoder of width 192 and a 2-layer decoder (the
-# prototype behind this book used those sizes; FunASR's AISHELL-1 recipe has a 12-layer
-# encoder and a 6-layer decoder of width 256).
+# the loss weights and the GLM ratio. The defaults are sized to train on a 2-core CPU:
+# a 6-layer encoder of width 192 and a 2-layer decoder (the prototype behind this book
+# used those sizes; FunASR's AISHELL-1 recipe has a 12-layer encoder and a 6-layer
+# decoder of width 256). Chapter 7's training recipe, measured for speed on a CPU,
+# trains a smaller one: 4 layers of width 144.
 #
 # `Paraformer.forward` is the training pass: encoder; CTC loss on its output; predictor
 # with the weights scaled to the target lengths, so that it fires exactly $|y|$ times;
@@ -592,7 +593,7 @@ assert diff < 1e-5
 #| export model
 @dataclass(frozen=True)
 class ParaformerConfig:
-    """Sizes, loss weights and GLM ratio of the whole model; the defaults are the book's model."""
+    """Sizes, loss weights and GLM ratio of the whole model; chapter 7's recipe sets the book model's."""
 
     encoder: EncoderConfig = EncoderConfig()
     vocab_size: int = 200  # chapter 2's BPE tokenizer, special tokens included
@@ -690,7 +691,7 @@ class Paraformer(nn.Module):
 # %% [markdown]
 # ### Parameters
 #
-# Where the 4.3 million parameters of the book's model sit. The encoder holds two
+# Where the 4.3 million parameters of the default model sit. The encoder holds two
 # thirds of them, its first layer alone (which maps the 560-d features to $D = 192$)
 # about a sixth. The decoder's two layers, each with two attentions, hold nearly all
 # the rest; the predictor and the CTC head are small. The target embedding table $E_y$
@@ -923,7 +924,7 @@ assert trained.replaced.sum() == 0 and sample.replaced[few].sum() > 0
 # - `Paraformer` puts it together: `forward` for training (the predictor fires exactly
 #   $|y|$ tokens) returns each loss and statistics; `recognize` for inference (the tail
 #   rule decides the count) returns token ids and timestamps per utterance, the same in a
-#   batch as alone, and an empty result when nothing fires. The book's model has 4.3 M
+#   batch as alone, and an empty result when nothing fires. The default model has 4.3 M
 #   parameters, two thirds of them in the encoder, and learns a small batch by heart in
 #   50 steps.
 #

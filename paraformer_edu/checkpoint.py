@@ -62,11 +62,16 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # torch.save writes a zip archive
+            raise CheckpointError(f"{path}: not a readable paraformer_edu checkpoint (not a PyTorch file at all)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, KeyError...: a damaged or foreign file
-        raise CheckpointError(f"{path}: not a readable paraformer_edu checkpoint ({str(error).splitlines()[0]}); "
-                              "was it truncated, or written by another program?") from None
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, KeyError...: a damaged or unsafe file
+        why = "it holds objects other than tensors, refused for safety" if "Weights only" in str(error) \
+            else "the file is damaged: truncated, or modified after saving"
+        raise CheckpointError(f"{path}: not a readable paraformer_edu checkpoint ({why}); "
+                              "save it again with paraformer_edu.checkpoint.save_checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: expected a {CHECKPOINT_FORMAT!r} file, found {found!r}; "
@@ -88,6 +93,14 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
         return classes[kind].load(vocab)
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{'model.encoder.n_layers': 4} from nested dicts."""
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
 def model_from_checkpoint(payload: dict, config: Config | None = None):
     """(model, tokenizer, frontend, config) rebuilt from a checkpoint; config, if given, must match it.
 
@@ -95,22 +108,26 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
     """
     stored = config_from_dict(payload["config"])
     if config is not None and config.model != stored.model:
-        theirs, ours = config_to_dict(stored)["model"], config_to_dict(config)["model"]
-        diffs = [f"model.{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
-        raise CheckpointError("the checkpoint was trained with another model configuration: " + "; ".join(diffs)
-                              + ". Use the checkpoint's own configuration, or train a new model.")
+        theirs, ours = _flat(config_to_dict(stored)["model"], "model."), _flat(config_to_dict(config)["model"], "model.")
+        diffs = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
+        raise CheckpointError("the checkpoint was trained with another model configuration (" + "; ".join(diffs)
+                              + "). Use the checkpoint's own configuration, or train a new model.")
     tokenizer = tokenizer_from_lines(payload["tokenizer"], payload["vocab"])
     if tokenizer.vocab_size != stored.model.vocab_size:
         raise CheckpointError(f"the checkpoint's vocabulary has {tokenizer.vocab_size} tokens but its model "
                               f"{stored.model.vocab_size}: the file is inconsistent")
     model = Paraformer(stored.model)
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()})
-    except RuntimeError as error:
-        raise CheckpointError("the checkpoint's weights do not fit the model its configuration describes "
-                              f"({str(error).splitlines()[0]}); it was written by another version of the code "
-                              f"(checkpoint: paraformer_edu {payload.get('package_version')}, "
-                              f"installed: {paraformer_edu.__version__})") from None
+    weights, expected = payload["model"], model.state_dict()
+    misfits = [f"{k}: checkpoint {tuple(weights[k].shape) if k in weights else 'missing'}, model "
+               f"{tuple(expected[k].shape) if k in expected else 'none'}"
+               for k in sorted(set(weights) | set(expected)) if k not in weights or k not in expected
+               or weights[k].shape != expected[k].shape]
+    if misfits:
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its configuration describes "
+                              f"({len(misfits)} tensors, e.g. {misfits[0]}): it was written by another version of the "
+                              f"code (checkpoint: paraformer_edu {payload.get('package_version')}, installed: "
+                              f"{paraformer_edu.__version__})")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     f = payload["frontend"]
     frontend = Frontend(f["n_mels"], f["lfr_m"], f["lfr_n"])
     frontend.cmvn.mean.copy_(f["cmvn_mean"])

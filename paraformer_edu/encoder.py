@@ -124,7 +124,7 @@ def _sinusoidal_positions(length: int, d: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Sizes of the SAN-M encoder; the defaults are the book's model, sized for a 2-core CPU.
+    """Sizes of the SAN-M encoder; the defaults are sized for a 2-core CPU (chapter 7's recipe sets the book model's).
 
     Defined in chapter 4, "The encoder".
     """

@@ -42,7 +42,7 @@ def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, target_lengths: 
 
 @dataclass(frozen=True)
 class ParaformerConfig:
-    """Sizes, loss weights and GLM ratio of the whole model; the defaults are the book's model.
+    """Sizes, loss weights and GLM ratio of the whole model; chapter 7's recipe sets the book model's.
 
     Defined in chapter 6, "The decoder and the whole model".
     """

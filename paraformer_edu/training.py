@@ -267,7 +267,7 @@ class Trainer:
                                  "best_cer": self.best_cer, "log": json.dumps(self.log),
                                  "rng": torch.get_rng_state(), "glm_rng": self.generator.get_state(),
                                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []})
-        save_config(self.config, self.out_dir / "config.yaml")
+        save_config(self.config, Path(path).parent / "config.yaml")  # the recipe, readable beside its checkpoint
 
     @classmethod
     def resume(cls, path, out_dir=None, config: Config | None = None, manifests: dict | None = None) -> "Trainer":
