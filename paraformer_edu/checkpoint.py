@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 import paraformer_edu
-from paraformer_edu.config import Config, config_from_dict, config_to_dict
+from paraformer_edu.config import Config, config_from_dict, config_to_dict, flat_settings
 from paraformer_edu.data import AudioError, SAMPLE_RATE, is_silent, load_audio
 from paraformer_edu.features import Frontend
 from paraformer_edu.model import Paraformer
@@ -93,14 +93,6 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
         return classes[kind].load(vocab)
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    """{'model.encoder.n_layers': 4} from nested dicts."""
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return flat
-
-
 def model_from_checkpoint(payload: dict, config: Config | None = None):
     """(model, tokenizer, frontend, config) rebuilt from a checkpoint; config, if given, must match it.
 
@@ -108,7 +100,8 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
     """
     stored = config_from_dict(payload["config"])
     if config is not None and config.model != stored.model:
-        theirs, ours = _flat(config_to_dict(stored)["model"], "model."), _flat(config_to_dict(config)["model"], "model.")
+        theirs, ours = flat_settings(config_to_dict(stored)), flat_settings(config_to_dict(config))
+        ours = {k: v for k, v in ours.items() if k.startswith("model.")}
         diffs = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
         raise CheckpointError("the checkpoint was trained with another model configuration (" + "; ".join(diffs)
                               + "). Use the checkpoint's own configuration, or train a new model.")
@@ -144,6 +137,20 @@ class Transcript(NamedTuple):
     text: str
     tokens: list[str]
     timestamps: list[tuple[float, float]]
+
+    @property
+    def words(self) -> list[tuple[str, float, float]]:
+        """(word, start, end) per word: a word starts at a token that begins with '▁' (chapter 2)."""
+        words = []
+        for token, (start, end) in zip(self.tokens, self.timestamps):
+            if token.startswith("<"):  # a special token: not text
+                continue
+            if token.startswith("\u2581") or not words:
+                words.append([token.lstrip("\u2581"), start, end])
+            else:
+                words[-1][0] += token
+                words[-1][2] = end
+        return [(w, s, e) for w, s, e in words if w]
 
 
 class Recognizer:

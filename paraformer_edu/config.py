@@ -102,6 +102,17 @@ def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def flat_settings(values: dict, prefix: str = "") -> dict:
+    """The dotted settings of a nested dict: {'model.encoder.n_layers': 4, ...}.
+
+    Defined in chapter 7, "Training the model".
+    """
+    flat = {}
+    for key, value in values.items():
+        flat.update(flat_settings(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
 def apply_override(values: dict, override: str) -> dict:
     """Set one dotted 'section.key=value' (the value read as YAML) in a nested dict, in place.
 
@@ -162,6 +173,7 @@ __all__ = [
     "TrainingConfig",
     "Config",
     "config_to_dict",
+    "flat_settings",
     "apply_override",
     "load_config",
     "config_from_dict",

@@ -246,6 +246,13 @@ def test_transcribe_paths_waveforms_and_lists_alike(recognizer, tiny, tmp_path):
     t = recognizer.transcribe(paths[0], timestamps=True)
     assert t.text == one_by_one[0] and len(t.tokens) == len(t.timestamps)
     assert all(0 <= s <= e for s, e in t.timestamps)
+    assert " ".join(w for w, _, _ in t.words) == t.text
+
+
+def test_words_merge_tokens_at_word_boundaries():
+    t = paraformer_edu.Transcript("the cats", ["\u2581the", "\u2581ca", "ts", "<sos>"],
+                                  [(0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4)])
+    assert t.words == [("the", 0.0, 0.1), ("cats", 0.1, 0.3)]
 
 
 def test_transcribe_converts_rate_and_channels(recognizer, tiny, tmp_path):
