@@ -1280,7 +1280,9 @@ for ref, hyp in list(zip(test["references"], test["hypotheses"]))[:6]:
 #
 # (the second command converts the best checkpoint to float16, copies the log and
 # measures the metrics). The later chapters load it, so a reader who skips this
-# chapter's training still gets a good model. Here it is scored again on the three
+# chapter's training still gets the longest-trained model we have. The run resumes
+# exactly from its `latest.pt` (above), so the release is replaced as training goes
+# on; `metrics.json` records how far the committed one has trained, printed below. Here it is scored again on the three
 # splits; the assertion checks that it still reaches the dev CER recorded when it was
 # released, so a change to the code that breaks the model cannot go unnoticed.
 
