@@ -445,6 +445,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from paraformer_edu.checkpoint import Recognizer, load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, save_config
@@ -534,7 +535,6 @@ start = time.perf_counter()
 train_raw = cached_features(manifests["train"], paraformer_edu.Frontend())
 again = time.perf_counter() - start
 frontend = fit_frontend(train_raw)
-reference = paraformer_edu.Frontend.fit(manifests["train"], max_utterances=50)
 wave = paraformer_edu.load_audio(read_manifest(manifests["train"])[0]["audio_filepath"])
 diff = (frontend.raw(wave) - train_raw[0].float()).abs().max().item()
 print(f"{len(train_raw)} utterances, {sum(len(x) for x in train_raw)} frames, "
@@ -866,10 +866,9 @@ class Trainer:
         if self.tokenizer.vocab_size != config.model.vocab_size:
             raise ValueError(f"BPE stopped at {self.tokenizer.vocab_size} tokens (the corpus ran out of pairs) but "
                              f"model.vocab_size is {config.model.vocab_size}: choose a smaller model.vocab_size")
-        train_raw = cached_features(self.manifests["train"], Frontend())
-        self.frontend = fit_frontend(train_raw, config.data.cmvn_utterances)
         augment = SpecAugment() if config.data.spec_augment else None
-        self.train_set = FeatureDataset(self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed)
+        self.train_set = FeatureDataset(self.manifests["train"], Frontend(), self.tokenizer.encode, augment, t.seed)
+        self.frontend = self.train_set.frontend = fit_frontend(self.train_set.raw, config.data.cmvn_utterances)
         self.dev_set = FeatureDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
         self.sampler = BucketBatchSampler(self.train_set.lengths, config.data.max_frames, seed=t.seed)
         self.model = Paraformer(config.model).to(self.device)
@@ -917,7 +916,8 @@ class Trainer:
         t = self.config.training
         max_minutes = t.max_minutes if max_minutes is None else max_minutes
         max_steps = t.max_steps if max_steps is None else max_steps
-        bar = _progress(progress, max_steps - self.step if max_steps else None)
+        bar = tqdm(total=max_steps - self.step if max_steps else None, unit="step", file=sys.stderr,
+                   disable=not progress)  # on for the command line; off in notebooks and tests
         start, window, batches = time.perf_counter(), [], self.batches()
         while not (max_steps and self.step >= max_steps) and not (
                 max_minutes and time.perf_counter() - start > 60 * max_minutes):
@@ -1002,20 +1002,6 @@ class Trainer:
         return trainer
 
 
-def _progress(enabled: bool, total: int | None):
-    """A tqdm bar on stderr when enabled (the command line), else a silent stand-in (notebooks, tests)."""
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    class Silent:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-
-    return Silent()
 
 # %% [markdown]
 # A trainer for the book's recipe, and one batch of what it feeds the model. The
