@@ -12,12 +12,16 @@ file, hand-written, gathers the public API:
 - `decoder`, `model` (chapter 6): the parallel decoder, the GLM sampler, the whole Paraformer;
 - `metrics`, `config`, `training`, `checkpoint` (chapter 7): CER/WER, the recipe, the trainer,
   checkpoints and `load_model`;
+- `inspection` (chapter 8): attention maps and predictor internals of one utterance (`look_inside`),
+  word timestamps with bias correction, onset errors, CER by group;
+- `plots` (chapter 8, needs matplotlib; not imported here): the chapter's figures, for any model;
 - `cli` (hand-written): `python -m paraformer_edu train | evaluate | transcribe`.
 """
 
 __version__ = "0.1.0"
 
-from . import attention, checkpoint, config, data, decoder, encoder, features, metrics, model, predictor, tokenizer, training
+from . import (attention, checkpoint, config, data, decoder, encoder, features, inspection, metrics, model, predictor,
+               tokenizer, training)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .checkpoint import CheckpointError, Recognizer, Transcript, load_model
 from .config import Config, load_config
@@ -26,6 +30,7 @@ from .data import (AudioError, BucketBatchSampler, SpeechDataset, build_corpus, 
 from .decoder import ParaformerDecoder, glm_sample
 from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc_loss
 from .features import CMVN, Frontend, SpecAugment, fbank, lfr
+from .inspection import Inside, cer_by, look_inside, onset_errors, word_timestamps
 from .metrics import cer, wer
 from .model import Hypothesis, Paraformer, ParaformerConfig
 from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
@@ -35,7 +40,7 @@ from .training import Trainer
 __all__ = [
     "__version__",
     # modules
-    "data", "features", "tokenizer", "attention", "encoder", "predictor", "decoder", "model", "metrics", "config", "training", "checkpoint",
+    "data", "features", "tokenizer", "attention", "encoder", "predictor", "decoder", "model", "metrics", "config", "training", "checkpoint", "inspection",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
@@ -51,4 +56,6 @@ __all__ = [
     "ParaformerDecoder", "glm_sample", "ParaformerConfig", "Paraformer", "Hypothesis",
     # chapter 7
     "cer", "wer", "Config", "load_config", "Trainer", "CheckpointError", "Recognizer", "Transcript", "load_model",
+    # chapter 8
+    "Inside", "look_inside", "word_timestamps", "onset_errors", "cer_by",
 ]

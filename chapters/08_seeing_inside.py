@@ -1,0 +1,946 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Seeing inside the model
+#
+# Chapter 7 trained a Paraformer and measured it from the outside: characters in,
+# characters out, an error rate. This chapter opens it up. We take the book's trained
+# model, run it on real utterances of the held-out splits, and look at every
+# intermediate that earlier chapters built: the encoder's self-attention, the decoder's
+# cross-attention, the predictor's weights and firing points. Then we check the one
+# output the error rate does not measure, the **timestamps**, against the truth that
+# the speech synthesiser reports, and we take the errors apart by voice, length and
+# speaking rate.
+#
+# Every picture here is drawn by a helper of `paraformer_edu.plots`, and every
+# measurement by a function of `paraformer_edu.inspection`, so you can point them at
+# your own model and your own audio. The chapter loads the book's committed model
+# (`models/paraformer-book/`); set the environment variable
+# `PARAFORMER_EDU_CHECKPOINT` to any other checkpoint (for example a `best.pt` of your
+# own run) and every cell follows it.
+#
+# **Learning goals.** After this chapter you can
+#
+# - capture what each layer of a PyTorch model computes with forward hooks, and check
+#   that what you captured is what the layer used;
+# - read an encoder self-attention map and a decoder cross-attention map on the time
+#   axis of the spectrogram, and say with numbers what the heads do;
+# - follow the predictor's weights, accumulated weight and firing points through an
+#   utterance, and listen to the audio behind each token;
+# - measure word timestamps against a reference (mean and 90th-percentile error),
+#   find the bias of the firing positions on a dev set and correct it;
+# - read a model's training log, and break its errors down by voice, utterance length,
+#   speaking rate and character.
+
+# %%
+#| default_exp inspection
+# In Colab, clone the repository first (this chapter loads the book's model, models/):
+# # !git clone -q --depth 1 https://github.com/paraformer-edu/paraformer-edu && pip install -q -e "./paraformer-edu[book]"
+# # %cd paraformer-edu
+# %matplotlib inline
+import json
+import math
+import os
+from pathlib import Path
+
+import IPython.display as ipd
+import matplotlib.pyplot as plt
+import torch
+
+import paraformer_edu
+from paraformer_edu.data import build_corpus, read_manifest
+from paraformer_edu.metrics import cer
+from paraformer_edu.tokenizer import normalize_text
+
+torch.manual_seed(0)
+torch.set_num_threads(2)
+print("paraformer_edu", paraformer_edu.__version__)
+
+# %% [markdown]
+# The setting: which checkpoint to look inside. By default the book's model, with the
+# figures chapter 7 recorded for it.
+
+# %%
+ROOT = Path(paraformer_edu.__file__).resolve().parent.parent
+CHECKPOINT = Path(os.environ.get("PARAFORMER_EDU_CHECKPOINT", ROOT / "models" / "paraformer-book" / "model.pt"))
+recognizer = paraformer_edu.load_model(CHECKPOINT)
+model = recognizer.model
+print("checkpoint:", CHECKPOINT.relative_to(ROOT) if CHECKPOINT.is_relative_to(ROOT) else CHECKPOINT)
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters,",
+      f"{model.config.encoder.n_layers} encoder layers x {model.config.encoder.n_heads} heads,",
+      f"{model.config.decoder_layers} decoder layers, {model.config.frame_shift * 1000:.0f} ms per encoder frame")
+metrics_file = CHECKPOINT.parent / "metrics.json"
+if metrics_file.exists():
+    recorded = json.loads(metrics_file.read_text())
+    print(f"recorded: step {recorded['steps']}, CER dev {recorded['dev']['cer']:.1%}, "
+          f"test {recorded['test']['cer']:.1%}, test-voices {recorded['test-voices']['cer']:.1%}")
+
+# %% [markdown]
+# The held-out splits of the book's corpus (chapter 1; built once and cached), and the
+# utterance we follow through the model: the first of the test split, sentences the
+# model never heard in training.
+
+# %%
+manifests = build_corpus()
+dev, test, test_voices = (read_manifest(manifests[s]) for s in ("dev", "test", "test-voices"))
+entry = test[0]
+hypothesis = recognizer.transcribe(entry["audio_filepath"])
+reference = normalize_text(entry["text"])
+print(f"voice {entry['voice']}, {entry['duration']:.2f} s")
+print("reference: ", reference)
+print("hypothesis:", hypothesis)
+print(f"CER {cer([reference], [hypothesis]):.1%}")
+ipd.Audio(entry["audio_filepath"])
+
+# %% [markdown]
+# ## Capturing what every layer computes
+#
+# A trained model's forward pass computes far more than it returns. PyTorch lets us
+# watch it without changing the model: `module.register_forward_hook(fn)` calls
+# `fn(module, inputs, output)` every time the module runs. The decoder's
+# `MultiHeadAttention` (chapter 3) already returns its weights beside its output, so a
+# hook only has to keep them. The encoder's SAN-M attention (chapter 4) returns only
+# its output, so its hook recomputes the weights from the layer's input $X$:
+#
+# $$A = \mathrm{softmax}\Bigl(\frac{Q K^\top}{\sqrt{d_k}} + M\Bigr), \qquad Q = X W^Q,\ K = X W^K,$$
+#
+# with $M = -\infty$ on padded keys, exactly as the layer does.
+
+# %%
+#| export
+import math
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+
+from paraformer_edu.checkpoint import Recognizer
+from paraformer_edu.data import AudioError, is_silent, load_audio
+from paraformer_edu.encoder import SANMAttention
+from paraformer_edu.features import fbank
+from paraformer_edu.metrics import align, edit_distance
+from paraformer_edu.predictor import cif_timestamps
+from paraformer_edu.tokenizer import normalize_text
+
+
+def sanm_attention_weights(attention: SANMAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The softmax weights (B, h, T, T) a SAN-M attention computes on its input x (B, T, d_in) and mask (B, T)."""
+    q = attention._split(attention.linear_q(x))  # (B, h, T, d_k)
+    k = attention._split(attention.linear_k(x))  # (B, h, T, d_k)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(attention.d_k)  # (B, h, T, T)
+    return scores.masked_fill(~mask[:, None, None, :], -math.inf).softmax(-1)  # (B, h, T, T)
+
+
+# %% [markdown]
+# A recomputation is only worth something if it is what the layer used. The check: the
+# weights, multiplied by the values and put through the layer's output projection and
+# FSMN memory, $W^O[A_1 V_1; \dots; A_h V_h] + \mathrm{FSMN}(V)$, must give the layer's
+# own output.
+
+# %%
+layer = model.encoder.layers[1].self_attn
+x = torch.randn(2, 30, model.config.encoder.d_model)  # (B, T, D): any input will do
+mask = torch.arange(30) < torch.tensor([30, 21])[:, None]  # (B, T): the second one padded
+with torch.no_grad():
+    A = sanm_attention_weights(layer, x, mask)  # (B, h, T, T)
+    v = layer.linear_v(x)  # (B, T, D)
+    heads = A @ layer._split(v)  # (B, h, T, d_k)
+    rebuilt = layer.linear_out(heads.transpose(1, 2).flatten(2)) + layer.memory(v, mask)  # (B, T, D)
+    diff = (rebuilt - layer(x, mask))[mask].abs().max().item()
+print("weights", tuple(A.shape), "| rows sum to 1:", torch.allclose(A.sum(-1), torch.ones(2, 4, 30)))
+print(f"rebuilt output vs the layer's own: max abs diff {diff:.1e}")
+assert diff < 1e-5
+
+# %% [markdown]
+# `look_inside` runs the recogniser on one utterance with hooks on every encoder and
+# decoder layer, and keeps everything in one `Inside` record, on the encoder's time
+# axis. It repeats the five lines of `Paraformer.recognize` (chapter 6) so that it can
+# also keep the predictor's weights and firing frames.
+
+# %%
+#| export
+class Inside(NamedTuple):
+    """Every intermediate of one recognised utterance, on the encoder's time axis (frame_shift s per frame)."""
+
+    wave: torch.Tensor  # (S,) 16 kHz samples
+    fbank: torch.Tensor  # (T_10ms, 80) log-mel filterbank at 10 ms per frame, for the pictures
+    encoder_attention: list  # per encoder layer: (h, T, T) self-attention weights, query x key
+    cross_attention: list  # per decoder layer: (h, N, T) weights of each token over the encoder frames
+    alphas: torch.Tensor  # (T,) the predictor's weights
+    fires: list  # (N,) the frame where each token fired (T: the tail frame)
+    tokens: list  # (N,) token strings
+    timestamps: list  # (N,) (start, end) seconds per token
+    frame_shift: float  # seconds per encoder frame
+
+
+@torch.no_grad()
+def look_inside(recognizer: Recognizer, audio, sample_rate: int | None = None) -> Inside:
+    """Recognise one utterance and keep what every layer computed: attention maps, alphas, fires, tokens."""
+    wave = load_audio(audio, sample_rate)  # (S,) 16 kHz mono
+    if is_silent(wave):
+        raise AudioError("the audio is silent: there is nothing to look inside; pass an utterance with speech")
+    model, device = recognizer.model.eval(), recognizer.device
+    x = recognizer.frontend(wave)[None].to(device)  # (1, T, F)
+    lengths = torch.tensor([x.size(1)], device=device)  # (1,)
+    encoder_maps, cross_maps = [], []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, args, out: encoder_maps.append(sanm_attention_weights(m, *args)[0].cpu()))  # (h, T, T)
+        for layer in model.encoder.layers]
+    hooks += [layer.src_attn.register_forward_hook(lambda m, args, out: cross_maps.append(out[1][0].cpu()))
+              for layer in model.decoder.layers]  # each (h, N, T)
+    try:
+        h, h_lengths = model.encoder(x, lengths)  # (1, T, D)
+        cif = model.predictor(h, h_lengths)  # embeds (1, N, D): the tail rule, as at inference
+        ids = model.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)[0]  # (N,)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, model.config.frame_shift)[0]
+    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0].tolist(),
+                  [recognizer.tokenizer.tokens[i] for i in ids.tolist()], stamps, model.config.frame_shift)
+
+
+# %% [markdown]
+# Our utterance, inside out. The check: the tokens and timestamps are exactly those of
+# the recogniser's own `transcribe`, so the pictures below show the computation that
+# produced the transcript above.
+
+# %%
+inside = look_inside(recognizer, entry["audio_filepath"])
+transcript = recognizer.transcribe(entry["audio_filepath"], timestamps=True)
+T, N = inside.alphas.size(0), len(inside.tokens)
+print(f"{T} encoder frames, {N} tokens")
+print("encoder attention:", [tuple(a.shape) for a in inside.encoder_attention])
+print("cross-attention:  ", [tuple(a.shape) for a in inside.cross_attention])
+print("tokens:", inside.tokens)
+print("same tokens and timestamps as transcribe:",
+      inside.tokens == transcript.tokens and inside.timestamps == transcript.timestamps)
+assert inside.tokens == transcript.tokens and inside.timestamps == transcript.timestamps
+assert all(torch.allclose(a.sum(-1), torch.ones(())) for a in inside.encoder_attention + inside.cross_attention)
+
+# %% [markdown]
+# ## The encoder's self-attention
+#
+# Each map is one head of one layer: row $t$ is query frame $t$, and its colours are the
+# weights $A_{t,s}$ over the key frames $s$ it reads from. Both axes are in seconds, and
+# the spectrogram above each column is on the key axis, so a bright column in a map is
+# a moment of the audio that every frame looks at. The helpers:
+
+# %%
+#| export plots
+import torch
+
+try:
+    import matplotlib.pyplot as plt
+except ImportError as error:  # matplotlib is in the book's extras, not the package's dependencies
+    raise ImportError("paraformer_edu.plots draws with matplotlib: pip install matplotlib "
+                      "(or pip install 'paraformer-edu[book]')") from error
+
+FBANK_SHIFT = 0.01  # seconds per fbank frame
+
+
+def plot_spectrogram(ax, fbank: torch.Tensor, title: str | None = None):
+    """Draw a log-mel filterbank (T, 80) on ax, time in seconds; the quietest 2% share one colour."""
+    T = fbank.size(0)
+    ax.imshow(fbank.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+              vmin=fbank.quantile(0.02).item(), extent=(0, T * FBANK_SHIFT, 0, fbank.size(1)))
+    ax.set_ylabel("mel bin")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_encoder_attention(inside, layers=None, heads=None, dpi: int = 72):
+    """Self-attention maps (query x key, seconds) of the chosen encoder layers and heads, a spectrogram on top."""
+    layers = list(range(len(inside.encoder_attention))) if layers is None else list(layers)
+    heads = list(range(inside.encoder_attention[0].size(0))) if heads is None else list(heads)
+    seconds = inside.encoder_attention[0].size(-1) * inside.frame_shift
+    fig, axes = plt.subplots(len(layers) + 1, len(heads), figsize=(2.6 * len(heads), 1.0 + 2.2 * len(layers)),
+                             dpi=dpi, sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [0.45] + [1] * len(layers)})
+    for j, head in enumerate(heads):
+        plot_spectrogram(axes[0, j], inside.fbank, f"head {head}")
+        axes[0, j].set_ylabel("mel" if j == 0 else "")
+        for i, layer in enumerate(layers):
+            axes[i + 1, j].imshow(inside.encoder_attention[layer][head].numpy(), aspect="auto", cmap="viridis",
+                                  extent=(0, seconds, seconds, 0), interpolation="nearest")
+            axes[i + 1, j].set_ylabel(f"layer {layer}\nquery (s)" if j == 0 else "")
+    for ax in axes[-1]:
+        ax.set_xlabel("key (s)")
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_xlim(0, seconds)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+plot_encoder_attention(inside)
+plt.show()
+
+# %% [markdown]
+# Two kinds of head are visible. In the first layer every query puts nearly all its
+# weight on one or two key frames: the maps are a few bright columns, and the columns
+# sit on the dark, quiet stretches of the spectrogram, the pauses between words. The
+# later layers spread their weight wider. The FSMN memory of each SAN-M layer (chapter 4)
+# already mixes neighbouring frames, so attention is free to look elsewhere.
+#
+# Pictures of one utterance can mislead, so we measure two numbers per head over 40
+# test utterances. The **entropy** of each query's weights, divided by its largest
+# possible value $\log T$ (1: uniform over all frames; 0: all weight on one frame).
+# And the **share of weight on quiet frames** (the 15% of frames with the lowest mean
+# log-mel energy), divided by their share of frames (1: no preference for pauses).
+
+# %%
+#| export
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of each query's weights over the keys, divided by log T, per head of weights (h, T, T)."""
+    p = weights.clamp_min(1e-12)  # (h, T, T)
+    return -(weights * p.log()).sum(-1).mean(-1) / math.log(weights.size(-1))  # (h,)
+
+
+def frame_energy(inside: Inside) -> torch.Tensor:
+    """Mean log-mel energy (T,) of the audio behind each encoder frame."""
+    step = round(inside.frame_shift / 0.01)  # fbank frames per encoder frame
+    T = inside.alphas.size(0)
+    return torch.stack([inside.fbank[step * t: step * (t + 1)].mean() for t in range(T)])  # (T,)
+
+
+def attention_share(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Share of each query's weight that falls on the keys where keys (T,) is True, averaged per head: (h,)."""
+    return weights[..., keys].sum(-1).mean(-1)  # (h,)
+
+
+# %% [markdown]
+# For comparison, the same numbers for a model with the same configuration that was
+# never trained: its attention is the baseline that training moved away from.
+
+# %%
+torch.manual_seed(0)
+untrained = paraformer_edu.Recognizer(paraformer_edu.Paraformer(model.config), recognizer.tokenizer,
+                                      recognizer.frontend)
+L, H = model.config.encoder.n_layers, model.config.encoder.n_heads
+stats = {"trained": ([], []), "untrained": ([], [])}
+for e in test[:40]:
+    for name, r in (("trained", recognizer), ("untrained", untrained)):
+        ins = look_inside(r, e["audio_filepath"])
+        energy = frame_energy(ins)  # (T,)
+        quiet = energy <= energy.quantile(0.15)  # (T,)
+        stats[name][0].append(torch.stack([attention_entropy(a) for a in ins.encoder_attention]))  # (L, H)
+        stats[name][1].append(torch.stack([attention_share(a, quiet) for a in ins.encoder_attention])
+                              / quiet.float().mean())  # (L, H)
+entropy = {name: torch.stack(s[0]).mean(0) for name, s in stats.items()}  # (L, H) each
+on_quiet = {name: torch.stack(s[1]).mean(0) for name, s in stats.items()}  # (L, H) each
+print("entropy / log T (1 = uniform)        weight on quiet frames / their share")
+for layer in range(L):
+    print(f"layer {layer}: " + " ".join(f"{v:.2f}" for v in entropy["trained"][layer])
+          + "   |   " + " ".join(f"{v:.1f}" for v in on_quiet["trained"][layer]))
+print(f"untrained model: entropy {entropy['untrained'].min():.2f} to {entropy['untrained'].max():.2f}, "
+      f"weight on quiet frames {on_quiet['untrained'].min():.1f} to {on_quiet['untrained'].max():.1f} x their share")
+
+# %% [markdown]
+# The numbers say what the pictures suggested, and the cell below checks it: an
+# untrained model's heads are close to uniform (entropy near 1, no preference for
+# pauses); after training, the first layer's heads are nearly one-hot, far sharper than
+# any later layer, and at least one of them puts more than twice its fair share of
+# weight on the pauses. A pause is a landmark: the frames of a word can find the word
+# boundaries around them, and from the boundaries, their own position in the word.
+
+# %%
+first_layer, later_layers = entropy["trained"][0], entropy["trained"][1:]
+print(f"first layer: mean entropy {first_layer.mean():.3f}; later layers: {later_layers.mean(1).tolist()}")
+assert entropy["untrained"].min() > 0.8
+assert first_layer.max() < 0.2 and first_layer.mean() < later_layers.mean(1).min()
+assert on_quiet["trained"][0].max() > 2.0
+
+# %% [markdown]
+# ## The decoder's cross-attention: an alignment it learned
+#
+# The decoder reads the encoder through cross-attention: token $i$ (one CIF embedding)
+# puts weights over the encoder frames. Nothing in the loss asks for an alignment, yet
+# one appears. Below, the weights of the last decoder layer, averaged over its heads,
+# with one row per recognised token, under the spectrogram on the same time axis. The
+# red crosses are the frames where the predictor fired each token (chapter 5).
+
+# %%
+#| export plots
+def _token_labels(tokens: list) -> list:
+    """Token strings for an axis: the word-start mark '▁' drawn as '_'."""
+    return [t.replace("\u2581", "_") for t in tokens]
+
+
+def plot_cross_attention(inside, layer: int = -1, dpi: int = 80):
+    """The decoder's cross-attention (tokens x encoder frames, heads averaged) under the spectrogram; x = fires."""
+    weights = inside.cross_attention[layer].mean(0)  # (N, T)
+    N, T = weights.shape
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(9, 1.8 + 0.17 * N), dpi=dpi, sharex=True,
+                                  gridspec_kw={"height_ratios": [1, max(1.5, 0.13 * N)]})
+    plot_spectrogram(top, inside.fbank, f"decoder layer {layer % len(inside.cross_attention)}: "
+                                        "cross-attention, heads averaged")
+    ax.imshow(weights.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+              extent=(0, T * inside.frame_shift, N - 0.5, -0.5))
+    fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) frame centres, seconds
+    ax.scatter(fires, range(N), marker="x", color="red", s=14, label="CIF fire")
+    ax.set_yticks(range(N))
+    ax.set_yticklabels(_token_labels(inside.tokens), fontsize=7)
+    ax.set_xlabel("time (s)")
+    ax.legend(fontsize=7, loc="upper right")
+    top.set_xlim(0, T * inside.frame_shift)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+plot_cross_attention(inside)
+plt.show()
+
+# %% [markdown]
+# A diagonal: each token looks at a short stretch of audio, later tokens at later
+# audio, and the stretch ends where the predictor fired. The decoder learned to find its
+# token's audio by itself; the CIF embedding it starts from (a weighted sum of exactly
+# those frames) tells it where to look. Measured over 40 test utterances: the frame of
+# each token's largest cross-attention weight against its firing frame.
+
+# %%
+offsets, monotone = [], 0
+for e in test[:40]:
+    ins = look_inside(recognizer, e["audio_filepath"])
+    T = ins.alphas.size(0)
+    peak = ins.cross_attention[-1].mean(0).argmax(-1)  # (N,) the frame each token looks at most
+    fire = torch.tensor(ins.fires).clamp(max=T - 1)  # (N,)
+    offsets += (fire - peak).tolist()
+    monotone += bool((peak[1:] >= peak[:-1]).all())
+offsets = torch.tensor(offsets, dtype=torch.float64)  # (tokens,)
+within = (offsets.abs() <= 2).double().mean().item()
+print(f"{len(offsets)} tokens: fire frame - attention peak = {offsets.mean():.2f} frames on average "
+      f"({offsets.mean() * model.config.frame_shift * 1000:.0f} ms); within 2 frames: {within:.0%}")
+print(f"utterances whose attention peaks never move backwards: {monotone} of 40")
+assert within > 0.75 and offsets.mean() > 0
+
+# %% [markdown]
+# The peak comes a little before the fire: a token's weight is integrated over its
+# frames, and the threshold is only crossed at its last frame. That lag will show up
+# again in the timestamps.
+#
+# ## The predictor: weights, accumulated weight, firing points
+#
+# Chapter 5's continuous integrate-and-fire, on a trained model: the weights
+# $\alpha_t$ of each frame, the weight accumulated since the last token,
+# $a_t = \bigl(\sum_{u \le t} \alpha_u\bigr) \bmod \beta$, and a token fired each time
+# the running sum crosses a multiple of $\beta = 1$ (the red lines), labelled with the
+# token the decoder read from it.
+
+# %%
+#| export plots
+def plot_cif(inside, beta: float = 1.0, dpi: int = 80):
+    """The predictor over the spectrogram: weights alpha, accumulated weight, and the labelled firing points."""
+    alphas = inside.alphas.double()  # (T,)
+    T = alphas.size(0)
+    t = (torch.arange(T) + 0.5) * inside.frame_shift  # (T,) frame centres in seconds
+    accumulated = alphas.cumsum(0) % beta  # (T,) weight of the token being integrated after frame t
+    fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) seconds
+    fig, axes = plt.subplots(3, 1, figsize=(9, 5.4), dpi=dpi, sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]})
+    plot_spectrogram(axes[0], inside.fbank)
+    for x, label in zip(fires, _token_labels(inside.tokens)):
+        axes[0].axvline(x, color="white", lw=0.6, alpha=0.8)
+        axes[0].text(x, inside.fbank.size(1) + 2, label, rotation=60, fontsize=7, ha="left", va="bottom")
+    axes[1].bar(t.numpy(), alphas.numpy(), width=inside.frame_shift * 0.9, color="tab:blue")
+    axes[1].set_ylabel("alpha")
+    axes[2].step(t.numpy(), accumulated.numpy(), where="mid", color="tab:green")
+    axes[2].axhline(beta, color="grey", ls="--", lw=0.8)
+    for ax in axes[1:]:
+        for x in fires:
+            ax.axvline(x, color="red", lw=0.6)
+    axes[2].set(ylabel="accumulated", xlabel="time (s)", ylim=(0, 1.05 * beta), xlim=(0, T * inside.frame_shift))
+    fig.tight_layout()
+    return fig
+
+
+# %%
+plot_cif(inside)
+plt.show()
+reference_tokens = recognizer.tokenizer.encode(reference)
+print(f"sum of alphas {inside.alphas.sum():.2f} -> {len(inside.tokens)} tokens "
+      f"(the tail rule adds one if the remainder is at least {model.predictor.tail_threshold}); "
+      f"the reference has {len(reference_tokens)}")
+assert len(inside.tokens) == math.floor(inside.alphas.sum().item() + model.predictor.tail_threshold)
+low, high = inside.alphas.quantile(torch.tensor([0.25, 0.75], dtype=inside.alphas.dtype)).tolist()
+print(f"half of the frames carry a weight between {low:.2f} and {high:.2f}; the largest is {inside.alphas.max():.2f}")
+assert 0.2 < low and high < 0.9
+
+# %% [markdown]
+# The weights are not spikes: most frames carry a good part of a token, because a BPE token of this
+# corpus lasts about two frames. The firing points follow the syllables: long words take
+# several tokens, and a pause (a dark stretch) gets little weight.
+#
+# **Listen to each token.** A token's time span runs from the frame after the previous
+# fire to its own firing frame (chapter 5's `cif_timestamps`). Here are the first few
+# tokens' audio, and each word's (spans of ~120 ms are short: play them twice).
+
+# %%
+#| export
+def token_audio(inside: Inside, k: int) -> torch.Tensor:
+    """The samples (S_k,) of the audio behind token k, from its timestamp."""
+    start, end = inside.timestamps[k]
+    return inside.wave[round(start * 16000): round(end * 16000)]  # (S_k,)
+
+
+# %%
+for k in range(4):
+    start, end = inside.timestamps[k]
+    print(f"token {k} {inside.tokens[k]!r}: {start:.2f}-{end:.2f} s")
+    ipd.display(ipd.Audio(token_audio(inside, k).numpy(), rate=16000))
+for word, start, end in transcript.words[:3]:
+    print(f"word {word!r}: {start:.2f}-{end:.2f} s")
+    ipd.display(ipd.Audio(inside.wave[round(start * 16000): round(end * 16000)].numpy(), rate=16000))
+
+# %% [markdown]
+# ## Timestamps against the truth
+#
+# The synthesiser reports where each word begins: espeak-ng's word events, with their
+# sample positions, are stored in every manifest line as `words` (chapter 1). That is a
+# reference for word timestamps that a recorded corpus rarely has. We compare the
+# start of each recognised word with the start the synthesiser reported.
+#
+# Only words the model got right can be compared: a word alignment of reference and
+# hypothesis (chapter 7's `align`) pairs them, and the matched words (`=`) are counted.
+# A word's start is the start of its first token. The reference words are spelled as
+# the transcripts are (`normalize_text`, chapter 2).
+
+# %%
+#| export
+def shift_words(words: list, offset: float) -> list:
+    """Word timestamps (word, start, end) moved by offset seconds, never before 0."""
+    return [(w, round(max(0.0, s + offset), 3), round(max(0.0, e + offset), 3)) for w, s, e in words]
+
+
+def word_timestamps(recognizer: Recognizer, audio, sample_rate: int | None = None, offset: float = 0.0) -> list:
+    """(word, start, end) seconds for one input (path or waveform) or a list; times moved by offset (the bias)."""
+    single = not isinstance(audio, list)
+    transcripts = recognizer.transcribe([audio] if single else audio, sample_rate, timestamps=True)
+    words = [shift_words(t.words, offset) for t in transcripts]
+    return words[0] if single else words
+
+
+def reference_words(entry: dict) -> list:
+    """(word, start) of a manifest entry's synthesiser word events, spelled as normalize_text spells them."""
+    return [(part, start) for word, start in entry["words"] for part in normalize_text(word).split()]
+
+
+def match_words(reference: list, hypothesis: list) -> list:
+    """(word, reference start, hypothesis start) of each word the hypothesis got right, by word alignment."""
+    steps = align([w for w, *_ in reference], [w for w, *_ in hypothesis]).steps
+    pairs, i, j = [], 0, 0
+    for op, _, _ in steps:
+        if op == "=":
+            pairs.append((reference[i][0], reference[i][1], hypothesis[j][1]))
+        i, j = i + (op != "I"), j + (op != "D")
+    return pairs
+
+
+# %%
+words = word_timestamps(recognizer, entry["audio_filepath"])
+print("reference: ", [(w, round(s, 2)) for w, s in reference_words(entry)])
+print("hypothesis:", [(w, s) for w, s, _ in words])
+for word, true_start, start in match_words(reference_words(entry), words):
+    print(f"  matched {word!r}: true {true_start * 1000:.0f} ms, predicted {start * 1000:.0f} ms, "
+          f"error {(start - true_start) * 1000:+.0f} ms")
+
+# %% [markdown]
+# Over a whole split: the signed error (predicted minus true) of every matched word,
+# and its summary: the mean and 90th percentile of the absolute error, and the median
+# signed error, which is the **bias**.
+
+# %%
+#| export
+def onset_errors(recognizer: Recognizer, entries: list, offset: float = 0.0) -> tuple:
+    """Signed onset errors (seconds, predicted - true) of the correctly recognised words, and the words in total."""
+    hypotheses = word_timestamps(recognizer, [e["audio_filepath"] for e in entries], offset=offset)
+    errors, n_words = [], 0
+    for entry, words in zip(entries, hypotheses):
+        reference = reference_words(entry)
+        n_words += len(reference)
+        errors += [start - true_start for _, true_start, start in match_words(reference, words)]
+    return torch.tensor(errors, dtype=torch.float64), n_words  # (matched words,), int
+
+
+def error_summary(errors: torch.Tensor) -> dict:
+    """Mean and 90th percentile of the absolute errors, and the median signed error (the bias), in ms."""
+    absolute = errors.abs()  # (n,)
+    return {"words": len(errors), "mean_ms": round(1000 * absolute.mean().item(), 1),
+            "p90_ms": round(1000 * absolute.quantile(0.9).item(), 1),
+            "bias_ms": round(1000 * errors.median().item(), 1)}
+
+
+# %% [markdown]
+# The bias is measured on **dev** and corrected on **test**, so the correction is not
+# fitted to the data it is judged on. The goal: a mean error within one encoder frame
+# (60 ms) and a 90th percentile within two (120 ms).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+dev_errors, dev_words = onset_errors(recognizer, dev)
+bias = dev_errors.median().item()
+raw_errors, test_words = onset_errors(recognizer, test)
+corrected_errors, _ = onset_errors(recognizer, test, offset=-bias)
+raw, corrected = error_summary(raw_errors), error_summary(corrected_errors)
+print(f"dev: {len(dev_errors)} of {dev_words} words matched; bias {bias * 1000:+.1f} ms (predicted starts lag)")
+print(f"test: {len(raw_errors)} of {test_words} words matched")
+print(f"  raw firing positions:   mean {raw['mean_ms']:.1f} ms, p90 {raw['p90_ms']:.1f} ms, bias {raw['bias_ms']:+.1f} ms")
+print(f"  corrected by dev bias:  mean {corrected['mean_ms']:.1f} ms, p90 {corrected['p90_ms']:.1f} ms, "
+      f"bias {corrected['bias_ms']:+.1f} ms")
+assert 0.5 * model.config.frame_shift < bias < 1.5 * model.config.frame_shift  # about one frame late
+assert corrected["mean_ms"] < raw["mean_ms"]
+assert corrected["mean_ms"] <= 60 and corrected["p90_ms"] <= 120
+
+# %%
+#| export plots
+def plot_onset_errors(errors: dict, limit_ms: float = 300, dpi: int = 80):
+    """Histograms of signed word-onset errors in ms, one per named tensor of errors in seconds."""
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=dpi)
+    bins = torch.linspace(-limit_ms, limit_ms, 41).numpy()
+    for name, e in errors.items():
+        ax.hist((1000 * e).clamp(-limit_ms, limit_ms).numpy(), bins=bins, alpha=0.55, label=name)
+    ax.axvline(0, color="black", lw=0.7)
+    ax.set(xlabel="predicted onset - true onset (ms)", ylabel="words")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+plot_onset_errors({"raw firing positions": raw_errors, f"corrected by {-bias * 1000:+.0f} ms": corrected_errors})
+plt.show()
+
+# %% [markdown]
+# The raw starts lag the truth by about one encoder frame: a word starts at "the frame
+# after the previous fire", and the previous token fires only at its last frame,
+# usually after the silence or transition has begun. Shifting every start by the dev
+# bias centres the histogram and cuts the mean error. `word_timestamps(recognizer,
+# audio, offset=-bias)` is the tested function that returns corrected word timestamps
+# for any audio. A caveat: only correctly recognised words are measured (the matched
+# counts above); with a model that makes fewer errors, more and harder words enter the
+# measurement.
+#
+# ## Training dynamics, from the saved log
+#
+# Every run writes `train_log.jsonl` beside its checkpoints (chapter 7): a row of loss
+# parts every 25 steps and a row of dev figures at every evaluation. The book's model
+# ships its log. Here it is again, as the model trained: each part of the loss, the dev
+# CER, and the predictor's token-count error on dev, which chapter 7 found to be the
+# bottleneck.
+
+# %%
+#| export plots
+def plot_training_log(rows: list, dpi: int = 80):
+    """Each loss part, the dev CER and the dev token-count error over the steps of a train_log.jsonl."""
+    train = [r for r in rows if "loss" in r]
+    dev = [r for r in rows if "dev_cer" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=dpi)
+    for part in ("loss_ce", "loss_ctc", "loss_quantity"):
+        axes[0].plot([r["step"] for r in train], [r[part] for r in train], lw=0.8, label=part)
+    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss parts")
+    axes[0].legend(fontsize=7)
+    axes[1].plot([r["step"] for r in dev], [100 * r["dev_cer"] for r in dev], marker=".")
+    axes[1].set(xlabel="step", ylabel="dev CER (%)", title="dev CER")
+    axes[2].plot([r["step"] for r in dev], [r["dev_length_mae"] for r in dev], marker=".",
+                 label="mean |predicted - true| tokens")
+    axes[2].plot([r["step"] for r in dev], [r["dev_length_exact"] for r in dev], marker=".",
+                 label="share with the exact count")
+    axes[2].set(xlabel="step", title="predicted token count (dev)")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+log_file = CHECKPOINT.parent / "train_log.jsonl"
+log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
+evaluations = [r for r in log if "dev_cer" in r]
+if log:
+    plot_training_log(log)
+    plt.show()
+    first, best = evaluations[0], min(evaluations, key=lambda r: r["dev_cer"])
+    print(f"{len(log)} log rows, {len(evaluations)} evaluations")
+    print(f"step {first['step']:>6}: dev CER {first['dev_cer']:.1%}, token count exact {first['dev_length_exact']:.0%}, "
+          f"off by {first['dev_length_mae']:.2f} on average")
+    print(f"step {best['step']:>6}: dev CER {best['dev_cer']:.1%}, token count exact {best['dev_length_exact']:.0%}, "
+          f"off by {best['dev_length_mae']:.2f} on average (the best evaluation)")
+    assert best["dev_cer"] < first["dev_cer"] and best["dev_length_mae"] < first["dev_length_mae"]
+    train_rows = [r for r in log if "loss" in r]
+    assert all(train_rows[-1][part] < train_rows[0][part] for part in ("loss_ce", "loss_ctc", "loss_quantity"))
+else:
+    print(f"no train_log.jsonl beside {CHECKPOINT}")
+
+# %% [markdown]
+# All three loss parts fall (the cell checks the last logged row against the first).
+# The token count improves slowly after the first evaluations, and every wrong count
+# shifts the tokens after it, so the dev CER follows it down.
+#
+# ## Where the errors are
+#
+# The model's transcripts of both test splits, one record per utterance with its
+# character edits and the settings it was synthesised with: the voice, the number of
+# words, and espeak's speaking rate (words per minute, 130 to 190 in this corpus).
+
+# %%
+#| export
+def utterance_errors(entries: list, hypotheses: list) -> list:
+    """Per utterance: reference, hypothesis, character edits and count, voice, words, seconds, espeak rate."""
+    records = []
+    for entry, hyp in zip(entries, hypotheses):
+        ref = normalize_text(entry["text"])
+        records.append({"reference": ref, "hypothesis": hyp, "edits": edit_distance(ref, hyp), "chars": len(ref),
+                        "voice": entry.get("voice"), "words": len(ref.split()), "seconds": entry["duration"],
+                        "rate": entry.get("rate"), "audio_filepath": entry["audio_filepath"]})
+    return records
+
+
+def cer_by(records: list, key, bins: list | None = None) -> dict:
+    """Pooled CER (edits / characters) and utterance count per group; key: a record field or a function of one."""
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bins, bins[1:])] if bins else []
+    groups = {label: [0, 0, 0] for label in labels}  # bins in their order, even if empty
+    for r in records:
+        value = key(r) if callable(key) else r[key]
+        if bins:  # a number: the bin [lo, hi) it falls in
+            value = next((label for label, lo, hi in zip(labels, bins, bins[1:]) if lo <= value < hi), "other")
+        g = groups.setdefault(value, [0, 0, 0])
+        g[0], g[1], g[2] = g[0] + r["edits"], g[1] + r["chars"], g[2] + 1
+    return {k: {"utterances": n, "cer": edits / max(chars, 1)} for k, (edits, chars, n) in groups.items() if n}
+
+
+def substitution_counts(records: list, top: int = 10) -> list:
+    """The most frequent character substitutions ((reference char, hypothesis char), count) of the records."""
+    counts = Counter()
+    for r in records:
+        counts.update((ref, hyp) for op, ref, hyp in align(r["reference"], r["hypothesis"]).steps if op == "S")
+    return counts.most_common(top)
+
+
+# %%
+records = {}
+for split, entries in (("test", test), ("test-voices", test_voices)):
+    records[split] = utterance_errors(entries, recognizer.transcribe([e["audio_filepath"] for e in entries]))
+    pooled = cer_by(records[split], lambda r: "all")["all"]["cer"]
+    assert abs(pooled - cer([r["reference"] for r in records[split]], [r["hypothesis"] for r in records[split]])) < 1e-12
+    print(f"{split}: {len(records[split])} utterances, CER {pooled:.1%}")
+
+# %% [markdown]
+# The check above: pooling the records' edits gives exactly chapter 7's `cer`. Now by
+# voice. The test split uses the training voices (with unseen sentences), test-voices
+# the held-out ones (chapter 1): two accents never heard in training, and voice variants
+# never heard with any accent. One line per voice, the hardest first:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+by_voice = {split: cer_by(records[split], "voice") for split in records}
+for split, groups in by_voice.items():
+    rows = sorted(groups.items(), key=lambda kv: -kv[1]["cer"])
+    print(f"{split}: {len(rows)} voices, CER from {rows[-1][1]['cer']:.1%} to {rows[0][1]['cer']:.1%}")
+    cells = [f"{voice:<24} {g['utterances']:>2} {g['cer']:6.1%}" for voice, g in rows]
+    for i in range(0, len(cells), 3):
+        print("   " + "   |   ".join(cells[i:i + 3]))
+
+# %% [markdown]
+# A voice is an accent and a variant (`en-us+m5`: the US accent, male variant 5). The
+# two held-out halves of test-voices, taken apart: utterances whose accent was heard in
+# training but whose variant was not, and the other way round.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from paraformer_edu.data import voice_pool
+
+train_voices = set(voice_pool(held_out=False))
+train_accents = {v.split("+")[0] for v in train_voices}
+train_variants = {v.split("+")[1] if "+" in v else "" for v in train_voices}
+
+
+def novelty(r):
+    """Which half of a voice is new to the model: its accent, its variant, both or neither."""
+    accent, _, variant = r["voice"].partition("+")
+    return {(True, True): "seen voice", (True, False): "new variant", (False, True): "new accent",
+            (False, False): "new accent and variant"}[(accent in train_accents, variant in train_variants)]
+
+
+for split in records:
+    print(split, {k: f"{g['cer']:.1%} ({g['utterances']})" for k, g in sorted(cer_by(records[split], novelty).items())})
+test_cer = cer_by(records["test"], lambda r: "all")["all"]["cer"]
+held_out_cer = cer_by(records["test-voices"], lambda r: "all")["all"]["cer"]
+assert held_out_cer > test_cer  # unseen voices are harder than unseen sentences
+
+# %% [markdown]
+# By utterance length and by speaking rate, both splits side by side (the number on
+# each bar is its utterance count):
+
+# %%
+#| export plots
+def plot_cer_by(groups: dict, title: str, ax=None):
+    """Bar chart of the CER (%) of each group returned by cer_by, each bar labelled with its utterance count."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 2.6), dpi=80)
+    names = list(groups)
+    bars = ax.bar(range(len(names)), [100 * groups[g]["cer"] for g in names], color="tab:purple")
+    for bar, g in zip(bars, names):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(groups[g]["utterances"]),
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([str(n) for n in names], fontsize=7)
+    ax.set(ylabel="CER (%)", title=title)
+    return ax
+
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fig, axes = plt.subplots(1, 4, figsize=(13, 2.8), dpi=80, sharey=True)
+for i, split in enumerate(records):
+    plot_cer_by(cer_by(records[split], "words", [3, 6, 10, 16]), f"{split}: by words", axes[2 * i])
+    plot_cer_by(cer_by(records[split], "rate", [130, 150, 170, 191]), f"{split}: by rate (wpm)", axes[2 * i + 1])
+fig.tight_layout()
+plt.show()
+for split in records:
+    print(split, "by words:", {k: f"{g['cer']:.1%}" for k, g in cer_by(records[split], "words", [3, 6, 10, 16]).items()},
+          "| by rate:", {k: f"{g['cer']:.1%}" for k, g in cer_by(records[split], "rate", [130, 150, 170, 191]).items()})
+
+# %% [markdown]
+# The most frequent character substitutions (`␣` is the space between words: a space
+# substituted for a letter, or the other way round, is a word split or joined):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for split in records:
+    top = substitution_counts(records[split], 8)
+    print(f"{split:<12}", "  ".join(f"{r.replace(' ', '␣')}->{h.replace(' ', '␣')} {n}" for (r, h), n in top))
+    assert set(top[0][0]) <= set("aeiou")  # the most frequent: one vowel for another
+    assert any(" " in pair for pair, _ in top)  # and a space among the top 8
+
+# %% [markdown]
+# Vowels stand for each other most: `e`, `a`, `i` and `o` are where English spelling
+# and sound part ways, and the model has to guess the spelling of a word from its
+# sound. The space turns up too: a wrong token count splits or joins words.
+#
+# Last, the three worst utterances of test-voices, to listen to next to their
+# transcripts:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+worst = sorted(records["test-voices"], key=lambda r: -r["edits"] / r["chars"])[:3]
+for r in worst:
+    print(f"{r['voice']}, {r['words']} words, rate {r['rate']}: CER {r['edits'] / r['chars']:.0%}")
+    print("  reference: ", r["reference"])
+    print("  hypothesis:", r["hypothesis"])
+    ipd.display(ipd.Audio(r["audio_filepath"]))
+
+# %% [markdown]
+# ## Summary
+#
+# - **Hooks** capture what a layer computes without changing the model; a recomputed
+#   quantity is checked by rebuilding the layer's output from it. `look_inside` keeps
+#   every attention map, the predictor's weights and fires, and the tokens of one
+#   utterance, and equals `transcribe`.
+# - **Encoder self-attention**: in the trained model the first layer's heads are nearly
+#   one-hot and favour the pauses; later layers attend broadly, while the FSMN memory
+#   does the local work. An untrained model's heads are nearly uniform.
+# - **Cross-attention** learns an alignment: each token looks at a short stretch of
+#   audio that ends where the predictor fired it.
+# - **The predictor** spreads weights of 0.3 to 0.8 over the frames of a token and fires
+#   at its last frame; the audio between two fires is the token.
+# - **Timestamps**: raw firing positions lag the synthesiser's word onsets by about one
+#   frame; the bias measured on dev, subtracted on test, brings the errors to the figures
+#   printed above. `word_timestamps(recognizer, audio, offset=-bias)` returns corrected
+#   word timestamps for any audio.
+# - **Errors**: unseen voices are harder than unseen sentences; vowels substitute for
+#   each other most, and a wrong token count splits or joins words.
+#
+# In `paraformer_edu.inspection`: `sanm_attention_weights`, `Inside`, `look_inside`,
+# `attention_entropy`, `frame_energy`, `attention_share`, `token_audio`, `shift_words`,
+# `word_timestamps`, `reference_words`, `match_words`, `onset_errors`, `error_summary`,
+# `utterance_errors`, `cer_by`, `substitution_counts`. In `paraformer_edu.plots`:
+# `plot_spectrogram`, `plot_encoder_attention`, `plot_cross_attention`, `plot_cif`,
+# `plot_onset_errors`, `plot_training_log`, `plot_cer_by`.
+#
+# ## Exercises
+#
+# 1. **Timestamps from the reference transcript.** When the transcript is known (as in
+#    training), the predictor can be made to fire exactly $|y|$ tokens: chapter 5's
+#    training-mode CIF scales the weights to sum to the reference length. Use it to
+#    time every reference word of test, not only the recognised ones, and compare its
+#    errors with the free-running timestamps. Is forcing the count better or worse?
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+from paraformer_edu.checkpoint import Transcript
+
+
+@torch.no_grad()
+def forced_words(recognizer, entry):
+    """(word, start, end) of the reference words, from a CIF forced to fire the reference's token count."""
+    ids = recognizer.tokenizer.encode(normalize_text(entry["text"]))
+    x = recognizer.features(entry["audio_filepath"])[None]  # (1, T, F)
+    h, h_lengths = recognizer.model.encoder(x, torch.tensor([x.size(1)]))  # (1, T, D)
+    cif = recognizer.model.predictor(h, h_lengths, torch.tensor([len(ids)]))  # fires (1, |y|)
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, recognizer.model.config.frame_shift)[0]
+    return Transcript("", [recognizer.tokenizer.tokens[i] for i in ids], stamps).words
+
+
+forced = []
+for e in test:
+    reference, words = reference_words(e), forced_words(recognizer, e)
+    if [w for w, _ in reference] == [w for w, *_ in words]:
+        forced += [start - true_start for (_, true_start), (_, start, _) in zip(reference, words)]
+forced = torch.tensor(forced, dtype=torch.float64)
+print("forced, every reference word:  ", error_summary(forced))
+print("free-running, recognised words:", error_summary(raw_errors))
+# Forcing the count times every word, but its errors are larger: scaling the weights to the reference
+# length moves every firing point of an utterance whose count the predictor got wrong.
+
+# %% [markdown]
+# 2. **CER by pitch.** Each manifest line also records espeak's pitch (0-99; this corpus
+#    uses 25 to 75). Is a high voice harder than a low one? Use `cer_by` with bins.
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+pitch = {e["audio_filepath"]: e["pitch"] for e in test + test_voices}
+for split in records:
+    print(split, {k: f"{g['cer']:.1%} ({g['utterances']})"
+                  for k, g in cer_by(records[split], lambda r: pitch[r["audio_filepath"]], [25, 42, 59, 76]).items()})
+
+# %% [markdown]
+# 3. **Which first-layer head matters?** Silence one head of the first encoder layer
+#    at a time (a forward hook that returns the layer's output rebuilt without that
+#    head's $A V$, as in the check at the start) and measure the CER of 60 dev
+#    utterances. Does the head that watches the pauses most matter most?
+
+# %% tags=["hide-input"]
+# NBVAL_IGNORE_OUTPUT
+def without_head(head):
+    """A forward hook for a SAN-M attention that rebuilds its output with one head's A V set to zero."""
+    def hook(m, args, out):
+        x, mask = args
+        A = sanm_attention_weights(m, x, mask)  # (B, h, T, T)
+        v = m.linear_v(x)  # (B, T, D)
+        heads = A @ m._split(v)  # (B, h, T, d_k)
+        heads[:, head] = 0.0
+        return m.linear_out(heads.transpose(1, 2).flatten(2)) + m.memory(v, mask)  # (B, T, D)
+    return hook
+
+
+subset = dev[:60]
+refs = [normalize_text(e["text"]) for e in subset]
+print(f"all heads: CER {cer(refs, recognizer.transcribe([e['audio_filepath'] for e in subset])):.1%}")
+for head in range(H):
+    handle = model.encoder.layers[0].self_attn.register_forward_hook(without_head(head))
+    try:
+        hyps = recognizer.transcribe([e["audio_filepath"] for e in subset])
+    finally:
+        handle.remove()
+    print(f"without head {head} (weight on quiet frames {on_quiet['trained'][0, head]:.1f}x): CER {cer(refs, hyps):.1%}")
+# Compare each line with "all heads": a head whose removal barely moves the CER is one the later layers
+# (and the FSMN memories) can do without; on 60 utterances, differences of a point are within noise.
