@@ -13,9 +13,9 @@ from typing import NamedTuple
 import torch
 
 from paraformer_edu.checkpoint import Recognizer
-from paraformer_edu.data import AudioError, is_silent, load_audio
+from paraformer_edu.data import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.encoder import SANMAttention
-from paraformer_edu.features import fbank
+from paraformer_edu.features import FRAME_SHIFT, fbank
 from paraformer_edu.metrics import align, edit_distance
 from paraformer_edu.predictor import cif_timestamps
 from paraformer_edu.tokenizer import normalize_text
@@ -74,7 +74,7 @@ def look_inside(recognizer: Recognizer, audio, sample_rate: int | None = None) -
     finally:
         for hook in hooks:
             hook.remove()
-    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, model.config.frame_shift)[0]
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, model.config.frame_shift)[0]  # (N,) pairs
     return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0].tolist(),
                   [recognizer.tokenizer.tokens[i] for i in ids.tolist()], stamps, model.config.frame_shift)
 
@@ -85,17 +85,17 @@ def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
     Defined in chapter 8, "Seeing inside the model".
     """
     p = weights.clamp_min(1e-12)  # (h, T, T)
-    return -(weights * p.log()).sum(-1).mean(-1) / math.log(weights.size(-1))  # (h,)
+    return -(weights * p.log()).sum(-1).mean(-1) / math.log(max(weights.size(-1), 2))  # (h,): 0 when T = 1
 
 
-def frame_energy(inside: Inside) -> torch.Tensor:
-    """Mean log-mel energy (T,) of the audio behind each encoder frame.
+def frame_energy(inside: Inside, m: int = 7) -> torch.Tensor:
+    """Mean log-mel energy (T,) of the m fbank frames that LFR stacked into each encoder frame (chapter 1).
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    step = round(inside.frame_shift / 0.01)  # fbank frames per encoder frame
-    T = inside.alphas.size(0)
-    return torch.stack([inside.fbank[step * t: step * (t + 1)].mean() for t in range(T)])  # (T,)
+    n = round(inside.frame_shift * SAMPLE_RATE / FRAME_SHIFT)  # fbank frames per encoder frame (6)
+    T, left = inside.alphas.size(0), (m - 1) // 2  # LFR pads (m - 1) // 2 copies of frame 0 on the left
+    return torch.stack([inside.fbank[max(0, n * t - left): n * t - left + m].mean() for t in range(T)])  # (T,)
 
 
 def attention_share(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ def token_audio(inside: Inside, k: int) -> torch.Tensor:
     Defined in chapter 8, "Seeing inside the model".
     """
     start, end = inside.timestamps[k]
-    return inside.wave[round(start * 16000): round(end * 16000)]  # (S_k,)
+    return inside.wave[round(start * SAMPLE_RATE): round(end * SAMPLE_RATE)]  # (S_k,)
 
 
 def shift_words(words: list, offset: float) -> list:
@@ -157,7 +157,7 @@ def match_words(reference: list, hypothesis: list) -> list:
 
 
 def onset_errors(recognizer: Recognizer, entries: list, offset: float = 0.0) -> tuple:
-    """Signed onset errors (seconds, predicted - true) of the correctly recognised words, and the words in total.
+    """Signed onset errors (s, predicted - true) of the correctly recognised words after the first, and their count.
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -165,8 +165,8 @@ def onset_errors(recognizer: Recognizer, entries: list, offset: float = 0.0) -> 
     errors, n_words = [], 0
     for entry, words in zip(entries, hypotheses):
         reference = reference_words(entry)
-        n_words += len(reference)
-        errors += [start - true_start for _, true_start, start in match_words(reference, words)]
+        n_words += len(reference) - 1  # the first word starts at 0 in both: nothing to measure
+        errors += [start - true_start for _, true_start, start in match_words(reference, words) if true_start > 0]
     return torch.tensor(errors, dtype=torch.float64), n_words  # (matched words,), int
 
 
@@ -175,6 +175,8 @@ def error_summary(errors: torch.Tensor) -> dict:
 
     Defined in chapter 8, "Seeing inside the model".
     """
+    if len(errors) == 0:
+        raise ValueError("no errors to summarise: no word was matched (is the model transcribing anything right?)")
     absolute = errors.abs()  # (n,)
     return {"words": len(errors), "mean_ms": round(1000 * absolute.mean().item(), 1),
             "p90_ms": round(1000 * absolute.quantile(0.9).item(), 1),
@@ -186,6 +188,8 @@ def utterance_errors(entries: list, hypotheses: list) -> list:
 
     Defined in chapter 8, "Seeing inside the model".
     """
+    if len(entries) != len(hypotheses):
+        raise ValueError(f"{len(entries)} manifest entries but {len(hypotheses)} hypotheses: give one per entry")
     records = []
     for entry, hyp in zip(entries, hypotheses):
         ref = normalize_text(entry["text"])
@@ -204,7 +208,9 @@ def cer_by(records: list, key, bins: list | None = None) -> dict:
     groups = {label: [0, 0, 0] for label in labels}  # bins in their order, even if empty
     for r in records:
         value = key(r) if callable(key) else r[key]
-        if bins:  # a number: the bin [lo, hi) it falls in
+        if bins and value is None:  # the manifest did not record it
+            value = "unknown"
+        elif bins:  # a number: the bin [lo, hi) it falls in
             value = next((label for label, lo, hi in zip(labels, bins, bins[1:]) if lo <= value < hi), "other")
         g = groups.setdefault(value, [0, 0, 0])
         g[0], g[1], g[2] = g[0] + r["edits"], g[1] + r["chars"], g[2] + 1

@@ -8,13 +8,16 @@ Generated from chapter 8, "Seeing inside the model" (chapters/08_seeing_inside.p
 
 import torch
 
+from paraformer_edu.data import SAMPLE_RATE
+from paraformer_edu.features import FRAME_SHIFT
+
 try:
     import matplotlib.pyplot as plt
 except ImportError as error:  # matplotlib is in the book's extras, not the package's dependencies
     raise ImportError("paraformer_edu.plots draws with matplotlib: pip install matplotlib "
                       "(or pip install 'paraformer-edu[book]')") from error
 
-FBANK_SHIFT = 0.01  # seconds per fbank frame
+FBANK_SHIFT = FRAME_SHIFT / SAMPLE_RATE  # seconds per fbank frame (0.01)
 
 
 def plot_spectrogram(ax, fbank: torch.Tensor, title: str | None = None):
@@ -97,11 +100,12 @@ def plot_cif(inside, beta: float = 1.0, dpi: int = 80):
     t = (torch.arange(T) + 0.5) * inside.frame_shift  # (T,) frame centres in seconds
     accumulated = alphas.cumsum(0) % beta  # (T,) weight of the token being integrated after frame t
     fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) seconds
-    fig, axes = plt.subplots(3, 1, figsize=(9, 5.4), dpi=dpi, sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]})
+    fig, axes = plt.subplots(3, 1, figsize=(9, 5.6), dpi=dpi, sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]})
     plot_spectrogram(axes[0], inside.fbank)
-    for x, label in zip(fires, _token_labels(inside.tokens)):
+    for k, (x, label) in enumerate(zip(fires, _token_labels(inside.tokens))):
         axes[0].axvline(x, color="white", lw=0.6, alpha=0.8)
-        axes[0].text(x, inside.fbank.size(1) + 2, label, rotation=60, fontsize=7, ha="left", va="bottom")
+        axes[0].text(x, inside.fbank.size(1) * (1.03 + 0.14 * (k % 2)), label, fontsize=7, ha="center",
+                     va="bottom")  # two rows of labels, alternating, so neighbours do not overlap
     axes[1].bar(t.numpy(), alphas.numpy(), width=inside.frame_shift * 0.9, color="tab:blue")
     axes[1].set_ylabel("alpha")
     axes[2].step(t.numpy(), accumulated.numpy(), where="mid", color="tab:green")
@@ -130,14 +134,19 @@ def plot_onset_errors(errors: dict, limit_ms: float = 300, dpi: int = 80):
     return fig
 
 
-def plot_training_log(rows: list, dpi: int = 80):
-    """Each loss part, the dev CER and the dev token-count error over the steps of a train_log.jsonl.
+def plot_training_log(rows: list, marks: dict | None = None, dpi: int = 80):
+    """Each loss part, the dev CER and the dev token-count error over the steps of a train_log.jsonl; marks: {label: step}.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     train = [r for r in rows if "loss" in r]
     dev = [r for r in rows if "dev_cer" in r]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=dpi)
+    for label, step in (marks or {}).items():
+        for ax in axes:
+            ax.axvline(step, color="grey", ls=":", lw=1)
+        axes[0].annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                         textcoords="offset points", fontsize=7, color="grey")
     for part in ("loss_ce", "loss_ctc", "loss_quantity"):
         axes[0].plot([r["step"] for r in train], [r[part] for r in train], lw=0.8, label=part)
     axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss parts")
