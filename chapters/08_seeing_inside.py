@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import paraformer_edu
-from paraformer_edu.data import build_corpus, read_manifest
+from paraformer_edu.data import build_corpus, corpus_config, read_manifest
 from paraformer_edu.metrics import cer
 from paraformer_edu.tokenizer import normalize_text
 
@@ -89,7 +89,8 @@ if metrics_file.exists():
 # model never heard in training.
 
 # %%
-manifests = build_corpus()
+corpus = recognizer.config.data.corpus if recognizer.config else "book"  # the corpus the model was trained on
+manifests = build_corpus(corpus_config(corpus))
 dev, test, test_voices = (read_manifest(manifests[s]) for s in ("dev", "test", "test-voices"))
 entry = test[0]
 hypothesis = recognizer.transcribe(entry["audio_filepath"])
