@@ -257,3 +257,12 @@ def test_public_api_names_chapter_8():
         assert getattr(paraformer_edu, name).__module__ == "paraformer_edu.inspection"
     assert "chapter 8" in paraformer_edu.inspection.look_inside.__doc__
     assert "chapter 8" in plots.plot_cif.__doc__
+
+
+def test_recorded_word_onset_bias_is_what_the_dev_split_gives(book, splits):
+    import json
+
+    recorded = json.loads((BOOK_MODEL.parent / "metrics.json").read_text())["word_onsets"]
+    errors, _ = onset_errors(book, splits["dev"])
+    assert 1000 * errors.median().item() == pytest.approx(recorded["dev_bias_ms"], abs=1.0)
+    assert recorded["test_corrected"]["mean_ms"] <= 60 and recorded["test_corrected"]["p90_ms"] <= 120

@@ -9,7 +9,8 @@ Writes into the folder:
 - vocab.txt       the tokenizer's vocabulary file (chapter 2's format);
 - train_log.jsonl the training log (one JSON object per logged step or dev evaluation);
 - metrics.json    CER/WER/sentence accuracy on dev, test and test-voices, measured now from
-                  model.pt itself, with parameters, steps and training time.
+                  model.pt itself, with parameters, steps and training time, and the word-onset
+                  bias on dev with the corrected onset errors on test (chapter 8).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from paraformer_edu.checkpoint import Recognizer, load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import save_config
-from paraformer_edu.data import build_corpus, corpus_config
+from paraformer_edu.data import build_corpus, corpus_config, read_manifest
+from paraformer_edu.inspection import error_summary, onset_errors
 from paraformer_edu.training import FeatureDataset, evaluate
 
 
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(model, FeatureDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
         metrics[split] = {k: v for k, v in scores.items() if not isinstance(v, list)}
         print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}", file=sys.stderr)
+    recognizer = Recognizer(model, tokenizer, frontend, config)
+    dev_errors, _ = onset_errors(recognizer, read_manifest(manifests["dev"]))
+    bias = dev_errors.median().item()
+    test_errors, _ = onset_errors(recognizer, read_manifest(manifests["test"]), offset=-bias)
+    metrics["word_onsets"] = {"dev_bias_ms": round(1000 * bias, 1), "test_corrected": error_summary(test_errors)}
     (args.folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics))
     return 0
