@@ -128,10 +128,10 @@ def word_timestamps(recognizer: Recognizer, audio, sample_rate: int | None = Non
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    single = not isinstance(audio, list)
-    transcripts = recognizer.transcribe([audio] if single else audio, sample_rate, timestamps=True)
-    words = [shift_words(t.words, offset) for t in transcripts]
-    return words[0] if single else words
+    result = recognizer.transcribe(audio, sample_rate, timestamps=True)  # a Transcript, or a list of them
+    if isinstance(result, list):
+        return [shift_words(t.words, offset) for t in result]
+    return shift_words(result.words, offset)
 
 
 def reference_words(entry: dict) -> list:
