@@ -305,12 +305,21 @@ for name, (filename, _, _) in cases.items():
 # ## The corpus
 #
 # **Text.** A recognizer must not learn a toy grammar by heart, so the sentences are
-# drawn from a real frequency list of English, the `wordfreq` package's 10,000 most
+# drawn from a real frequency list of English, the `wordfreq` package's 1,000 most
 # frequent words (those written with letters and an apostrophe). A word is drawn with
-# probability proportional to $f^{0.7}$, its frequency $f$ flattened so that rarer words
-# appear too; a sentence has 3 to 15 words, a capital, a full stop or a question mark,
-# sometimes a comma. The sentences are not grammatical, which is fine for acoustics: the
-# model must listen rather than guess from context. Chapter 2 normalises this text.
+# probability proportional to its frequency $f$, as in running text, so *the* is common
+# and *ocean* is rare; a sentence has 3 to 15 words, a capital, a full stop or a question
+# mark, sometimes a comma. The sentences are not grammatical, which is fine for
+# acoustics: the model must listen rather than guess from context. Chapter 2 normalises
+# this text.
+#
+# Why only 1,000 words? English spelling is not phonetic, so the model must learn the
+# spelling of every word from the examples it hears; with a few hours of speech and two
+# CPU cores, a vocabulary ten times larger leaves most words heard only a handful of
+# times. The `large` corpus (32,000 training sentences over the 10,000 most frequent
+# words, drawn with probability $\propto f^{0.7}$ so that rare words appear too) is the
+# harder task for a reader with a GPU. The 1,000 words are the bulk of what people
+# write, as the cell after `word_list` below measures.
 #
 # **Voices.** An espeak voice is an accent (`en-us`, `en-gb-scotland`, ...) and a
 # variant (`m1`...`m7`, `f1`...`f5`). Every utterance gets a random voice, a speaking
@@ -365,10 +374,26 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 
 
 # %% [markdown]
+# `wordfreq` gives each word its share of all words in its English sources, so the
+# shares of the book's 1,000 words add up to how much of running text they cover, and
+# the large corpus's 10,000 to a little more:
+
+# %%
+for n in (1000, 10_000):
+    words, freqs = word_list(n)
+    print(f"{n:>6} words, from {words[0]!r} to {words[-1]!r}: {sum(freqs):.0%} of running English text")
+    assert len(words) == n and freqs == sorted(freqs, reverse=True)
+book_words, book_freqs = word_list(1000)
+assert 0.6 < sum(book_freqs) < sum(freqs) < 1
+rng = random.Random(0)
+for _ in range(3):
+    print("  ", make_sentence(rng, book_words, book_freqs))
+
+# %% [markdown]
 # The corpus is described by a `CorpusConfig`: its sizes, its seed and its ranges.
-# `corpus_config("book")` is the default the chapters use (about eight hours, made in a
-# few minutes on two cores); `"large"` is the same recipe four times bigger, for a
-# reader with time or a GPU; `"tiny"` is for tests.
+# `corpus_config("book")` is the default the chapters use (about six hours, made in a
+# few minutes on two cores); `"large"` is four times the speech over ten times the words,
+# for a reader with time or a GPU; `"tiny"` is for tests.
 
 # %%
 #| export
@@ -379,8 +404,8 @@ class CorpusConfig:
     name: str = "book"
     sizes: dict = field(default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300})
     seed: int = 0
-    n_words: int = 10_000  # vocabulary: the most frequent words of wordfreq
-    word_weight_power: float = 0.7  # draw a word with probability ~ frequency ** power
+    n_words: int = 1000  # vocabulary: the most frequent words of wordfreq
+    word_weight_power: float = 1.0  # draw a word with probability ~ frequency ** power (1 = as in English text)
     min_words: int = 3
     max_words: int = 15
     rate: tuple = (130, 190)  # words per minute
@@ -390,7 +415,8 @@ class CorpusConfig:
 
 CORPUS_CONFIGS = {
     "book": CorpusConfig(),
-    "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500}),
+    "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
+                          n_words=10_000, word_weight_power=0.7),  # for a GPU: 4x the speech, 10x the words
     "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
 }
 
@@ -545,8 +571,9 @@ for split in ("train", "test-voices"):
         ipd.display(ipd.Audio(u["audio_filepath"]))
 
 # %% [markdown]
-# How big is it? Hours, utterances, words, and the checks the design promised: at least
-# 5,000 distinct words, no evaluation sentence in train, no test-voices voice in train.
+# How big is it? Hours, utterances, words, and the checks the design promised: every
+# one of the 1,000 words in train, no evaluation sentence in train, no test-voices voice
+# in train.
 
 # %%
 train_words = Counter(w.strip(",.?").lower() for u in corpus["train"] for w in u["text"].split())
@@ -558,7 +585,7 @@ for split, utterances in corpus.items():
     print(f"{split:<12}{len(utterances):>6}{sum(u['duration'] for u in utterances) / 3600:>7.2f}{len(words):>8}"
           f"{len(set(words)):>9}{len({u['voice'] for u in utterances}):>7}{unseen:>13.1%}")
 texts = {split: {u["text"] for u in us} for split, us in corpus.items()}
-assert len(train_words) >= 5000
+assert len(train_words) == corpus_config().n_words
 assert all(not (texts[s] & texts["train"]) for s in ("dev", "test", "test-voices"))
 assert not {u["voice"] for u in corpus["test-voices"]} & train_voices
 assert {u["voice"] for u in corpus["test"]} <= train_voices
@@ -991,11 +1018,11 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Speech carries about 16 characters a second here (spaces included; espeak speaks
-# briskly), and LFR frames run at 16.7 a second. At 60 ms that is close to one character
-# per frame *on average*, and four utterances in ten would need more than one token per
+# Speech carries about 17 characters a second here (spaces included; espeak speaks
+# briskly), and LFR frames run at 16.7 a second. At 60 ms that is about one character
+# per frame *on average*, and half of the utterances would need more than one token per
 # frame: a character-level Paraformer at 60 ms cannot even represent them. At 40 ms the
-# ratio is about 0.65, with the fastest utterances just above 1. Two ways out, taken up
+# ratio is about 0.7, with the fastest utterances just above 1. Two ways out, taken up
 # in the next chapters: a **larger unit** than the character (chapter 2 trains
 # byte-pair subwords, which cut the tokens per second) or a **faster frame rate** (40 ms,
 # at the price of 50% longer sequences for attention). Chapter 2 measures the same ratio
@@ -1003,7 +1030,7 @@ plt.show()
 
 # %%
 per_frame_40ms = rates * 0.04
-assert (chars_per_60ms > 1).mean() > 0.2  # characters at 60 ms do not fit
+assert (chars_per_60ms > 1).mean() > 0.4  # characters at 60 ms do not fit: half the utterances
 assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 
 # %% [markdown]
@@ -1162,8 +1189,8 @@ print(f"batched == unbatched for all {len(batch['index'])} utterances; padding i
 #   torchaudio) to float32 precision.
 # - LFR stacks 7 frames every 6 (60 ms, 560-d), CMVN normalises with global statistics,
 #   SpecAugment masks bands and spans; `Frontend` does it all.
-# - English characters come at about one per 60 ms frame on average, and four
-#   utterances in ten need more than one: the unit or the frame rate must change
+# - English characters come at about one per 60 ms frame on average, and half of the
+#   utterances need more than one: the unit or the frame rate must change
 #   (chapter 2).
 # - Length-bucketed batches cut padding several-fold; batched features equal unbatched.
 #

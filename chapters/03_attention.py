@@ -392,7 +392,7 @@ uniform = (b1 - b0) / T  # the share of equal weights on every key
 print(f"all keys: each frame gives itself {weights_all.diagonal().mean():.0%} of its attention on average")
 print(f"keys beyond 120 ms: the frames of the first {repeated_word(entry)!r} give {there:.0%} of their attention "
       f"to the {b1 - b0} frames of the second one, which give {back:.0%} back (equal weights: about {uniform:.0%})")
-assert min(there, back) > 5 * uniform
+assert min(there, back) > 2.5 * uniform  # well above equal weights
 
 # %%
 seconds = T * frame

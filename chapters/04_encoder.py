@@ -837,8 +837,8 @@ print(f"tokens (+ blanks between repeats) per frame: mean {frames_needed.mean():
 assert frames_needed.max() < 1
 
 # %% [markdown]
-# Every training utterance leaves CTC room: on average a path needs about half of the
-# frames, the densest utterance most of them. That is the reason for BPE units at 60 ms
+# Every training utterance leaves CTC room: on average a path needs less than half of
+# the frames, the densest utterance three quarters of them. That is the reason for BPE units at 60 ms
 # frames: English *characters* run at about one per frame (chapter 1), more than CTC can
 # emit on many utterances (exercise 3).
 
@@ -1006,7 +1006,7 @@ for name, cfg in sizes.items():
 # - On **real speech** (chapter 1's features, chapter 2's BPE targets) the encoder maps
 #   a padded batch (B, T, 560) to (B, T, 192) exactly as it maps each utterance alone,
 #   our CTC loss equals `F.ctc_loss` on it, and every training utterance leaves CTC
-#   room: BPE tokens need about half of the 60 ms frames on average, at most 91%. A
+#   room: BPE tokens need 43% of the 60 ms frames on average, at most 78%. A
 #   dev utterance of a few seconds takes a few milliseconds to encode on a CPU.
 #
 # In `paraformer_edu.encoder`: `EncoderConfig`, `SANMEncoder`, `SANMEncoderLayer`,
@@ -1098,5 +1098,5 @@ for target in targets:
     print(f"{decode(target):<10} U={len(target)} needs {n} frames")
 print(f"at most {1 / 0.06:.1f} tokens per second at 60 ms frames")
 # One token per frame at most: 16.7 tokens/s, and fewer when tokens repeat. English
-# characters (about 16/s) sit right at the limit, which is why the book recognises
-# BPE units (about 6.6/s) at 60 ms frames.
+# characters (about 17/s) sit right at the limit, which is why the book recognises
+# BPE units (about 7/s) at 60 ms frames.
