@@ -871,13 +871,14 @@ for split in records:
 for split in records:
     top = substitution_counts(records[split], 8)
     print(f"{split:<12}", "  ".join(f"{r.replace(' ', '␣')}->{h.replace(' ', '␣')} {n}" for (r, h), n in top))
-    assert set(top[0][0]) <= set("aeiou")  # the most frequent: one vowel for another
+    assert sum(set(pair) <= set("aeiou") for pair, _ in top) >= 2  # one vowel for another, twice in the top 8
     assert any(" " in pair for pair, _ in top)  # and a space among the top 8
 
 # %% [markdown]
-# Vowels stand for each other most: `e`, `a`, `i` and `o` are where English spelling
+# Two kinds of substitution lead. The space: a wrong token count splits or joins
+# words. And one vowel for another: `e`, `a`, `i` and `o` are where English spelling
 # and sound part ways, and the model has to guess the spelling of a word from its
-# sound. The space turns up too: a wrong token count splits or joins words.
+# sound.
 #
 # Last, the three worst utterances of test-voices, to listen to next to their
 # transcripts:
@@ -910,8 +911,8 @@ for r in worst:
 #   frame; the bias measured on dev, subtracted on test, brings the errors to the figures
 #   printed above. `word_timestamps(recognizer, audio, offset=-bias)` returns corrected
 #   word timestamps for any audio.
-# - **Errors**: unseen voices are harder than unseen sentences; vowels substitute for
-#   each other most, and a wrong token count splits or joins words.
+# - **Errors**: unseen voices are harder than unseen sentences; a wrong token count
+#   splits or joins words, and vowels substitute for each other.
 #
 # In `paraformer_edu.inspection`: `sanm_attention_weights`, `Inside`, `look_inside`,
 # `attention_entropy`, `frame_energy`, `attention_share`, `token_audio`, `shift_words`,
