@@ -379,12 +379,12 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 # the large corpus's 10,000 to a little more:
 
 # %%
-for n in (1000, 10_000):
-    words, freqs = word_list(n)
+vocabularies = {n: word_list(n) for n in (1000, 10_000)}  # the book's corpus, the large one
+for n, (words, freqs) in vocabularies.items():
     print(f"{n:>6} words, from {words[0]!r} to {words[-1]!r}: {sum(freqs):.0%} of running English text")
     assert len(words) == n and freqs == sorted(freqs, reverse=True)
-book_words, book_freqs = word_list(1000)
-assert 0.6 < sum(book_freqs) < sum(freqs) < 1
+(book_words, book_freqs), (_, large_freqs) = vocabularies.values()
+assert 0.6 < sum(book_freqs) < sum(large_freqs) < 1
 rng = random.Random(0)
 for _ in range(3):
     print("  ", make_sentence(rng, book_words, book_freqs))

@@ -838,9 +838,9 @@ assert frames_needed.max() < 1
 
 # %% [markdown]
 # Every training utterance leaves CTC room: on average a path needs less than half of
-# the frames, the densest utterance three quarters of them. That is the reason for BPE units at 60 ms
-# frames: English *characters* run at about one per frame (chapter 1), more than CTC can
-# emit on many utterances (exercise 3).
+# the frames, the densest utterance three quarters of them. That is the reason for BPE
+# units at 60 ms frames: English *characters* run at about one per frame (chapter 1),
+# more than CTC can emit on many utterances (exercise 3).
 
 # %% [markdown]
 # ## Size and speed

@@ -875,8 +875,8 @@ for split in records:
     assert any(" " in pair for pair, _ in top)  # and a space among the top 8
 
 # %% [markdown]
-# Two kinds of substitution lead. The space: a wrong token count splits or joins
-# words. And one vowel for another: `e`, `a`, `i` and `o` are where English spelling
+# Two kinds of substitution are among the most frequent in both splits. The space: a
+# wrong token count splits or joins words. And one vowel for another: `e`, `a`, `i` and `o` are where English spelling
 # and sound part ways, and the model has to guess the spelling of a word from its
 # sound.
 #
