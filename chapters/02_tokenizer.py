@@ -58,7 +58,7 @@ import sentencepiece as spm
 import torch
 
 import paraformer_edu
-from paraformer_edu.data import build_corpus, read_manifest
+from paraformer_edu.corpus import build_corpus, read_manifest
 
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
@@ -279,8 +279,14 @@ assert all(normalize_text(text) == text for text in all_texts)
 # |---|---|---|
 # | 0 | `<blank>` | CTC's "no token at this frame" (chapter 4), and the padding of a batch of targets |
 # | 1 | `<sos>` | start of sentence, for an autoregressive decoder (the baseline Paraformer is compared with) |
-# | 2 | `<eos>` | end of sentence: Paraformer's predictor counts one for it |
+# | 2 | `<eos>` | end of sentence, for the same decoder |
 # | 3 | `<unk>` | any character outside the alphabet |
+#
+# Paraformer itself never emits `<sos>` or `<eos>`: its predictor counts the tokens, so
+# no token has to say "stop". The two ids stay because the autoregressive baseline that
+# Paraformer is measured against needs them, and because one vocabulary file then serves
+# both models. (FunASR's recipes do append `<eos>` to Paraformer's targets and let the
+# predictor count it; this book does not.)
 #
 # Making the blank id 0 the padding id too is the usual convention (FunASR, WeNet): a
 # padded target position never collides with a real token. Then the units: for characters,
@@ -302,7 +308,11 @@ EOS_ID = 2
 UNK_ID = 3
 WORD_BOUNDARY = "\u2581"  # '▁': a space between words (characters) or a word's start (BPE)
 
+# %% [markdown]
+# The base class holds the vocabulary and what every tokenizer shares:
 
+# %%
+#| export
 class Tokenizer:
     """Text <-> ids: the special tokens, then the units; subclasses split text into units."""
 
@@ -338,27 +348,32 @@ class Tokenizer:
         """Write the vocabulary file: line i (counting from 0) describes the token of id i."""
         Path(path).write_text("".join(line + "\n" for line in self.vocab_lines()), encoding="utf-8")
 
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """The tokenizer whose vocabulary file is path (see from_lines)."""
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))  # drop the final newline
+
 
 # %% [markdown]
 # Reading a vocabulary file back must fail loudly on anything malformed: a file that does
 # not start with the four special tokens in order, an empty line, a token with whitespace
 # in it. Each line is split at a single space into its parts: one part for a plain token,
-# two for a BPE merge (next section).
+# two for a BPE merge (next section). The lines can come from a file (`load`) or from
+# anywhere else, a checkpoint for instance (`from_lines`, chapter 7); `source` names
+# them in the error messages.
 
 # %%
 #| export
-def read_vocab(path) -> list[list[str]]:
-    """The parts of each line of a vocabulary file, after checking the special tokens."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
+    """The parts of each vocabulary line, after checking the special tokens."""
     if tuple(lines[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise ValueError(f"{path}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
+        raise ValueError(f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
     rows = []
     for number, line in enumerate(lines, start=1):
         parts = line.split(" ")
         if not all(parts) or len(parts) > 2 or any(ch.isspace() for part in parts for ch in part):
-            raise ValueError(f"{path}, line {number}: {line!r} is neither a token nor a pair 'left right'")
+            raise ValueError(f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'")
         rows.append(parts)
     return rows
 
@@ -391,19 +406,19 @@ class CharTokenizer(Tokenizer):
         return list(self.tokens)
 
     @classmethod
-    def load(cls, path) -> "CharTokenizer":
-        """The tokenizer whose vocabulary file is path."""
-        units = read_vocab(path)[len(SPECIAL_TOKENS):]
+    def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "CharTokenizer":
+        """The tokenizer of the lines of a vocabulary file."""
+        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
         for number, parts in enumerate(units, start=len(SPECIAL_TOKENS) + 1):
             if len(parts) != 1 or len(parts[0]) != 1:
-                raise ValueError(f"{path}, line {number}: {' '.join(parts)!r} is not one character"
+                raise ValueError(f"{source}, line {number}: {' '.join(parts)!r} is not one character"
                                  " (a BPE vocabulary? load it with BPETokenizer.load)")
         if not units or units[0] != [WORD_BOUNDARY]:
-            raise ValueError(f"{path}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
+            raise ValueError(f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
         try:
             return cls("".join(parts[0] for parts in units[1:]))
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{source}: {error}") from None
 
 
 # %%
@@ -670,21 +685,36 @@ class BPETokenizer(Tokenizer):
         """The lines of the vocabulary file: base tokens as they are, merged tokens as 'left right'."""
         return self.tokens[:len(self.tokens) - len(self.merges)] + [f"{a} {b}" for a, b in self.merges]
 
-    @classmethod
-    def load(cls, path) -> "BPETokenizer":
-        """The tokenizer whose vocabulary file is path."""
-        rows = read_vocab(path)[len(SPECIAL_TOKENS):]
-        base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
-        if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
-            raise ValueError(f"{path}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
-        merges = rows[len(base):]
-        for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
-            if len(parts) != 2:
-                raise ValueError(f"{path}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
-        try:
-            return cls([tuple(parts) for parts in merges], "".join(base[1:]))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+# %% [markdown]
+# Reading a BPE vocabulary back: the base tokens, one character a line, then the
+# merges, two parts a line, each checked. (`add_to_class` attaches the function to the
+# class, so that a class can be written in steps; in the package the exporter writes
+# such methods into the class body.)
+
+# %%
+def add_to_class(cls):
+    """Attach the decorated function to cls as a method (a class built up cell by cell)."""
+    return lambda method: setattr(cls, getattr(method, "__func__", method).__name__, method) or method
+
+
+# %%
+#| export
+@add_to_class(BPETokenizer)
+@classmethod
+def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "BPETokenizer":
+    """The tokenizer of the lines of a vocabulary file."""
+    rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
+    base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
+    if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
+        raise ValueError(f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
+    merges = rows[len(base):]
+    for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
+        if len(parts) != 2:
+            raise ValueError(f"{source}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
+    try:
+        return cls([tuple(parts) for parts in merges], "".join(base[1:]))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 # %% [markdown]
@@ -838,7 +868,8 @@ for size, (ours, _, sp_nosplit) in sentencepiece_models.items():
 # $$
 #
 # and comfortably below 1: the predictor must also learn *where* to fire, and FunASR's
-# predictor counts one more token for `<eos>`. We measure $\rho$ for every training
+# recipes make it count one more token, an `<eos>` appended to every target (this book's
+# model does not append it, but the choice below leaves room for it). We measure $\rho$ for every training
 # utterance, for characters and for BPE at vocabulary sizes 50, 100, 200, 500 and 1000
 # (steps of about a factor two). One training run to 1000 tokens gives all of them: the
 # merges of a smaller vocabulary are the first merges of a larger one.
@@ -981,7 +1012,7 @@ for name, tok in tokenizers.items():
 #
 # So the book's model uses **BPE with 200 tokens at 60 ms LFR frames**. The cell applies
 # the rule to the measurements and fails if they stop supporting the choice; it also
-# counts the `<eos>` token FunASR's predictor adds to every target.
+# counts the `<eos>` token that FunASR's recipes append to every target.
 
 # %%
 def fits(rho: np.ndarray, comfortable: float = 0.8, share: float = 0.005) -> bool:
@@ -1001,7 +1032,9 @@ assert choice == "BPE-200" and fits(with_eos)
 # %% [markdown]
 # The choice goes into the package. `default_tokenizer()` trains BPE-200 on the training
 # transcripts of chapter 1's corpus (about a second) and is the tokenizer of the later
-# chapters; training is deterministic, so each of them gets the same ids.
+# chapters; training is deterministic, so each of them gets the same ids. Without a
+# manifest it reads the transcripts from the corpus *plan* (chapter 1's
+# `corpus_plan`), so a script that only needs the tokenizer never synthesises audio.
 
 # %%
 #| export
@@ -1009,11 +1042,11 @@ DEFAULT_VOCAB_SIZE = 200
 
 
 def default_tokenizer(train_manifest=None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> BPETokenizer:
-    """The book's tokenizer: BPE trained on the transcripts of the training manifest."""
-    from paraformer_edu.data import build_corpus, read_manifest  # chapter 1; imported here, used only here
+    """The book's tokenizer: BPE on a training manifest's transcripts, by default the book corpus's plan (no audio)."""
+    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest  # chapter 1; used only here
 
     if train_manifest is None:
-        train_manifest = build_corpus()["train"]
+        return train_bpe([utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size)
     return train_bpe([utterance["text"] for utterance in read_manifest(train_manifest)], vocab_size)
 
 
@@ -1027,30 +1060,27 @@ print(f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
 # %% [markdown]
 # ## Closing note: tokens per second against frames per second
 #
-# The measurements behind the choice, on the 8,000 training utterances (7.86 h). Encoder
-# frames run at 16.7 per second at 60 ms (LFR, the book's frontend) and 25 per second at
-# 40 ms; $\rho$ is tokens per encoder frame, per utterance.
-#
-# | unit | tokens per second, mean (max) | $\rho$ at 60 ms: mean / p95 / max | above 0.8 | above 1 | $\rho$ at 40 ms: mean / max | fits at 60 ms |
-# |---|---|---|---|---|---|---|
-# | characters | 16.2 (26.3) | 0.97 / 1.19 / 1.60 | 91.2% | 39.0% | 0.65 / 1.06 | no |
-# | BPE-50 | 13.5 (23.8) | 0.81 / 1.00 / 1.44 | 50.2% | 4.0% | 0.54 / 0.95 | no |
-# | BPE-100 | 10.4 (17.3) | 0.62 / 0.78 / 1.05 | 2.7% | 0.0% | 0.42 / 0.70 | no |
-# | **BPE-200** | **8.6 (14.3)** | **0.52 / 0.64 / 0.86** | **0.1%** | **0.0%** | **0.35 / 0.58** | **yes: chosen** |
-# | BPE-500 | 6.8 (12.0) | 0.41 / 0.52 / 0.73 | 0.0% | 0.0% | 0.27 / 0.47 | yes |
-# | BPE-1000 | 5.7 (11.1) | 0.34 / 0.44 / 0.67 | 0.0% | 0.0% | 0.23 / 0.44 | yes |
-#
-# **The unit: BPE with 200 tokens** (the 4 special tokens, `▁`, the 27 characters and 168
-# merges) **at 60 ms frames**, `paraformer_edu.default_tokenizer()`. The cell below checks
-# the table's key numbers against the measurements.
+# The measurements behind the choice, computed afresh from the training utterances.
+# Encoder frames run at 16.7 per second at 60 ms (LFR, the book's frontend) and 25 per
+# second at 40 ms; $\rho$ is tokens per encoder frame, per utterance. The unit: **BPE
+# with 200 tokens** (the 4 special tokens, `▁`, the 27 characters and 168 merges) **at
+# 60 ms frames**, `paraformer_edu.default_tokenizer()`. The cell prints the table and
+# checks the key numbers against the rule above.
 
 # %%
-closing = {name: (round(float(np.mean(lengths[name] / durations)), 1), round(float(per_frame[name][60].mean()), 2),
-                  round(float(per_frame[name][60].max()), 2)) for name in tokenizers}
-for name, (rate, mean, peak) in closing.items():
-    print(f"{name:<11} {rate:4.1f} tokens/s  rho at 60 ms: mean {mean:.2f} max {peak:.2f}")
-assert closing["characters"] == (17.2, 1.03, 1.74) and closing["BPE-200"] == (7.1, 0.43, 0.78)
+print(f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; "
+      f"encoder frames per second: {frames[60].sum() / durations.sum():.1f} at 60 ms, "
+      f"{frames[40].sum() / durations.sum():.1f} at 40 ms")
+print(f"{'unit':<11} {'tokens/s mean (max)':>19} {'rho 60 ms mean/p95/max':>23} {'> 0.8':>6} {'> 1':>6} "
+      f"{'rho 40 ms mean/max':>19} {'fits at 60 ms':>14}")
+for name in tokenizers:
+    rate, r60, r40 = lengths[name] / durations, per_frame[name][60], per_frame[name][40]
+    verdict = ("yes: chosen" if name == choice else "yes") if fits(r60) else "no"
+    print(f"{name:<11} {rate.mean():>11.1f} ({rate.max():4.1f}) {r60.mean():>10.2f} / {np.percentile(r60, 95):.2f} / "
+          f"{r60.max():.2f} {np.mean(r60 > 0.8):>6.1%} {np.mean(r60 > 1):>6.1%} {r40.mean():>12.2f} / {r40.max():.2f} "
+          f"{verdict:>14}")
 assert round(float(frames[60].sum() / durations.sum()), 1) == 16.7 and choice == "BPE-200"
+assert all(fits(per_frame[name][60]) == (name in ("BPE-200", "BPE-500", "BPE-1000")) for name in tokenizers)
 
 # %% [markdown]
 # ## Summary

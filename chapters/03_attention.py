@@ -336,7 +336,9 @@ assert max_diff(out[0], attention(Q[0], K[0], V[0])[0]) < 1e-6
 # %%
 from IPython.display import Audio
 
-from paraformer_edu.data import build_corpus, load_audio, read_manifest
+from paraformer_edu.audio import load_audio
+
+from paraformer_edu.corpus import build_corpus, read_manifest
 from paraformer_edu.features import Frontend, fbank
 
 manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
@@ -493,14 +495,22 @@ class MultiHeadAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, T_q, d_in), key and value (B, T_k, d_in), masks True where allowed -> (B, T_q, D), (B, h, T_q, T_k)."""
         mask = _combine_masks(key_mask, attn_mask)  # (B, 1, T_q or 1, T_k) or None
-        q = self.split_heads(self.linear_q(query))  # (B, h, T_q, d_k)
-        k = self.split_heads(self.linear_k(key))  # (B, h, T_k, d_k)
-        v = self.split_heads(self.linear_v(value))  # (B, h, T_k, d_k)
+        return self.attend(self.linear_q(query), self.linear_k(key), self.linear_v(value), mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads of projected q (B, T_q, D), k and v (B, T_k, D), then W^O -> (B, T_q, D), (B, h, T_q, T_k)."""
         dropout = self.dropout if self.training else 0.0
-        heads, weights = scaled_dot_product_attention(q, k, v, mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
+        heads, weights = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v),
+                                                      mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
+# %% [markdown]
+# The key padding mask of a batch, `(B, T_k)`, and an attention mask such as the causal
+# one, `(T_q, T_k)`, become one boolean mask that broadcasts over the heads.
 
+# %%
+#| export
 def _combine_masks(key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The key padding mask (B, T_k) and an attention mask (T_q, T_k) or (B, T_q, T_k), as one mask over heads."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T_k)

@@ -92,6 +92,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from paraformer_edu.attention import MultiHeadAttention, sinusoidal_positional_encoding
+
 # %%
 #| export
 class FSMNMemory(nn.Module):
@@ -223,40 +225,29 @@ print("memory that leaks into the padding:", float(at_end[61:].abs().sum()))
 # layer reads the 560-d features directly and its projections $W^Q, W^K, W^V$ map them
 # to $D$. With `kernel_size=0` there is no memory block, and the layer is a plain
 # Transformer self-attention: the comparison we need later.
+#
+# In code, SAN-M *is* chapter 3's `MultiHeadAttention` (its projections, head
+# splitting, scaling and masked softmax, through its `attend` step) with the memory
+# added: the subclass computes $V$ once, hands it to both, and returns the attention
+# weights too, so that chapter 8 can read them without computing them again.
 
 # %%
 #| export
-class SANMAttention(nn.Module):
-    """SAN-M self-attention: multi-head attention plus the FSMN memory of its values."""
+class SANMAttention(MultiHeadAttention):
+    """SAN-M self-attention: chapter 3's multi-head attention plus the FSMN memory of its values."""
 
     def __init__(self, d_in: int, d_model: int, n_heads: int, kernel_size: int = 11,
                  dropout: float = 0.0, attention_dropout: float = 0.0):
-        super().__init__()
-        assert d_model % n_heads == 0, "d_model must be a multiple of n_heads"
-        self.n_heads, self.d_k = n_heads, d_model // n_heads
-        self.linear_q = nn.Linear(d_in, d_model)
-        self.linear_k = nn.Linear(d_in, d_model)
-        self.linear_v = nn.Linear(d_in, d_model)
-        self.linear_out = nn.Linear(d_model, d_model)
-        self.attention_dropout = nn.Dropout(attention_dropout)
+        super().__init__(d_model, n_heads, attention_dropout, d_in=d_in)
         self.memory = FSMNMemory(d_model, kernel_size, dropout=dropout) if kernel_size > 0 else None
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, h, T, d_k)."""
-        return x.view(x.size(0), x.size(1), self.n_heads, self.d_k).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """SANM(X) for x (B, T, d_in) and the padding mask (B, T); returns (B, T, D)."""
-        B, T, _ = x.shape
-        q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)  # (B, T, D) each
-        scores = self._split(q) @ self._split(k).transpose(-2, -1) / math.sqrt(self.d_k)  # (B, h, T, T)
-        scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)  # (B, h, T, T): no padded keys
-        weights = self.attention_dropout(scores.softmax(-1))  # (B, h, T, T)
-        heads = weights @ self._split(v)  # (B, h, T, d_k)
-        y = self.linear_out(heads.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SANM(X) for x (B, T, d_in) and the padding mask (B, T) -> (B, T, D) and the weights (B, h, T, T)."""
+        v = self.linear_v(x)  # (B, T, D)
+        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])  # (B, T, D)
         if self.memory is not None:
             y = y + self.memory(v, mask)  # (B, T, D)
-        return y
+        return y, weights
 
 
 # %% [markdown]
@@ -309,7 +300,7 @@ class SANMEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One layer: x (B, T, d_in), mask (B, T) -> (B, T, D)."""
-        y = self.dropout(self.self_attn(self.norm1(x), mask))  # (B, T, D)
+        y = self.dropout(self.self_attn(self.norm1(x), mask)[0])  # (B, T, D)
         x = x + y if self.residual else y  # (B, T, D)
         return x + self.dropout(self.feed_forward(self.norm2(x)))  # (B, T, D)
 
@@ -348,7 +339,7 @@ with torch.no_grad():
     plain = SANMAttention(d, d, h, kernel_size=0)
     plain.load_state_dict(sanm.state_dict(), strict=False)  # the same projections, no memory
     memory = sanm.memory(sanm.linear_v(x), mask)  # (B, T, D)
-    diff = (sanm(x, mask) - plain(x, mask) - memory).abs().max().item()
+    diff = (sanm(x, mask)[0] - plain(x, mask)[0] - memory).abs().max().item()
     print(f"SAN-M attention - plain attention - FSMN(V): max abs diff {diff:.0e}")
     assert diff < 1e-5
 
@@ -357,7 +348,11 @@ with torch.no_grad():
 #
 # The encoder takes chapter 1's features, 60 ms low-frame-rate frames of 560 numbers
 # (7 stacked 80-d fbank frames) normalised by the global CMVN. As in FunASR, it scales
-# them by $\sqrt{D}$ and adds sinusoidal positions (chapter 3) of the input width:
+# them by $\sqrt{D}$ and adds sinusoidal positions of the input width. We use chapter
+# 3's `sinusoidal_positional_encoding` (sines and cosines interleaved, positions from
+# 0); FunASR's `SinusoidalPositionEncoder` puts all the sines before all the cosines,
+# uses the frequencies $10000^{-i/(D/2-1)}$ and counts positions from 1, an encoding of
+# the same kind but not the same numbers, so its weights would not fit ours:
 #
 # $$
 # X'_t = \sqrt{D}\, X_t + \operatorname{PE}_t
@@ -371,18 +366,6 @@ with torch.no_grad():
 # did the subsampling).
 #
 # The book's default sizes are below; the section on size and speed explains them.
-
-# %%
-#| export
-def _sinusoidal_positions(length: int, d: int) -> torch.Tensor:
-    """Sinusoidal position encodings (T, d): sin on even, cos on odd channels."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]  # (T, 1)
-    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (d/2,)
-    pe = torch.zeros(length, d)  # (T, d)
-    pe[:, 0::2] = torch.sin(position * frequency)  # (T, d/2)
-    pe[:, 1::2] = torch.cos(position * frequency)  # (T, d/2)
-    return pe
-
 
 # %%
 #| export
@@ -414,7 +397,7 @@ class SANMEncoder(nn.Module):
         """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, d_model) and lengths."""
         mask = torch.arange(x.size(1), device=x.device) < lengths[:, None]  # (B, T)
         x = x.masked_fill(~mask[..., None], 0.0)  # (B, T, d_input): whatever the padding held
-        pe = _sinusoidal_positions(x.size(1), x.size(2)).to(x)  # (T, d_input)
+        pe = sinusoidal_positional_encoding(x.size(1), x.size(2)).to(x)  # (T, d_input): chapter 3
         x = x * math.sqrt(self.config.d_model) + pe  # (B, T, d_input)
         for layer in self.layers:
             x = layer(x, mask)  # (B, T, D)
@@ -750,7 +733,8 @@ assert [decode(ids) for ids in hypotheses] == ["ERROR", "ORE"]
 # few dev utterances into a batch with their lengths.
 
 # %%
-from paraformer_edu.data import SpeechDataset, build_corpus, collate
+from paraformer_edu.corpus import build_corpus
+from paraformer_edu.dataset import SpeechDataset, collate
 from paraformer_edu.features import Frontend
 from paraformer_edu.tokenizer import default_tokenizer
 

@@ -23,9 +23,15 @@
 # embeddings $E_{ac}$ (B, N, D) are what the decoder of chapter 6 reads.
 #
 # CIF is simple to write as a loop over frames and fiddly to write fast. The loop is
-# slow, and fast versions in the wild have had bugs: FunASR rolled back a vectorised
-# version over a training bug, and once swapped peaks and weights in its timestamps. So
-# we write CIF three ways and show that they agree.
+# slow (in FunASR it was the bottleneck of the exported ONNX model, which is why a
+# vectorised `cif_v1` was added in June 2024, [PR #1791](https://github.com/modelscope/FunASR/pull/1791)),
+# and fast versions in the wild have had bugs: ten days later FunASR
+# [rolled that version back](https://github.com/modelscope/FunASR/commit/362eed972c885bd3526b75df6e1527925abe06c2)
+# over a training bug (its token count and its embeddings disagreed by one, a `floor`
+# against a `round`), and switched it on again in December 2024 once fixed; and its
+# timestamps once passed CIF's peaks where its weights belonged
+# ([issue #3723](https://github.com/modelscope/FunASR/issues/3723)). So we write CIF three
+# ways and show that they agree.
 #
 # **Learning goals.** After this chapter you can
 #
@@ -353,7 +359,12 @@ def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: t
     hf = h.flatten(0, 1).index_select(0, (row * T + f).flatten()).view(B, K - 1, D)  # (B, K - 1, D)
     return F.pad(u.to(h.dtype)[..., None] * hf, (0, 0, 1, 0))  # (B, K, D): token 0 has none
 
+# %% [markdown]
+# `cif` puts the pieces together: the count, the frame pieces, the corrections at the
+# boundaries, and the tail rule at inference.
 
+# %%
+#| export
 def cif(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
         tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
     """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N (B,), fires (B, N)."""
@@ -789,28 +800,27 @@ assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
 #
 # (Paraformer adds the decoder's cross-entropy, chapter 6). The budget is a minute or so
 # of a 2-core CPU, so the data is small: the first 1,000 training utterances (an hour
-# of speech) and the 300 dev utterances for the evaluation, tokenised with chapter 2's BPE (200 tokens). `Frontend.fit` measures
-# the CMVN statistics on exactly those 1,000 utterances, so we compute their fbank + LFR
-# features once, fit the CMVN on them, and normalise: the same features as
-# `Frontend.fit(manifests["train"])` would give, at half the cost.
+# of speech) and the 300 dev utterances for the evaluation, tokenised with chapter 2's
+# BPE (200 tokens), read through chapter 1's `SpeechDataset` (cached features, CMVN
+# measured by `Frontend.fit` on exactly those 1,000 utterances).
 
 # %%
-from paraformer_edu.data import BucketBatchSampler, build_corpus, load_audio, pad_sequences, read_manifest
+from paraformer_edu.corpus import build_corpus
+from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.encoder import CTCHead, EncoderConfig, SANMEncoder
 from paraformer_edu.features import Frontend
 from paraformer_edu.tokenizer import default_tokenizer
 
 manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
 tokenizer = default_tokenizer(manifests["train"])  # chapter 2: BPE on the training transcripts
-train_entries = read_manifest(manifests["train"])[:1000]
-dev_entries = read_manifest(manifests["dev"])
-frontend = Frontend()
-raw_train = [frontend.raw(load_audio(e["audio_filepath"])) for e in train_entries]  # (T_b, 560) each, before CMVN
-frontend.cmvn.fit(raw_train)  # as Frontend.fit(manifests["train"]) does: its first 1,000 utterances
-X_train = [frontend.cmvn(x) for x in raw_train]  # (T_b, 560) each
-X_dev = [frontend(load_audio(e["audio_filepath"])) for e in dev_entries]  # (T_b, 560) each
-Y_train = [torch.tensor(tokenizer.encode(e["text"])) for e in train_entries]  # (U_b,) each
-Y_dev = [torch.tensor(tokenizer.encode(e["text"])) for e in dev_entries]  # (U_b,) each
+frontend = Frontend.fit(manifests["train"], max_utterances=1000)  # CMVN of the first 1,000 utterances
+train_set = SpeechDataset(manifests["train"], frontend, tokenizer.encode)
+dev_set = SpeechDataset(manifests["dev"], frontend, tokenizer.encode)
+train_items = [train_set[i] for i in range(1000)]  # dicts: features (T_b, 560), targets (U_b,), ...
+dev_items = [dev_set[i] for i in range(len(dev_set))]
+train_entries, dev_entries = train_set.entries[:1000], dev_set.entries
+X_train, Y_train = [it["features"] for it in train_items], [it["targets"] for it in train_items]
+X_dev, Y_dev = [it["features"] for it in dev_items], [it["targets"] for it in dev_items]
 T_dev = torch.tensor([len(x) for x in X_dev])  # (N,)
 U_dev = torch.tensor([len(y) for y in Y_dev])  # (N,)
 hours = sum(e["duration"] for e in train_entries) / 3600
@@ -827,14 +837,14 @@ print(f"dev: {len(X_dev)} utterances, tokens per utterance {U_dev.min()}-{U_dev.
 # $\lfloor \sum_t \alpha_t + 0.45 \rfloor$, is exactly right.
 
 # %%
-def predict_alphas(encoder, predictor, X, batch_size=50):
-    """The weights alpha (N, T_max) of N feature matrices (T_b, 560), in evaluation mode; 0 on padding."""
+def predict_alphas(encoder, predictor, items, batch_size=50):
+    """The weights alpha (N, T_max) of N dataset items, in evaluation mode; 0 on padding."""
     encoder.eval(), predictor.eval()
-    T_max, chunks = max(len(x) for x in X), []
+    T_max, chunks = max(len(it["features"]) for it in items), []
     with torch.no_grad():
-        for i in range(0, len(X), batch_size):
-            x, lengths = pad_sequences(X[i:i + batch_size])  # (B, T, 560), (B,)
-            h, h_lengths = encoder(x, lengths)  # (B, T, D), (B,)
+        for i in range(0, len(items), batch_size):
+            batch = collate(items[i:i + batch_size])  # features (B, T, 560), feature_lengths (B,)
+            h, h_lengths = encoder(batch["features"], batch["feature_lengths"])  # (B, T, D), (B,)
             alphas = predictor.weights(h, h_lengths)  # (B, T)
             chunks.append(F.pad(alphas, (0, T_max - alphas.size(1))))  # (B, T_max)
     return torch.cat(chunks)  # (N, T_max)
@@ -865,7 +875,7 @@ predictor = CifPredictor(config.d_model)
 n_parameters = sum(p.numel() for m in (encoder, ctc_head, predictor) for p in m.parameters())
 print(f"parameters: {n_parameters:,} (predictor {sum(p.numel() for p in predictor.parameters()):,})")
 
-alphas_before = predict_alphas(encoder, predictor, X_dev)  # (N, T_max)
+alphas_before = predict_alphas(encoder, predictor, dev_items)  # (N, T_max)
 lengths_before = alphas_before.sum(1)  # (N,)
 rate = sum(len(y) for y in Y_train) / sum(len(x) for x in X_train)  # tokens per frame in training
 lengths_baseline = rate * T_dev  # (N,)
@@ -896,8 +906,9 @@ while step < steps:
     for batch in sampler:
         if step == steps:
             break
-        x, x_lengths = pad_sequences([X_train[i] for i in batch])  # (B, T, 560), (B,)
-        y, y_lengths = pad_sequences([Y_train[i] for i in batch], tokenizer.pad_id)  # (B, U), (B,)
+        b = collate([train_items[i] for i in batch], tokenizer.pad_id)
+        x, x_lengths = b["features"], b["feature_lengths"]  # (B, T, 560), (B,)
+        y, y_lengths = b["targets"], b["target_lengths"]  # (B, U), (B,)
         h, h_lengths = encoder(x, x_lengths)  # (B, T, D), (B,)
         loss_ctc = ctc_head.loss(h, h_lengths, y, y_lengths)
         out = predictor(h, h_lengths, target_lengths=y_lengths)  # embeds (B, U, D), alphas (B, T)
@@ -912,7 +923,7 @@ while step < steps:
             print(f"step {step:>3} (epoch {epoch}): CTC {loss_ctc.item():.2f}, quantity {loss_mae.item():.2f}, "
                   f"{time.perf_counter() - start:.0f} s")
     epoch += 1
-alphas_after = predict_alphas(encoder, predictor, X_dev)  # (N, T_max)
+alphas_after = predict_alphas(encoder, predictor, dev_items)  # (N, T_max)
 lengths_after = alphas_after.sum(1)  # (N,)
 
 # %%

@@ -68,7 +68,8 @@ from torchaudio.functional import edit_distance
 
 import paraformer_edu
 from paraformer_edu.attention import MultiHeadAttention, causal_mask, padding_mask
-from paraformer_edu.data import SpeechDataset, build_corpus, collate
+from paraformer_edu.corpus import build_corpus
+from paraformer_edu.dataset import SpeechDataset, collate
 from paraformer_edu.encoder import EncoderConfig, SANMEncoder, count_parameters
 from paraformer_edu.features import Frontend
 from paraformer_edu.predictor import CifPredictor
@@ -186,7 +187,12 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.src_attn(self.norm2(x), h, h, h_mask)[0])  # (B, N, D)
         return x + self.dropout(self.feed_forward(self.norm3(x)))  # (B, N, D)
 
+# %% [markdown]
+# The decoder stacks these layers on the CIF embeddings and ends in a projection to
+# the vocabulary.
 
+# %%
+#| export
 class ParaformerDecoder(nn.Module):
     """The parallel decoder: L decoder layers over the acoustic embeddings, LayerNorm, Linear to V."""
 
@@ -506,12 +512,20 @@ assert torch.equal(glm_sample(decoder, E_ac, N, H, H_lengths, targets, 0.0).embe
 #   $\mathcal{L}_\text{MAE} = \big|\, |y| - \sum_t \alpha_t \big|$ on the unscaled weights;
 # - the **encoder** directly, with chapter 4's CTC loss on its CTC head.
 #
-# The total weighs them as FunASR does:
+# The total has the form and the weights of FunASR's Paraformer:
 #
 # $$
 # \mathcal{L} = (1 - w_\text{ctc})\, \mathcal{L}_\text{CE} + w_\text{ctc}\, \mathcal{L}_\text{CTC}
 #   + w_\text{MAE}\, \mathcal{L}_\text{MAE}, \qquad w_\text{ctc} = 0.3,\ w_\text{MAE} = 1.
 # $$
+#
+# The parts are normalised differently, so the same weights do not strike the same
+# balance. Here the cross-entropy is a mean over the batch's tokens, the CTC loss is
+# PyTorch's `reduction="mean"` (each utterance's loss divided by its length, then the
+# batch mean), and the quantity loss a mean over utterances. FunASR, by default
+# (`length_normalized_loss=False`), sums the cross-entropy and the CTC loss over each
+# utterance's tokens and divides by the number of utterances, which weighs long
+# utterances more and makes both losses larger by the average length.
 #
 # `F.cross_entropy` has label smoothing built in, in exactly this form (FunASR's
 # `LabelSmoothingLoss` spreads $\epsilon$ over the $V - 1$ wrong tokens and measures a KL
@@ -621,6 +635,15 @@ class Hypothesis(NamedTuple):
         return tokenizer.decode(self.token_ids)
 
 
+class Inference(NamedTuple):
+    """Everything one inference pass computed: encoder states, the predictor's output, the decoder's tokens."""
+
+    h: torch.Tensor  # (B, T, D) encoder output
+    h_lengths: torch.Tensor  # (B,)
+    cif: tuple  # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    token_ids: torch.Tensor  # (B, N) the decoder's argmax, valid up to cif.token_lengths
+
+
 # %%
 #| export model
 class Paraformer(nn.Module):
@@ -654,38 +677,71 @@ class Paraformer(nn.Module):
         loss = (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc + c.quantity_weight * loss_quantity
         return {"loss": loss, "loss_ce": loss_ce, "loss_quantity": loss_quantity, "loss_ctc": loss_ctc,
                 **self._statistics(logits, first_logits, replaced, targets, target_lengths, cif.alphas)}
+# %% [markdown]
+# The inference pass comes next. A class this size is easier to read in steps, so
+# the chapter adds the rest of `Paraformer`'s methods in cells of their own, in the
+# style of d2l: `add_to_class(Paraformer)` attaches the function below it to the
+# class (in the package, the exporter writes them into the class body).
+# `Paraformer.infer` runs encoder, predictor (unscaled weights, tail rule) and decoder
+# and returns everything it computed, which chapter 8 reads; `recognize` turns that
+# into token ids and timestamps per utterance.
 
-    @staticmethod
-    def _statistics(logits, first_logits, replaced, targets, target_lengths, alphas) -> dict:
-        """Accuracies of both passes, share of tokens replaced, predicted and true lengths (no gradients)."""
-        n_tokens = target_lengths.sum().clamp(min=1)
-        first = logits if first_logits is None else first_logits  # (B, N, V)
-        return {"accuracy": token_accuracy(logits.detach(), targets, target_lengths),
-                "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
-                "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
-                "length_predicted": alphas.detach().sum(1).mean(),
-                "length_target": target_lengths.float().mean()}
+# %%
+def add_to_class(cls):
+    """Attach the decorated function to cls as a method (a class built up cell by cell)."""
+    return lambda method: setattr(cls, getattr(method, "__func__", method).__name__, method) or method
 
-    @torch.no_grad()
-    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[Hypothesis]:
-        """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds."""
-        was_training = self.training
-        self.eval()
-        try:
-            h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
-            cif = self.predictor(h, h_lengths)  # unscaled weights, tail rule: embeds (B, N, D)
-            if cif.embeds.size(1) == 0:  # no utterance fired a token
-                ids = cif.fires.new_zeros(cif.fires.shape)  # (B, 0)
-            else:
-                ids = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)  # (B, N)
-        finally:
-            self.train(was_training)
-        stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, self.config.frame_shift)
-        return [Hypothesis(ids[b, :n].tolist(), stamps[b]) for b, n in enumerate(cif.token_lengths.tolist())]
 
-    def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:
-        """The text of each utterance of features (B, T, F), decoded by the tokenizer."""
-        return [hyp.text(tokenizer) for hyp in self.recognize(features, feature_lengths)]
+# %% [markdown]
+# What the training pass reports besides the losses: both passes' accuracies, the share
+# of tokens the sampler replaced, and the predicted against the true lengths.
+
+# %%
+#| export model
+@add_to_class(Paraformer)
+@staticmethod
+def _statistics(logits, first_logits, replaced, targets, target_lengths, alphas) -> dict:
+    """Accuracies of both passes, share of tokens replaced, predicted and true lengths (no gradients)."""
+    n_tokens = target_lengths.sum().clamp(min=1)
+    first = logits if first_logits is None else first_logits  # (B, N, V)
+    return {"accuracy": token_accuracy(logits.detach(), targets, target_lengths),
+            "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
+            "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
+            "length_predicted": alphas.detach().sum(1).mean(),
+            "length_target": target_lengths.float().mean()}
+
+
+# %%
+#| export model
+@add_to_class(Paraformer)
+@torch.no_grad()
+def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Inference:
+    """The inference pass on features (B, T, F) in evaluation mode: encoder, predictor (tail rule), decoder."""
+    was_training = self.training
+    self.eval()
+    try:
+        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+        cif = self.predictor(h, h_lengths)  # unscaled weights, tail rule: embeds (B, N, D)
+        if cif.embeds.size(1) == 0:  # no utterance fired a token
+            ids = cif.fires.new_zeros(cif.fires.shape)  # (B, 0)
+        else:
+            ids = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)  # (B, N)
+    finally:
+        self.train(was_training)
+    return Inference(h, h_lengths, cif, ids)
+
+@add_to_class(Paraformer)
+def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[Hypothesis]:
+    """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds."""
+    out = self.infer(features, feature_lengths)
+    n_tokens = out.cif.token_lengths  # (B,)
+    stamps = cif_timestamps(out.cif.fires, n_tokens, out.h_lengths, self.config.frame_shift)
+    return [Hypothesis(out.token_ids[b, :n].tolist(), stamps[b]) for b, n in enumerate(n_tokens.tolist())]
+
+@add_to_class(Paraformer)
+def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:
+    """The text of each utterance of features (B, T, F), decoded by the tokenizer."""
+    return [hyp.text(tokenizer) for hyp in self.recognize(features, feature_lengths)]
 
 
 # %% [markdown]
@@ -930,7 +986,8 @@ assert trained.replaced.sum() == 0 and sample.replaced[few].sum() > 0
 #
 # In `paraformer_edu.decoder`: `DecoderLayer`, `ParaformerDecoder`, `glm_positions`,
 # `glm_sample`, `GlmSample`. In `paraformer_edu.model`: `ParaformerConfig`,
-# `Paraformer`, `Hypothesis`, `label_smoothing_loss`, `token_accuracy`. The next chapter
+# `Paraformer` (with `infer` and `recognize`), `Inference`, `Hypothesis`,
+# `label_smoothing_loss`, `token_accuracy`. The next chapter
 # trains the model on the whole corpus.
 #
 # ## Exercises

@@ -67,7 +67,7 @@ import torch
 import torchaudio
 
 import paraformer_edu
-from paraformer_edu.data import build_corpus, read_manifest
+from paraformer_edu.corpus import build_corpus, read_manifest
 from paraformer_edu.tokenizer import default_tokenizer
 
 torch.manual_seed(0)
@@ -128,7 +128,12 @@ def edit_table(ref: Sequence, hyp: Sequence) -> list[list[int]]:
         D.append(row)
     return D
 
+# %% [markdown]
+# Walking the table back from its corner, preferring a match or substitution, then a
+# deletion, then an insertion, gives one alignment of minimum cost:
 
+# %%
+#| export metrics
 def align(ref: Sequence, hyp: Sequence) -> Alignment:
     """A minimum-edit alignment of hyp to ref, by walking the edit table back from its corner."""
     D, i, j, steps = edit_table(ref, hyp), len(ref), len(hyp), []
@@ -155,7 +160,12 @@ def edit_distance(ref: Sequence, hyp: Sequence) -> int:
         previous = current
     return previous[-1]
 
+# %% [markdown]
+# Over a test set the edits are summed before dividing: a long utterance counts more
+# than a short one, as in `jiwer`.
 
+# %%
+#| export metrics
 def _corpus_rate(references: Sequence[str], hypotheses: Sequence[str], split) -> float:
     """Edits over all utterances divided by the reference units over all utterances."""
     if len(references) != len(hypotheses):
@@ -276,13 +286,17 @@ from paraformer_edu.model import ParaformerConfig
 class DataConfig:
     """Which corpus, tokenizer and batches to train on."""
 
-    corpus: str = "book"  # a name of paraformer_edu.data.CORPUS_CONFIGS
+    corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
     max_frames: int = 4000  # padded encoder frames per batch (about 30 utterances of 4 s)
     spec_augment: bool = True
     spec_augment_from: int = 0  # the step from which SpecAugment is applied (early steps learn faster without)
     cmvn_utterances: int = 1000  # training utterances whose features give the CMVN statistics
 
+# %% [markdown]
+# The optimisation and the budget:
 
+# %%
+#| export config
 @dataclass(frozen=True)
 class TrainingConfig:
     """The optimiser, its schedule and the budget of a training run."""
@@ -308,7 +322,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
+# %% [markdown]
+# Building a `Config` from a nested dict is where mistakes are caught: a key that no
+# dataclass field has, or a value of the wrong type, names the setting and what it
+# should be. YAML 1.1 reads `3e-4` (no dot) as a string, so a float setting also accepts
+# a numeric string.
 
+# %%
+#| export config
 def _build(cls, values: dict, prefix: str = ""):
     """An instance of the dataclass cls from a nested dict, refusing unknown keys and wrong types."""
     if not isinstance(values, dict):
@@ -340,7 +361,12 @@ def _as_float(value, name: str) -> float:
     except ValueError:
         raise ValueError(f"setting {name} must be float, got {value!r}") from None
 
+# %% [markdown]
+# Overrides are dotted paths, `section.key=value`, the value read as YAML; the flat
+# view of a configuration uses the same paths.
 
+# %%
+#| export config
 def config_to_dict(config) -> dict:
     """The nested dict (YAML-ready) of a configuration."""
     return dataclasses.asdict(config)
@@ -366,7 +392,12 @@ def apply_override(values: dict, override: str) -> dict:
     node[last] = yaml.safe_load(text)
     return values
 
+# %% [markdown]
+# Loading is then: the defaults, the file merged over them, the overrides on top, and
+# one `_build` that checks everything.
 
+# %%
+#| export config
 def load_config(path=None, overrides=()) -> Config:
     """The configuration of a YAML file (missing keys take the defaults), with dotted overrides applied."""
     values = config_to_dict(Config())
@@ -423,23 +454,21 @@ for bad in ["training.lr=fast", "training.lrate=3e-4", "model.encoder.n_layers=4
 # ## Feeding the model fast: cached features
 #
 # On two CPU cores every second spent outside the model is a second not spent
-# learning. Chapter 1's front end reads a WAV file and computes fbank and LFR for every
-# utterance every time it is drawn; over ten epochs that is the same work ten times.
-# The features before CMVN do not change, so we compute them once per manifest and
-# keep them in the cache folder as float16 (a float16 log-mel energy is exact to about
-# 0.01, far below what SpecAugment or the model's first layer notices). CMVN and
-# SpecAugment stay on the fly: CMVN is one subtraction and division, and SpecAugment
-# must draw new masks every epoch. Its masks are drawn from a generator seeded by
-# (seed, epoch, utterance), so an epoch's augmented batches are the same in an
-# interrupted and an uninterrupted run.
-
+# learning. Computing fbank and LFR for every utterance every time it is drawn would
+# repeat the same work every epoch, so chapter 1's `SpeechDataset` reads the features
+# that `cached_features` computed once per manifest and keeps as float16 (a float16
+# log-mel energy is exact to about 0.01, far below what SpecAugment or the model's
+# first layer notices). CMVN and SpecAugment stay on the fly: CMVN is one subtraction
+# and division, and SpecAugment must draw new masks every epoch, from a generator
+# seeded by (seed, epoch, utterance), so an epoch's augmented batches are the same in
+# an interrupted and an uninterrupted run. The trainer needs only two small helpers
+# besides: which device to use, and moving a batch there.
 
 # %%
 #| export
-import hashlib
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -447,68 +476,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from paraformer_edu.checkpoint import Recognizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, save_config
-from paraformer_edu.data import BucketBatchSampler, build_corpus, cache_dir, collate, corpus_config, load_audio, read_manifest
+from paraformer_edu.corpus import build_corpus, corpus_config
+from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import cer, sentence_accuracy, wer
 from paraformer_edu.model import Paraformer
 from paraformer_edu.tokenizer import default_tokenizer
-
-
-def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
-    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once and cached as float16."""
-    manifest = Path(manifest)
-    key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save(features, partial)
-    partial.replace(path)  # atomic: a crash leaves no half-written cache
-    return features
-
-
-
-# %%
-#| export
-class FeatureDataset(torch.utils.data.Dataset):
-    """A manifest's utterances from cached features: CMVN, then SpecAugment seeded by (seed, epoch, index)."""
-
-    def __init__(self, manifest, frontend: Frontend, encode, spec_augment: SpecAugment | None = None, seed: int = 0):
-        self.entries = read_manifest(manifest)
-        self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
-        self.frontend, self.encode, self.spec_augment, self.seed, self.epoch = frontend, encode, spec_augment, seed, 0
-        self.augment = spec_augment is not None  # the trainer switches it on and off
-        self.targets = [torch.tensor(encode(e["text"]), dtype=torch.long) for e in self.entries]  # (N,) each
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Feature frames per utterance."""
-        return [x.shape[0] for x in self.raw]
-
-    def __getitem__(self, i: int) -> dict:
-        features = self.frontend.cmvn(self.raw[i].float())  # (T', 560)
-        if self.augment and self.spec_augment is not None and self.spec_augment.training:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
-            features = self.spec_augment(features, generator=g)  # (T', 560)
-        return {"index": i, "features": features, "text": self.entries[i]["text"], "targets": self.targets[i]}
-
-
-
-# %%
-#| export
-def fit_frontend(train_features: list[torch.Tensor], max_utterances: int = 1000, **kwargs) -> Frontend:
-    """A front end whose CMVN is measured on the cached features of the first training utterances."""
-    frontend = Frontend(**kwargs)
-    frontend.cmvn.fit(x.float() for x in train_features[:max_utterances])
-    return frontend
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -523,18 +499,19 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 # %% [markdown]
-# The first call computes and stores the features of the training set; every later
-# call (and every later chapter) reads them back. Then the CMVN statistics, from the
-# cached features of the first 1,000 training utterances as in chapter 1:
+# The first call computes and stores the features of the training set (chapter 1
+# already did, if it ran on this machine); every later call, in every later chapter,
+# reads them back. The CMVN statistics come from the cached features of the first
+# 1,000 training utterances, as in chapter 1:
 
 # %%
 start = time.perf_counter()
-train_raw = cached_features(manifests["train"], paraformer_edu.Frontend())
+train_raw = paraformer_edu.features.cached_features(manifests["train"], paraformer_edu.Frontend())
 first = time.perf_counter() - start
 start = time.perf_counter()
-train_raw = cached_features(manifests["train"], paraformer_edu.Frontend())
+train_raw = paraformer_edu.features.cached_features(manifests["train"], paraformer_edu.Frontend())
 again = time.perf_counter() - start
-frontend = fit_frontend(train_raw)
+frontend = paraformer_edu.Frontend.fit(manifests["train"])
 wave = paraformer_edu.load_audio(read_manifest(manifests["train"])[0]["audio_filepath"])
 diff = (frontend.raw(wave) - train_raw[0].float()).abs().max().item()
 print(f"{len(train_raw)} utterances, {sum(len(x) for x in train_raw)} frames, "
@@ -602,16 +579,13 @@ print("peak at the end of the warm-up:", warmup_lr(300, 2e-3, 300), "| four time
 
 # %%
 #| export checkpoint
+import importlib.metadata
 import os
-import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-import paraformer_edu
 from paraformer_edu.config import Config, config_from_dict, config_to_dict, flat_settings
-from paraformer_edu.data import AudioError, SAMPLE_RATE, is_silent, load_audio
 from paraformer_edu.features import Frontend
 from paraformer_edu.model import Paraformer
 from paraformer_edu.tokenizer import BPETokenizer, CharTokenizer
@@ -619,16 +593,28 @@ from paraformer_edu.tokenizer import BPETokenizer, CharTokenizer
 CHECKPOINT_FORMAT = "paraformer-edu checkpoint 1"
 
 
+def _package_version() -> str:
+    """The installed version of paraformer-edu, recorded in every checkpoint."""
+    try:
+        return importlib.metadata.version("paraformer-edu")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message says why and what to do."""
 
+# %% [markdown]
+# Saving writes everything a user needs into one dictionary, atomically:
 
+# %%
+#| export checkpoint
 def save_checkpoint(path, model: Paraformer, tokenizer, frontend: Frontend, config: Config,
                     half: bool = False, **extra) -> None:
     """Write model weights, configuration, vocabulary and CMVN statistics (and any extra state) atomically."""
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "package_version": paraformer_edu.__version__,
+    payload = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(),
                "config": config_to_dict(config), "tokenizer": type(tokenizer).__name__,
                "vocab": tokenizer.vocab_lines(), "frontend": _frontend_state(frontend), "model": weights, **extra}
     path = Path(path)
@@ -674,12 +660,17 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
     classes = {"BPETokenizer": BPETokenizer, "CharTokenizer": CharTokenizer}
     if kind not in classes:
         raise CheckpointError(f"unknown tokenizer {kind!r} in the checkpoint; expected one of {sorted(classes)}")
-    with tempfile.TemporaryDirectory() as folder:
-        vocab = Path(folder) / "vocab.txt"
-        vocab.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        return classes[kind].load(vocab)
+    try:
+        return classes[kind].from_lines(lines, source="the checkpoint's vocabulary")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
+# %% [markdown]
+# Rebuilding the model checks the configuration, the vocabulary and the shape of every
+# tensor before loading a single weight:
 
+# %%
+#| export checkpoint
 def model_from_checkpoint(payload: dict, config: Config | None = None):
     """(model, tokenizer, frontend, config) rebuilt from a checkpoint; config, if given, must match it."""
     stored = config_from_dict(payload["config"])
@@ -703,7 +694,7 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
         raise CheckpointError(f"the checkpoint's weights do not fit the model its configuration describes "
                               f"({len(misfits)} tensors, e.g. {misfits[0]}): it was written by another version of the "
                               f"code (checkpoint: paraformer_edu {payload.get('package_version')}, installed: "
-                              f"{paraformer_edu.__version__})")
+                              f"{_package_version()})")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     f = payload["frontend"]
     frontend = Frontend(f["n_mels"], f["lfr_m"], f["lfr_n"])
@@ -713,8 +704,36 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
 
 
 
+# %% [markdown]
+# ## From a checkpoint to a transcript: inference
+#
+# What a user of a trained model needs lives in a module of its own,
+# `paraformer_edu.inference`: a `Transcript` per utterance (text, tokens, each token's
+# start and end from chapter 5's timestamps, and the words they make), and a
+# `Recognizer` that holds a model with its tokenizer and front end. It takes audio in
+# any of the forms chapter 1's `load_audio` accepts. The rule for what is one input and
+# what is a batch is explicit: a path, an array or a tensor is **one** clip (a 2-D
+# array is one clip with channels, chapter 1), a list or tuple is a **batch**, and
+# anything else is refused. Silent audio gets an empty transcript without running the
+# model. The features of a batch are cut into length-sorted batches of at most
+# `max_frames` padded frames by chapter 1's `BucketBatchSampler`, without shuffling.
+
 # %%
-#| export checkpoint
+#| export inference
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from paraformer_edu.audio import AudioError, is_silent, load_audio
+from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint
+from paraformer_edu.config import Config
+from paraformer_edu.dataset import BucketBatchSampler
+from paraformer_edu.features import Frontend
+from paraformer_edu.model import Paraformer
+
+
 class Transcript(NamedTuple):
     """One transcribed utterance: its text, tokens and each token's (start, end) in seconds."""
 
@@ -737,6 +756,8 @@ class Transcript(NamedTuple):
         return [(w, s, e) for w, s, e in words if w]
 
 
+# %%
+#| export inference
 class Recognizer:
     """A trained Paraformer with its tokenizer and front end: audio in, text (and timestamps) out."""
 
@@ -757,31 +778,55 @@ class Recognizer:
     def recognize_features(self, features: list[torch.Tensor], max_frames: int = 8000) -> list[Transcript]:
         """Transcripts of a list of feature matrices (T', D), in length-sorted batches of at most max_frames."""
         results = [Transcript("", [], [])] * len(features)
-        order = sorted((i for i, x in enumerate(features) if len(x)), key=lambda i: len(features[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(features[order[end]]) * (end + 1 - start) <= max_frames:
-                end += 1
-            chunk = order[start:end]
+        speech = [i for i, x in enumerate(features) if len(x)]  # silence stays ""
+        lengths = [len(features[i]) for i in speech]
+        for batch in BucketBatchSampler(lengths, max(max_frames, *lengths, 1), shuffle=False).batches() if speech else []:
+            chunk = [speech[j] for j in batch]
             X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
-            lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
-            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), lengths.to(self.device))):
+            X_lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
+            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), X_lengths.to(self.device))):
                 results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
                                         hyp.timestamps)
-            start = end
         return results
 
-    def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
-        """Text of one input (a path, or a waveform with sample_rate) or a list of inputs; Transcripts if timestamps."""
-        single = isinstance(audio, (str, os.PathLike)) or (hasattr(audio, "shape") and len(audio.shape) <= 2
-                                                          and not isinstance(audio, list))
-        inputs = [audio] if single else list(audio)
-        transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
-        out = transcripts if timestamps else [t.text for t in transcripts]
-        return out[0] if single else out
+
+# %% [markdown]
+# `transcribe` applies the rule: one input gives one result, a list gives a list. The
+# chapter adds it to the class in a cell of its own, in d2l's style:
+# `add_to_class(Recognizer)` attaches the function below it to the class (in the
+# package, the exporter writes such methods into the class body).
+
+# %%
+def add_to_class(cls):
+    """Attach the decorated function to cls as a method (a class built up cell by cell)."""
+    return lambda method: setattr(cls, getattr(method, "__func__", method).__name__, method) or method
 
 
+# %%
+#| export inference
+def _as_batch(audio) -> tuple[list, bool]:
+    """(inputs, single): one path/array/tensor is a single input, a list or tuple is a batch."""
+    if isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        return [audio], True
+    if isinstance(audio, (list, tuple)):
+        return list(audio), False
+    raise AudioError(f"cannot transcribe a {type(audio).__name__}: pass a path, a waveform (array or tensor, with "
+                     "sample_rate=...), or a list of them")
+
+
+# %%
+#| export inference
+@add_to_class(Recognizer)
+def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
+    """Text of one input (a path, or a waveform with sample_rate) or of a list of inputs; Transcripts if timestamps."""
+    inputs, single = _as_batch(audio)
+    transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
+    out = transcripts if timestamps else [t.text for t in transcripts]
+    return out[0] if single else out
+
+
+# %%
+#| export inference
 def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
     """A Recognizer from a checkpoint file written by save_checkpoint (or the book's model)."""
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(path))
@@ -827,7 +872,7 @@ def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
 # %%
 #| export
 @torch.no_grad()
-def evaluate(model: Paraformer, dataset: "FeatureDataset", tokenizer, max_utterances: int | None = None,
+def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterances: int | None = None,
              max_frames: int = 8000, device: torch.device = torch.device("cpu")) -> dict:
     """CER, WER, sentence accuracy and token-count errors of the model on (the first utterances of) a dataset."""
     was_training = model.training
@@ -849,157 +894,239 @@ def evaluate(model: Paraformer, dataset: "FeatureDataset", tokenizer, max_uttera
             "references": references, "hypotheses": hypotheses}
 
 
+# %% [markdown]
+# The trainer is built up in steps. First what it holds: the data (chapter 1's
+# `SpeechDataset` on cached features, CMVN fitted on the first training utterances,
+# SpecAugment for the training set only), the tokenizer, the model, Adam, and the
+# random state of the run. A run can also start from the weights of a checkpoint, the
+# book's committed model say (`init`): its vocabulary and CMVN come with it, the
+# optimiser and the warm-up start afresh, and its model configuration must be the
+# recipe's. The trainer changes no global setting of the process that uses it: its thread count (on a CPU) and its random generator are switched in only
+# while it trains or evaluates (`_scope`), and the caller's are put back afterwards.
 
 # %%
 #| export
 class Trainer:
     """Trains a Paraformer on the book's corpus: batches, warm-up, clipping, dev evaluations, checkpoints, resume."""
 
-    def __init__(self, config: Config, out_dir, manifests: dict | None = None):
-        self.config, self.out_dir = config, Path(out_dir)
-        t = config.training
-        torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
+    def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
+        self.config, self.out_dir, t = config, Path(out_dir), config.training
         self.device = choose_device(t.device)
         self.manifests = manifests or build_corpus(corpus_config(config.data.corpus))
-        self.tokenizer = default_tokenizer(self.manifests["train"], config.model.vocab_size)
+        start = model_from_checkpoint(load_checkpoint(init), config) if init else None  # same model config
+        self.tokenizer = start[1] if start else default_tokenizer(self.manifests["train"], config.model.vocab_size)
         if self.tokenizer.vocab_size != config.model.vocab_size:
             raise ValueError(f"BPE stopped at {self.tokenizer.vocab_size} tokens (the corpus ran out of pairs) but "
                              f"model.vocab_size is {config.model.vocab_size}: choose a smaller model.vocab_size")
+        self.frontend = start[2] if start else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
         augment = SpecAugment() if config.data.spec_augment else None
-        self.train_set = FeatureDataset(self.manifests["train"], Frontend(), self.tokenizer.encode, augment, t.seed)
-        self.frontend = self.train_set.frontend = fit_frontend(self.train_set.raw, config.data.cmvn_utterances)
-        self.dev_set = FeatureDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
+        self.train_set = SpeechDataset(self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed)
+        self.dev_set = SpeechDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
         self.sampler = BucketBatchSampler(self.train_set.lengths, config.data.max_frames, seed=t.seed)
-        self.model = Paraformer(config.model).to(self.device)
+        self.cuda = [self.device] if self.device.type == "cuda" else []  # devices whose generator the run owns
+        with torch.random.fork_rng(devices=self.cuda):  # the initial weights, the global generators untouched
+            torch.manual_seed(t.seed)
+            self.model = Paraformer(config.model).to(self.device)
+            if start:  # init: the checkpoint's weights, vocabulary and CMVN; a new optimiser and warm-up
+                self.model.load_state_dict(start[0].state_dict())
+            self.rng_state = torch.get_rng_state()  # the run's own generators: dropout
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9)
         self.generator = torch.Generator().manual_seed(t.seed)  # the GLM sampler's choices
         self.step, self.epoch, self.batch_in_epoch, self.train_seconds = 0, 0, 0, 0.0
         self.log: list[dict] = []
         self.best_cer = math.inf
 
-    def train_step(self, batch: dict) -> dict:
-        """One optimiser step on a batch: forward (all loss parts), backward, clip, warm-up learning rate."""
-        t = self.config.training
-        self.step += 1
-        lr = warmup_lr(self.step, t.lr, t.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        b = move_batch(batch, self.device)
-        out = self.model(b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        return {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), "utterances": len(batch["texts"]),
-                **{k: float(v.detach()) for k, v in out.items()}}
+# %% [markdown]
+# `_scope` is where the trainer's own thread count and random generators are switched
+# in, and the caller's put back.
 
-    def batches(self):
-        """The remaining batches of the current epoch, then of the following ones, forever."""
-        while True:
-            self.sampler.set_epoch(self.epoch)
-            self.train_set.epoch = self.epoch
-            for indices in self.sampler.batches()[self.batch_in_epoch:]:
-                self.batch_in_epoch += 1
-                self.train_set.augment = self.step >= self.config.data.spec_augment_from  # a function of the step
-                yield collate([self.train_set[i] for i in indices])
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def evaluate(self, dataset=None, max_utterances: int | None = None) -> dict:
-        """Score the model on the dev set (or another FeatureDataset)."""
-        dataset = dataset or self.dev_set
-        limit = max_utterances if max_utterances is not None else self.config.training.eval_utterances
+# %%
+#| export
+@add_to_class(Trainer)
+@contextlib.contextmanager
+def _scope(self):
+    """The run's thread count (CPU) and random generator while inside; the caller's are restored after."""
+    threads = torch.get_num_threads()
+    if self.device.type == "cpu":
+        torch.set_num_threads(self.config.training.threads)
+    with torch.random.fork_rng(devices=self.cuda):
+        torch.set_rng_state(self.rng_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
+            torch.set_num_threads(threads)
+
+
+# %% [markdown]
+# One training step, as described above, and the stream of batches: the rest of the
+# current epoch, then the following epochs, each in the order its (seed, epoch) gives.
+
+# %%
+#| export
+@add_to_class(Trainer)
+def train_step(self, batch: dict) -> dict:
+    """One optimiser step on a batch: forward (all loss parts), backward, clip, warm-up learning rate."""
+    t = self.config.training
+    self.step += 1
+    lr = warmup_lr(self.step, t.lr, t.warmup_steps)
+    for group in self.optimizer.param_groups:
+        group["lr"] = lr
+    b = move_batch(batch, self.device)
+    out = self.model(b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator)
+    self.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+    self.optimizer.step()
+    return {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), "utterances": len(batch["texts"]),
+            **{k: float(v.detach()) for k, v in out.items()}}
+
+
+@add_to_class(Trainer)
+def batches(self):
+    """The remaining batches of the current epoch, then of the following ones, forever."""
+    while True:
+        self.sampler.set_epoch(self.epoch)
+        self.train_set.epoch = self.epoch
+        for indices in self.sampler.batches()[self.batch_in_epoch:]:
+            self.batch_in_epoch += 1
+            self.train_set.augment = self.step >= self.config.data.spec_augment_from  # a function of the step
+            yield collate([self.train_set[i] for i in indices])
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+@add_to_class(Trainer)
+def evaluate(self, dataset=None, max_utterances: int | None = None) -> dict:
+    """Score the model on the dev set (or another SpeechDataset)."""
+    dataset = dataset or self.dev_set
+    limit = max_utterances if max_utterances is not None else self.config.training.eval_utterances
+    with self._scope():
         return evaluate(self.model, dataset, self.tokenizer, limit, device=self.device)
 
-    def train(self, max_minutes: float | None = None, max_steps: int | None = None, progress: bool = False) -> list:
-        """Train until a budget runs out (minutes of this run, or a total step count); evaluate and checkpoint."""
-        t = self.config.training
-        max_minutes = t.max_minutes if max_minutes is None else max_minutes
-        max_steps = t.max_steps if max_steps is None else max_steps
-        bar = tqdm(total=max_steps - self.step if max_steps else None, unit="step", file=sys.stderr,
-                   disable=not progress)  # on for the command line; off in notebooks and tests
-        start, window, batches = time.perf_counter(), [], self.batches()
-        while not (max_steps and self.step >= max_steps) and not (
-                max_minutes and time.perf_counter() - start > 60 * max_minutes):
-            batch = next(batches)  # drawn only when it will be trained on: a resumed run skips nothing
-            tick = time.perf_counter()
+
+# %% [markdown]
+# The loop: steps until a budget runs out (minutes of this run, or a total number of
+# steps), a log line every `log_every` steps, an evaluation and checkpoints every
+# `eval_every`, and a last evaluation at the end.
+
+# %%
+#| export
+@add_to_class(Trainer)
+def train(self, max_minutes: float | None = None, max_steps: int | None = None, progress: bool = False) -> list:
+    """Train until a budget runs out (minutes of this run, or a total step count); evaluate and checkpoint."""
+    t = self.config.training
+    max_minutes = t.max_minutes if max_minutes is None else max_minutes
+    max_steps = t.max_steps if max_steps is None else max_steps
+    bar = tqdm(total=max_steps - self.step if max_steps else None, unit="step", file=sys.stderr,
+               disable=not progress)  # on for the command line; off in notebooks and tests
+    start, window, batches = time.perf_counter(), [], self.batches()
+    while not (max_steps and self.step >= max_steps) and not (
+            max_minutes and time.perf_counter() - start > 60 * max_minutes):
+        batch = next(batches)  # drawn only when it will be trained on: a resumed run skips nothing
+        tick = time.perf_counter()
+        with self._scope():
             window.append(self.train_step(batch))
-            self.train_seconds += time.perf_counter() - tick
-            bar.update(1)
-            if self.step % t.log_every == 0:
-                self._log_train(window)
-                window = []
-            if self.step % t.eval_every == 0:
-                self._evaluate_and_save()
-        if window:
+        self.train_seconds += time.perf_counter() - tick
+        bar.update(1)
+        if self.step % t.log_every == 0:
             self._log_train(window)
-        if not self.log or self.log[-1].get("step") != self.step or "dev_cer" not in self.log[-1]:
+            window = []
+        if self.step % t.eval_every == 0:
             self._evaluate_and_save()
-        bar.close()
-        return self.log
+    if window:
+        self._log_train(window)
+    if not self.log or self.log[-1].get("step") != self.step or "dev_cer" not in self.log[-1]:
+        self._evaluate_and_save()
+    bar.close()
+    return self.log
 
-    def _log_train(self, window: list[dict]) -> None:
-        """Append the mean of each logged value over the steps since the last line."""
-        keys = ("loss", "loss_ce", "loss_quantity", "loss_ctc", "accuracy", "accuracy_first_pass", "glm_replaced",
-                "grad_norm")
-        row = {"step": self.step, "epoch": self.epoch, "lr": window[-1]["lr"], "train_seconds": self.train_seconds,
-               **{k: sum(w[k] for w in window) / len(window) for k in keys},
-               "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, self._window_seconds(window))}
-        self.log.append(row)
-        self._append_jsonl(row)
 
-    def _window_seconds(self, window: list[dict]) -> float:
-        """Training seconds spent on the steps of the window (from the running total)."""
-        previous = [r["train_seconds"] for r in self.log if "loss" in r]
-        return self.train_seconds - (previous[-1] if previous else 0.0)
+# %% [markdown]
+# What the loop writes: the mean of each logged value over the steps since the last
+# line, and at each evaluation a dev row, `latest.pt` and, when dev CER improved,
+# `best.pt`.
 
-    def _evaluate_and_save(self) -> None:
-        """Evaluate on dev, log it, write the latest checkpoint and, if dev CER improved, the best one."""
-        scores = self.evaluate()
-        row = {"step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
-               **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)}}
-        self.log.append(row)
-        self._append_jsonl(row)
-        self.save(self.out_dir / "latest.pt")
-        if scores["cer"] < self.best_cer:
-            self.best_cer = scores["cer"]
-            save_checkpoint(self.out_dir / "best.pt", self.model, self.tokenizer, self.frontend, self.config,
-                            step=self.step, dev_cer=scores["cer"])
+# %%
+#| export
+@add_to_class(Trainer)
+def _log_train(self, window: list[dict]) -> None:
+    """Append the mean of each logged value over the steps since the last line."""
+    keys = ("loss", "loss_ce", "loss_quantity", "loss_ctc", "accuracy", "accuracy_first_pass", "glm_replaced",
+            "grad_norm")
+    previous = [r["train_seconds"] for r in self.log if "loss" in r]
+    seconds = self.train_seconds - (previous[-1] if previous else 0.0)  # training time of the window's steps
+    row = {"step": self.step, "epoch": self.epoch, "lr": window[-1]["lr"], "train_seconds": self.train_seconds,
+           **{k: sum(w[k] for w in window) / len(window) for k in keys},
+           "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, seconds)}
+    self.log.append(row)
+    self._append_jsonl(row)
 
-    def _append_jsonl(self, row: dict) -> None:
-        """Add one line to out_dir/train_log.jsonl."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
 
-    def save(self, path) -> None:
-        """A checkpoint that resumes exactly: weights, optimiser, position in the data, every random state."""
-        save_checkpoint(path, self.model, self.tokenizer, self.frontend, self.config,
-                        trainer={"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
-                                 "batch_in_epoch": self.batch_in_epoch, "train_seconds": self.train_seconds,
-                                 "best_cer": self.best_cer, "log": json.dumps(self.log),
-                                 "rng": torch.get_rng_state(), "glm_rng": self.generator.get_state(),
-                                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []})
-        save_config(self.config, Path(path).parent / "config.yaml")  # the recipe, readable beside its checkpoint
+@add_to_class(Trainer)
+def _evaluate_and_save(self) -> None:
+    """Evaluate on dev, log it, write the latest checkpoint and, if dev CER improved, the best one."""
+    scores = self.evaluate()
+    row = {"step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
+           **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)}}
+    self.log.append(row)
+    self._append_jsonl(row)
+    self.save(self.out_dir / "latest.pt")
+    if scores["cer"] < self.best_cer:
+        self.best_cer = scores["cer"]
+        save_checkpoint(self.out_dir / "best.pt", self.model, self.tokenizer, self.frontend, self.config,
+                        step=self.step, dev_cer=scores["cer"])
 
-    @classmethod
-    def resume(cls, path, out_dir=None, config: Config | None = None, manifests: dict | None = None) -> "Trainer":
-        """The trainer of a checkpoint written by save(), ready to continue as if it had never stopped."""
-        payload = load_checkpoint(path)
-        if "trainer" not in payload:
-            raise ValueError(f"{path} holds a model but no training state (a best.pt?): resume from latest.pt")
-        model, _, _, stored = model_from_checkpoint(payload, config)
-        trainer = cls(config or stored, out_dir or Path(path).parent, manifests)
-        trainer.model.load_state_dict(model.state_dict())
-        state = payload["trainer"]
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        trainer.train_seconds, trainer.best_cer, trainer.log = state["train_seconds"], state["best_cer"], json.loads(state["log"])
-        torch.set_rng_state(state["rng"])
-        trainer.generator.set_state(state["glm_rng"])
-        if state["cuda_rng"] and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return trainer
+
+@add_to_class(Trainer)
+def _append_jsonl(self, row: dict) -> None:
+    """Add one line to out_dir/train_log.jsonl."""
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(self.out_dir / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# %% [markdown]
+# Saving and resuming: `latest.pt` holds everything the run needs to go on as if it had
+# never stopped, and `resume` rebuilds the trainer from it.
+
+# %%
+#| export
+@add_to_class(Trainer)
+def save(self, path) -> None:
+    """A checkpoint that resumes exactly: weights, optimiser, position in the data, every random state."""
+    save_checkpoint(path, self.model, self.tokenizer, self.frontend, self.config,
+                    trainer={"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
+                             "batch_in_epoch": self.batch_in_epoch, "train_seconds": self.train_seconds,
+                             "best_cer": self.best_cer, "log": json.dumps(self.log),
+                             "rng": self.rng_state, "glm_rng": self.generator.get_state(),
+                             "cuda_rng": self.cuda_rng_state if self.cuda else []})
+    save_config(self.config, Path(path).parent / "config.yaml")  # the recipe, readable beside its checkpoint
+
+
+@add_to_class(Trainer)
+@classmethod
+def resume(cls, path, out_dir=None, config: Config | None = None, manifests: dict | None = None) -> "Trainer":
+    """The trainer of a checkpoint written by save(), ready to continue as if it had never stopped."""
+    payload = load_checkpoint(path)
+    if "trainer" not in payload:
+        raise ValueError(f"{path} holds a model but no training state (a best.pt?): resume from latest.pt")
+    model, _, _, stored = model_from_checkpoint(payload, config)
+    trainer = cls(config or stored, out_dir or Path(path).parent, manifests)
+    trainer.model.load_state_dict(model.state_dict())
+    state = payload["trainer"]
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    trainer.train_seconds, trainer.best_cer, trainer.log = state["train_seconds"], state["best_cer"], json.loads(state["log"])
+    trainer.rng_state = state["rng"]
+    trainer.generator.set_state(state["glm_rng"])
+    if isinstance(state["cuda_rng"], torch.Tensor) and trainer.cuda:
+        trainer.cuda_rng_state = state["cuda_rng"]
+    return trainer
 
 
 
@@ -1026,8 +1153,11 @@ assert all(math.isfinite(row[k]) for k in ("loss", "loss_ce", "loss_ctc", "loss_
 # CPU costs about as much as the matrix products around it; the recipe turns it off
 # and leaves regularisation to SpecAugment. And the recipe's model is smaller than the
 # code's defaults (chapter 6's 192 x 6 encoder): 144 wide and 4 layers deep. The time
-# of one training step on the same batch, for each (a timing, so not compared when
-# the chapter is re-run):
+# of one training step on the same batch, for each. A timing depends on the machine
+# and on what else it is doing, so this output is not compared when the chapter is
+# re-run and nothing asserts on it; `benchmarks/bench_training_step.py` measures the
+# same steps with more repetitions. On a quiet 2-core machine the recipe's step came
+# out about three times faster than the defaults'.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -1057,7 +1187,6 @@ for name, seconds in timings.items():
     print(f"{name:<38} {seconds:.2f} s/step")
 first, *_, last = timings.values()
 print(f"the recipe's step is {first / last:.1f}x faster")
-assert first / last > 1.5
 
 # %% [markdown]
 # **Proof that resuming is exact.** Two runs of eight steps with the same recipe: one
@@ -1118,10 +1247,11 @@ with tempfile.TemporaryDirectory() as folder:
 # Now the real thing: the book's recipe (`configs/paraformer.yaml`) on the 8,000
 # training utterances, for a budget of **10 minutes of training on two CPU cores**
 # (30 minutes when a GPU is present; the environment variable
-# `PARAFORMER_EDU_TRAIN_MINUTES` sets any other budget, and CI uses it to run this
-# chapter faster; the outputs stored in the book come from the 10-minute CPU run). The
-# dev set is recognised every 250 steps; those evaluations are not counted in the
-# budget.
+# `PARAFORMER_EDU_TRAIN_MINUTES` sets any other budget; the outputs stored in the book
+# come from the 10-minute CPU run). CI gives the run a budget of *steps* instead
+# (`PARAFORMER_EDU_TRAIN_STEPS`), so that a slow or busy machine trains the same
+# model and meets the same bound. The dev set is recognised every 250 steps; those
+# evaluations are not counted in the budget.
 #
 # The recipe was chosen by trial runs of this kind. With ten minutes, the number of
 # optimiser steps decides most: batches of at most 2,000 padded frames (about 33
@@ -1135,9 +1265,11 @@ with tempfile.TemporaryDirectory() as folder:
 # %%
 device = choose_device(config.training.device)
 minutes = float(os.environ.get("PARAFORMER_EDU_TRAIN_MINUTES", 10 if device.type == "cpu" else 30))
+steps = int(os.environ.get("PARAFORMER_EDU_TRAIN_STEPS", 0))  # a step budget replaces the minutes
+budget = {"max_minutes": 0, "max_steps": steps} if steps else {"max_minutes": minutes}
 live_dir = RUNS / "live"
 shutil.rmtree(live_dir, ignore_errors=True)  # a fresh run each time the chapter runs
-live = Trainer(replace(config, training=replace(config.training, max_minutes=minutes)), live_dir)
+live = Trainer(replace(config, training=replace(config.training, **budget)), live_dir)
 start = time.perf_counter()
 log = live.train()
 wall = time.perf_counter() - start
@@ -1184,19 +1316,18 @@ plt.show()
 
 # %% [markdown]
 # The claims, checked: every loss part fell from the first 25 steps to the last
-# (the total by at least a quarter), and the best dev CER is below the bound the
-# budget promises (40% for the full ten minutes; looser for the shorter budgets CI may
-# use). The bounds are what trial runs of the recipe reached, with a margin. Ten
-# minutes give a model that has learned a great deal, not yet a usable recogniser, and
-# the table above says why: the predictor has not yet learned to count tokens (see how
-# rarely the token count is exact), and every wrong count shifts the decoder's tokens
-# against the words, which costs insertions and deletions. The book's model, next,
-# trains on.
+# (the total by at least a quarter), and the best dev CER is below the bound that the
+# number of steps trained promises: 40% from 2,000 steps (the ten minutes on two cores
+# give about 2,500), 75% from 750 (CI's budget), 98% below that. The bounds are what
+# trial runs of the recipe reached, with a margin; they depend on the steps, not on
+# the clock. Ten minutes give a model that has learned a great deal, not yet a usable
+# recogniser: every loss part is still falling when the budget ends. The book's model,
+# next, trains on.
 
 # %%
 first, last = train_rows[0], train_rows[-1]
 fell = {key: round(last[key] / first[key], 2) for key in ("loss", "loss_ce", "loss_ctc", "loss_quantity")}
-bound = 0.40 if minutes >= 10 else 0.75 if minutes >= 3 else 0.98
+bound = 0.40 if live.step >= 2000 else 0.75 if live.step >= 750 else 0.98
 best_dev = min(r["dev_cer"] for r in dev_rows)
 print("every loss part fell:", all(v < 1 for v in fell.values()), "| the total by a quarter or more:", fell["loss"] < 0.75)
 print(f"best dev CER within the budget's bound: {best_dev <= bound}")
@@ -1215,7 +1346,7 @@ assert all(v < 1 for v in fell.values()) and fell["loss"] < 0.75 and best_dev <=
 # %%
 def score_splits(model, tokenizer, frontend, splits=("dev", "test", "test-voices")) -> dict:
     """evaluate() on the whole of each split, from cached features."""
-    return {split: evaluate(model, FeatureDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
+    return {split: evaluate(model, SpeechDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
             for split in splits}
 
 
@@ -1393,9 +1524,9 @@ for batch_size in (1, 16):
 # In `paraformer_edu.metrics`: `edit_table`, `align`, `edit_distance`, `cer`, `wer`,
 # `sentence_accuracy`. In `paraformer_edu.config`: `Config`, `DataConfig`,
 # `TrainingConfig`, `load_config`, `save_config`. In `paraformer_edu.training`:
-# `cached_features`, `FeatureDataset`, `warmup_lr`, `evaluate`, `Trainer`. In
-# `paraformer_edu.checkpoint`: `save_checkpoint`, `load_checkpoint`,
-# `model_from_checkpoint`, `Recognizer`, `load_model`. On the command line:
+# `choose_device`, `warmup_lr`, `evaluate`, `Trainer`. In `paraformer_edu.checkpoint`:
+# `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`. In
+# `paraformer_edu.inference`: `Transcript`, `Recognizer`, `load_model`. On the command line:
 # `python -m paraformer_edu train | evaluate | transcribe`.
 #
 # ## Exercises

@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import paraformer_edu
-from paraformer_edu.data import build_corpus, corpus_config, read_manifest
+from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
 from paraformer_edu.metrics import cer
 from paraformer_edu.tokenizer import normalize_text
 
@@ -107,13 +107,13 @@ ipd.Audio(entry["audio_filepath"])
 # A trained model's forward pass computes far more than it returns. PyTorch lets us
 # watch it without changing the model: `module.register_forward_hook(fn)` calls
 # `fn(module, inputs, output)` every time the module runs. The decoder's
-# `MultiHeadAttention` (chapter 3) already returns its weights beside its output, so a
-# hook only has to keep them. The encoder's SAN-M attention (chapter 4) returns only
-# its output, so its hook recomputes the weights from the layer's input $X$:
+# `MultiHeadAttention` (chapter 3) returns its weights beside its output, and so does
+# the encoder's SAN-M attention (chapter 4), which is built on it: a hook only has to
+# keep the second element of the output,
 #
 # $$A = \mathrm{softmax}\Bigl(\frac{Q K^\top}{\sqrt{d_k}} + M\Bigr), \qquad Q = X W^Q,\ K = X W^K,$$
 #
-# with $M = -\infty$ on padded keys, exactly as the layer does.
+# with $M = -\infty$ on padded keys.
 
 # %%
 #| export
@@ -123,25 +123,15 @@ from typing import NamedTuple
 
 import torch
 
-from paraformer_edu.checkpoint import Recognizer
-from paraformer_edu.data import SAMPLE_RATE, AudioError, is_silent, load_audio
-from paraformer_edu.encoder import SANMAttention
+from paraformer_edu.audio import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.features import FRAME_SHIFT, fbank
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import align, edit_distance
 from paraformer_edu.predictor import cif_timestamps
 from paraformer_edu.tokenizer import normalize_text
 
-
-def sanm_attention_weights(attention: SANMAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The softmax weights (B, h, T, T) a SAN-M attention computes on its input x (B, T, d_in) and mask (B, T)."""
-    q = attention._split(attention.linear_q(x))  # (B, h, T, d_k)
-    k = attention._split(attention.linear_k(x))  # (B, h, T, d_k)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(attention.d_k)  # (B, h, T, T)
-    return scores.masked_fill(~mask[:, None, None, :], -math.inf).softmax(-1)  # (B, h, T, T)
-
-
 # %% [markdown]
-# A recomputation is only worth something if it is what the layer used. The check: the
+# Weights are only worth something if they are what the layer used. The check: the
 # weights, multiplied by the values and put through the layer's output projection and
 # FSMN memory, $W^O[A_1 V_1; \dots; A_h V_h] + \mathrm{FSMN}(V)$, must give the layer's
 # own output.
@@ -151,11 +141,11 @@ layer = model.encoder.layers[1].self_attn
 x = torch.randn(2, 30, model.config.encoder.d_model)  # (B, T, D): any input will do
 mask = torch.arange(30) < torch.tensor([30, 21])[:, None]  # (B, T): the second one padded
 with torch.no_grad():
-    A = sanm_attention_weights(layer, x, mask)  # (B, h, T, T)
+    output, A = layer(x, mask)  # (B, T, D), (B, h, T, T)
     v = layer.linear_v(x)  # (B, T, D)
-    heads = A @ layer._split(v)  # (B, h, T, d_k)
-    rebuilt = layer.linear_out(heads.transpose(1, 2).flatten(2)) + layer.memory(v, mask)  # (B, T, D)
-    diff = (rebuilt - layer(x, mask))[mask].abs().max().item()
+    heads = A @ layer.split_heads(v)  # (B, h, T, d_k)
+    rebuilt = layer.linear_out(layer.merge_heads(heads)) + layer.memory(v, mask)  # (B, T, D)
+    diff = (rebuilt - output)[mask].abs().max().item()
 print("weights", tuple(A.shape), "| rows sum to 1:", torch.allclose(A.sum(-1), torch.ones(2, 4, 30)))
 print(f"rebuilt output vs the layer's own: max abs diff {diff:.1e}")
 assert diff < 1e-5
@@ -163,8 +153,8 @@ assert diff < 1e-5
 # %% [markdown]
 # `look_inside` runs the recogniser on one utterance with hooks on every encoder and
 # decoder layer, and keeps everything in one `Inside` record, on the encoder's time
-# axis. It repeats the five lines of `Paraformer.recognize` (chapter 6) so that it can
-# also keep the predictor's weights and firing frames.
+# axis. It runs chapter 6's `Paraformer.infer`, the same pass `recognize` runs, which
+# returns the predictor's weights and firing frames beside the tokens.
 
 # %%
 #| export
@@ -192,21 +182,19 @@ def look_inside(recognizer: Recognizer, audio, sample_rate: int | None = None) -
     x = recognizer.frontend(wave)[None].to(device)  # (1, T, F)
     lengths = torch.tensor([x.size(1)], device=device)  # (1,)
     encoder_maps, cross_maps = [], []
-    hooks = [layer.self_attn.register_forward_hook(
-        lambda m, args, out: encoder_maps.append(sanm_attention_weights(m, *args)[0].cpu()))  # (h, T, T)
-        for layer in model.encoder.layers]
-    hooks += [layer.src_attn.register_forward_hook(lambda m, args, out: cross_maps.append(out[1][0].cpu()))
-              for layer in model.decoder.layers]  # each (h, N, T)
+    keep = lambda maps: lambda m, args, out: maps.append(out[1][0].cpu())  # (h, T_q, T_k) of the one utterance
+    hooks = [layer.self_attn.register_forward_hook(keep(encoder_maps)) for layer in model.encoder.layers]
+    hooks += [layer.src_attn.register_forward_hook(keep(cross_maps)) for layer in model.decoder.layers]
     try:
-        h, h_lengths = model.encoder(x, lengths)  # (1, T, D)
-        cif = model.predictor(h, h_lengths)  # embeds (1, N, D): the tail rule, as at inference
-        ids = model.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)[0]  # (N,)
+        out = model.infer(x, lengths)  # chapter 6: encoder, predictor (tail rule), decoder
     finally:
         for hook in hooks:
             hook.remove()
-    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, model.config.frame_shift)[0]  # (N,) pairs
-    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0].tolist(),
-                  [recognizer.tokenizer.tokens[i] for i in ids.tolist()], stamps, model.config.frame_shift)
+    cif, n = out.cif, int(out.cif.token_lengths[0])
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, out.h_lengths, model.config.frame_shift)[0]  # (N,) pairs
+    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0, :n].tolist(),
+                  [recognizer.tokenizer.tokens[i] for i in out.token_ids[0, :n].tolist()], stamps,
+                  model.config.frame_shift)
 
 
 # %% [markdown]
@@ -243,7 +231,7 @@ assert all(torch.allclose(a.sum(-1), torch.ones(())) for a in inside.encoder_att
 #| export plots
 import torch
 
-from paraformer_edu.data import SAMPLE_RATE
+from paraformer_edu.audio import SAMPLE_RATE
 from paraformer_edu.features import FRAME_SHIFT
 
 try:
@@ -265,7 +253,12 @@ def plot_spectrogram(ax, fbank: torch.Tensor, title: str | None = None):
         ax.set_title(title, fontsize=9)
     return ax
 
+# %% [markdown]
+# The encoder's attention, one map per head and layer, with the spectrogram above
+# each column on the key axis:
 
+# %%
+#| export plots
 def plot_encoder_attention(inside, layers=None, heads=None, dpi: int = 72):
     """Self-attention maps (query x key, seconds) of the chosen encoder layers and heads, a spectrogram on top."""
     layers = list(range(len(inside.encoder_attention))) if layers is None else list(layers)
@@ -809,7 +802,7 @@ for split, groups in by_voice.items():
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from paraformer_edu.data import voice_pool
+from paraformer_edu.corpus import voice_pool
 
 train_voices = set(voice_pool(held_out=False))
 train_accents = {v.split("+")[0] for v in train_voices}
@@ -914,7 +907,7 @@ for r in worst:
 # - **Errors**: unseen voices are harder than unseen sentences; a wrong token count
 #   splits or joins words, and vowels substitute for each other.
 #
-# In `paraformer_edu.inspection`: `sanm_attention_weights`, `Inside`, `look_inside`,
+# In `paraformer_edu.inspection`: `Inside`, `look_inside`,
 # `attention_entropy`, `frame_energy`, `attention_share`, `token_audio`, `shift_words`,
 # `word_timestamps`, `reference_words`, `match_words`, `onset_errors`, `error_summary`,
 # `utterance_errors`, `cer_by`, `substitution_counts`. In `paraformer_edu.plots`:
@@ -989,11 +982,11 @@ def without_head(head):
     """A forward hook for a SAN-M attention that rebuilds its output with one head's A V set to zero."""
     def hook(m, args, out):
         x, mask = args
-        A = sanm_attention_weights(m, x, mask)  # (B, h, T, T)
+        A = out[1]  # (B, h, T, T): the layer's own weights
         v = m.linear_v(x)  # (B, T, D)
-        heads = A @ m._split(v)  # (B, h, T, d_k)
+        heads = A @ m.split_heads(v)  # (B, h, T, d_k)
         heads[:, head] = 0.0
-        return m.linear_out(heads.transpose(1, 2).flatten(2)) + m.memory(v, mask)  # (B, T, D)
+        return m.linear_out(m.merge_heads(heads)) + m.memory(v, mask), A  # (B, T, D), (B, h, T, T)
     return hook
 
 

@@ -3,15 +3,19 @@
 Each module is generated from the chapter that builds it (see its banner); this
 file, hand-written, gathers the public API:
 
-- `data` (chapter 1): audio loading, the synthetic corpus, datasets and batching;
-- `features` (chapter 1): log-mel filterbank, LFR, CMVN, SpecAugment, the front end;
+- `audio` (chapter 1): `load_audio`, the one door for audio, and its checks;
+- `synthesis` (chapter 1): the espeak-ng speech synthesiser, driven through ctypes;
+- `corpus` (chapter 1): the synthetic corpus: voices, text, plan, synthesis, manifests;
+- `features` (chapter 1): log-mel filterbank, LFR, CMVN, SpecAugment, the front end, the feature cache;
+- `dataset` (chapter 1): the dataset of a manifest, length-bucketed batches, padding;
 - `tokenizer` (chapter 2): text normalisation, character and BPE tokenizers;
 - `attention` (chapter 3): scaled dot-product and multi-head attention, masks;
 - `encoder` (chapter 4): the SAN-M encoder, CTC;
 - `predictor` (chapter 5): continuous integrate-and-fire (CIF);
 - `decoder`, `model` (chapter 6): the parallel decoder, the GLM sampler, the whole Paraformer;
 - `metrics`, `config`, `training`, `checkpoint` (chapter 7): CER/WER, the recipe, the trainer,
-  checkpoints and `load_model`;
+  saving and loading checkpoints;
+- `inference` (chapter 7): `load_model`, the `Recognizer` and its `Transcript`s;
 - `inspection` (chapter 8): attention maps and predictor internals of one utterance (`look_inside`),
   word timestamps with bias correction, onset errors, CER by group;
 - `plots` (chapter 8, needs matplotlib; not imported here): the chapter's figures, for any model;
@@ -20,27 +24,31 @@ file, hand-written, gathers the public API:
 
 __version__ = "0.1.0"
 
-from . import (attention, checkpoint, config, data, decoder, encoder, features, inspection, metrics, model, predictor,
-               tokenizer, training)
+from . import (attention, audio, checkpoint, config, corpus, dataset, decoder, encoder, features, inference, inspection,
+               metrics, model, predictor, synthesis, tokenizer, training)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
-from .checkpoint import CheckpointError, Recognizer, Transcript, load_model
+from .audio import AudioError, load_audio
+from .checkpoint import CheckpointError
 from .config import Config, load_config
-from .data import (AudioError, BucketBatchSampler, SpeechDataset, build_corpus, collate, corpus_config,
-                   load_audio, read_manifest, synthesize)
+from .corpus import build_corpus, corpus_config, read_manifest
+from .dataset import BucketBatchSampler, SpeechDataset, collate
 from .decoder import ParaformerDecoder, glm_sample
 from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc_loss
 from .features import CMVN, Frontend, SpecAugment, fbank, lfr
+from .inference import Recognizer, Transcript, load_model
 from .inspection import Inside, cer_by, look_inside, onset_errors, word_timestamps
 from .metrics import cer, wer
 from .model import Hypothesis, Paraformer, ParaformerConfig
 from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
+from .synthesis import synthesize
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, normalize_text
 from .training import Trainer
 
 __all__ = [
     "__version__",
     # modules
-    "data", "features", "tokenizer", "attention", "encoder", "predictor", "decoder", "model", "metrics", "config", "training", "checkpoint", "inspection",
+    "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
+    "model", "metrics", "config", "training", "checkpoint", "inference", "inspection",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",

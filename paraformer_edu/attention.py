@@ -77,11 +77,14 @@ class MultiHeadAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, T_q, d_in), key and value (B, T_k, d_in), masks True where allowed -> (B, T_q, D), (B, h, T_q, T_k)."""
         mask = _combine_masks(key_mask, attn_mask)  # (B, 1, T_q or 1, T_k) or None
-        q = self.split_heads(self.linear_q(query))  # (B, h, T_q, d_k)
-        k = self.split_heads(self.linear_k(key))  # (B, h, T_k, d_k)
-        v = self.split_heads(self.linear_v(value))  # (B, h, T_k, d_k)
+        return self.attend(self.linear_q(query), self.linear_k(key), self.linear_v(value), mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads of projected q (B, T_q, D), k and v (B, T_k, D), then W^O -> (B, T_q, D), (B, h, T_q, T_k)."""
         dropout = self.dropout if self.training else 0.0
-        heads, weights = scaled_dot_product_attention(q, k, v, mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
+        heads, weights = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v),
+                                                      mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
 

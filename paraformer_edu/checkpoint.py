@@ -6,21 +6,26 @@
 Generated from chapter 7, "Training the model" (chapters/07_training.py).
 """
 
+import importlib.metadata
 import os
-import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-import paraformer_edu
 from paraformer_edu.config import Config, config_from_dict, config_to_dict, flat_settings
-from paraformer_edu.data import AudioError, SAMPLE_RATE, is_silent, load_audio
 from paraformer_edu.features import Frontend
 from paraformer_edu.model import Paraformer
 from paraformer_edu.tokenizer import BPETokenizer, CharTokenizer
 
 CHECKPOINT_FORMAT = "paraformer-edu checkpoint 1"
+
+
+def _package_version() -> str:
+    """The installed version of paraformer-edu, recorded in every checkpoint."""
+    try:
+        return importlib.metadata.version("paraformer-edu")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class CheckpointError(ValueError):
@@ -38,7 +43,7 @@ def save_checkpoint(path, model: Paraformer, tokenizer, frontend: Frontend, conf
     """
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "package_version": paraformer_edu.__version__,
+    payload = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(),
                "config": config_to_dict(config), "tokenizer": type(tokenizer).__name__,
                "vocab": tokenizer.vocab_lines(), "frontend": _frontend_state(frontend), "model": weights, **extra}
     path = Path(path)
@@ -87,10 +92,10 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
     classes = {"BPETokenizer": BPETokenizer, "CharTokenizer": CharTokenizer}
     if kind not in classes:
         raise CheckpointError(f"unknown tokenizer {kind!r} in the checkpoint; expected one of {sorted(classes)}")
-    with tempfile.TemporaryDirectory() as folder:
-        vocab = Path(folder) / "vocab.txt"
-        vocab.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        return classes[kind].load(vocab)
+    try:
+        return classes[kind].from_lines(lines, source="the checkpoint's vocabulary")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def model_from_checkpoint(payload: dict, config: Config | None = None):
@@ -119,95 +124,13 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
         raise CheckpointError(f"the checkpoint's weights do not fit the model its configuration describes "
                               f"({len(misfits)} tensors, e.g. {misfits[0]}): it was written by another version of the "
                               f"code (checkpoint: paraformer_edu {payload.get('package_version')}, installed: "
-                              f"{paraformer_edu.__version__})")
+                              f"{_package_version()})")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     f = payload["frontend"]
     frontend = Frontend(f["n_mels"], f["lfr_m"], f["lfr_n"])
     frontend.cmvn.mean.copy_(f["cmvn_mean"])
     frontend.cmvn.std.copy_(f["cmvn_std"])
     return model.eval(), tokenizer, frontend, stored
-
-
-class Transcript(NamedTuple):
-    """One transcribed utterance: its text, tokens and each token's (start, end) in seconds.
-
-    Defined in chapter 7, "Training the model".
-    """
-
-    text: str
-    tokens: list[str]
-    timestamps: list[tuple[float, float]]
-
-    @property
-    def words(self) -> list[tuple[str, float, float]]:
-        """(word, start, end) per word: a word starts at a token that begins with '▁' (chapter 2)."""
-        words = []
-        for token, (start, end) in zip(self.tokens, self.timestamps):
-            if token.startswith("<"):  # a special token: not text
-                continue
-            if token.startswith("\u2581") or not words:
-                words.append([token.lstrip("\u2581"), start, end])
-            else:
-                words[-1][0] += token
-                words[-1][2] = end
-        return [(w, s, e) for w, s, e in words if w]
-
-
-class Recognizer:
-    """A trained Paraformer with its tokenizer and front end: audio in, text (and timestamps) out.
-
-    Defined in chapter 7, "Training the model".
-    """
-
-    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config: Config | None = None,
-                 device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
-        self.config = config
-
-    def features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
-        """Features (T', D) of a path or a waveform (with its sample rate); (0, D) for silence."""
-        wave = load_audio(audio, sample_rate)  # (S,) 16 kHz mono; AudioError for unusable audio
-        if is_silent(wave):
-            return torch.zeros(0, self.frontend.dim)  # (0, D): nothing to recognise
-        return self.frontend(wave)  # (T', D)
-
-    @torch.no_grad()
-    def recognize_features(self, features: list[torch.Tensor], max_frames: int = 8000) -> list[Transcript]:
-        """Transcripts of a list of feature matrices (T', D), in length-sorted batches of at most max_frames."""
-        results = [Transcript("", [], [])] * len(features)
-        order = sorted((i for i, x in enumerate(features) if len(x)), key=lambda i: len(features[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(features[order[end]]) * (end + 1 - start) <= max_frames:
-                end += 1
-            chunk = order[start:end]
-            X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
-            lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
-            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), lengths.to(self.device))):
-                results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
-                                        hyp.timestamps)
-            start = end
-        return results
-
-    def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
-        """Text of one input (a path, or a waveform with sample_rate) or a list of inputs; Transcripts if timestamps."""
-        single = isinstance(audio, (str, os.PathLike)) or (hasattr(audio, "shape") and len(audio.shape) <= 2
-                                                          and not isinstance(audio, list))
-        inputs = [audio] if single else list(audio)
-        transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
-        out = transcripts if timestamps else [t.text for t in transcripts]
-        return out[0] if single else out
-
-
-def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
-    """A Recognizer from a checkpoint file written by save_checkpoint (or the book's model).
-
-    Defined in chapter 7, "Training the model".
-    """
-    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(path))
-    return Recognizer(model, tokenizer, frontend, config, device)
 
 
 __all__ = [
@@ -217,7 +140,4 @@ __all__ = [
     "load_checkpoint",
     "tokenizer_from_lines",
     "model_from_checkpoint",
-    "Transcript",
-    "Recognizer",
-    "load_model",
 ]

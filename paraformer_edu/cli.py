@@ -1,10 +1,10 @@
 """The command line: `python -m paraformer_edu train | evaluate | transcribe`.
 
 Hand-written (not generated): a thin layer over what chapter 7 builds
-(`paraformer_edu.training`, `paraformer_edu.checkpoint`, `paraformer_edu.metrics`).
+(`paraformer_edu.training`, `paraformer_edu.inference`, `paraformer_edu.metrics`).
 
     python -m paraformer_edu train --config configs/paraformer.yaml [--override training.lr=3e-4 ...]
-                                   [--out runs/NAME] [--resume runs/NAME/latest.pt]
+                                   [--out runs/NAME] [--resume runs/NAME/latest.pt] [--init model.pt]
     python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
     python -m paraformer_edu transcribe --checkpoint CKPT a.wav b.wav ... [--list files.txt] [--timestamps]
 """
@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from paraformer_edu.data import AudioError, read_manifest
+from paraformer_edu.audio import AudioError
+
+from paraformer_edu.corpus import read_manifest
 
 
 def _train(args) -> int:
@@ -36,7 +38,7 @@ def _train(args) -> int:
             print(f"{out} already holds a run: resume it with --resume {out / 'latest.pt'}, "
                   f"or choose another --out", file=sys.stderr)
             return 2
-        trainer = Trainer(config, out)
+        trainer = Trainer(config, out, init=args.init)
     trainer.train(progress=sys.stderr.isatty())
     last = [row for row in trainer.log if "dev_cer" in row][-1]
     print(json.dumps({"step": trainer.step, "train_seconds": round(trainer.train_seconds, 1),
@@ -46,7 +48,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     """Per manifest: CER, WER, sentence accuracy and real-time factor; last line one JSON object."""
-    from paraformer_edu.checkpoint import load_model
+    from paraformer_edu.inference import load_model
     from paraformer_edu.metrics import cer, sentence_accuracy, wer
     from paraformer_edu.tokenizer import normalize_text
 
@@ -73,7 +75,7 @@ def _evaluate(args) -> int:
 
 def _transcribe(args) -> int:
     """One line per file: the path, a tab, the text (and the token timestamps with --timestamps)."""
-    from paraformer_edu.checkpoint import load_model
+    from paraformer_edu.inference import load_model
 
     paths = list(args.audio)
     if args.list:
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. training.lr=3e-4")
     train.add_argument("--resume", metavar="CKPT", help="a latest.pt written by an earlier run")
     train.add_argument("--out", help="output folder (default runs/<config name>)")
+    train.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (e.g. the book's model.pt): "
+                       "its vocabulary and CMVN, a new optimiser and warm-up; the recipe's model must match it")
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on manifests")
     transcribe = commands.add_parser("transcribe", help="transcribe audio files")
     for sub in (evaluate, transcribe):

@@ -23,7 +23,7 @@ class DataConfig:
     Defined in chapter 7, "Training the model".
     """
 
-    corpus: str = "book"  # a name of paraformer_edu.data.CORPUS_CONFIGS
+    corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
     max_frames: int = 4000  # padded encoder frames per batch (about 30 utterances of 4 s)
     spec_augment: bool = True
     spec_augment_from: int = 0  # the step from which SpecAugment is applied (early steps learn faster without)

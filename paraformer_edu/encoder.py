@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from paraformer_edu.attention import MultiHeadAttention, sinusoidal_positional_encoding
+
 
 class FSMNMemory(nn.Module):
     """SAN-M's memory block: m = v + depthwise Conv1d(v) over time, masked at the padding.
@@ -36,40 +38,24 @@ class FSMNMemory(nn.Module):
         return m * keep  # (B, T, D): valid frames cannot leak into padding
 
 
-class SANMAttention(nn.Module):
-    """SAN-M self-attention: multi-head attention plus the FSMN memory of its values.
+class SANMAttention(MultiHeadAttention):
+    """SAN-M self-attention: chapter 3's multi-head attention plus the FSMN memory of its values.
 
     Defined in chapter 4, "The encoder".
     """
 
     def __init__(self, d_in: int, d_model: int, n_heads: int, kernel_size: int = 11,
                  dropout: float = 0.0, attention_dropout: float = 0.0):
-        super().__init__()
-        assert d_model % n_heads == 0, "d_model must be a multiple of n_heads"
-        self.n_heads, self.d_k = n_heads, d_model // n_heads
-        self.linear_q = nn.Linear(d_in, d_model)
-        self.linear_k = nn.Linear(d_in, d_model)
-        self.linear_v = nn.Linear(d_in, d_model)
-        self.linear_out = nn.Linear(d_model, d_model)
-        self.attention_dropout = nn.Dropout(attention_dropout)
+        super().__init__(d_model, n_heads, attention_dropout, d_in=d_in)
         self.memory = FSMNMemory(d_model, kernel_size, dropout=dropout) if kernel_size > 0 else None
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, h, T, d_k)."""
-        return x.view(x.size(0), x.size(1), self.n_heads, self.d_k).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """SANM(X) for x (B, T, d_in) and the padding mask (B, T); returns (B, T, D)."""
-        B, T, _ = x.shape
-        q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)  # (B, T, D) each
-        scores = self._split(q) @ self._split(k).transpose(-2, -1) / math.sqrt(self.d_k)  # (B, h, T, T)
-        scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)  # (B, h, T, T): no padded keys
-        weights = self.attention_dropout(scores.softmax(-1))  # (B, h, T, T)
-        heads = weights @ self._split(v)  # (B, h, T, d_k)
-        y = self.linear_out(heads.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SANM(X) for x (B, T, d_in) and the padding mask (B, T) -> (B, T, D) and the weights (B, h, T, T)."""
+        v = self.linear_v(x)  # (B, T, D)
+        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])  # (B, T, D)
         if self.memory is not None:
             y = y + self.memory(v, mask)  # (B, T, D)
-        return y
+        return y, weights
 
 
 class FeedForward(nn.Module):
@@ -107,19 +93,9 @@ class SANMEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One layer: x (B, T, d_in), mask (B, T) -> (B, T, D)."""
-        y = self.dropout(self.self_attn(self.norm1(x), mask))  # (B, T, D)
+        y = self.dropout(self.self_attn(self.norm1(x), mask)[0])  # (B, T, D)
         x = x + y if self.residual else y  # (B, T, D)
         return x + self.dropout(self.feed_forward(self.norm2(x)))  # (B, T, D)
-
-
-def _sinusoidal_positions(length: int, d: int) -> torch.Tensor:
-    """Sinusoidal position encodings (T, d): sin on even, cos on odd channels."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]  # (T, 1)
-    frequency = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))  # (d/2,)
-    pe = torch.zeros(length, d)  # (T, d)
-    pe[:, 0::2] = torch.sin(position * frequency)  # (T, d/2)
-    pe[:, 1::2] = torch.cos(position * frequency)  # (T, d/2)
-    return pe
 
 
 @dataclass(frozen=True)
@@ -156,7 +132,7 @@ class SANMEncoder(nn.Module):
         """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, d_model) and lengths."""
         mask = torch.arange(x.size(1), device=x.device) < lengths[:, None]  # (B, T)
         x = x.masked_fill(~mask[..., None], 0.0)  # (B, T, d_input): whatever the padding held
-        pe = _sinusoidal_positions(x.size(1), x.size(2)).to(x)  # (T, d_input)
+        pe = sinusoidal_positional_encoding(x.size(1), x.size(2)).to(x)  # (T, d_input): chapter 3
         x = x * math.sqrt(self.config.d_model) + pe  # (B, T, d_input)
         for layer in self.layers:
             x = layer(x, mask)  # (B, T, D)

@@ -6,12 +6,17 @@
 Generated from chapter 1, "Speech as data" (chapters/01_speech_as_data.py).
 """
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from paraformer_edu.data import SAMPLE_RATE, load_audio, read_manifest
+from paraformer_edu.audio import SAMPLE_RATE, load_audio
+from paraformer_edu.corpus import cache_dir, read_manifest
 
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 FRAME_SHIFT = 160  # 10 ms
@@ -185,9 +190,27 @@ class Frontend(nn.Module):
     def fit(cls, manifest, max_utterances: int = 1000, **kwargs) -> "Frontend":
         """A front end whose CMVN is measured on the first utterances of a manifest."""
         frontend = cls(**kwargs)
-        entries = read_manifest(manifest)[:max_utterances]
-        frontend.cmvn.fit(frontend.raw(load_audio(e["audio_filepath"])) for e in entries)
+        frontend.cmvn.fit(x.float() for x in cached_features(manifest, frontend)[:max_utterances])
         return frontend
+
+
+def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
+    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once, cached as float16.
+
+    Defined in chapter 1, "Speech as data".
+    """
+    manifest = Path(manifest)
+    key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    torch.save(features, partial)
+    partial.replace(path)  # atomic: a crash leaves no half-written cache
+    return features
 
 
 __all__ = [
@@ -204,4 +227,5 @@ __all__ = [
     "CMVN",
     "SpecAugment",
     "Frontend",
+    "cached_features",
 ]

@@ -12,24 +12,12 @@ from typing import NamedTuple
 
 import torch
 
-from paraformer_edu.checkpoint import Recognizer
-from paraformer_edu.data import SAMPLE_RATE, AudioError, is_silent, load_audio
-from paraformer_edu.encoder import SANMAttention
+from paraformer_edu.audio import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.features import FRAME_SHIFT, fbank
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import align, edit_distance
 from paraformer_edu.predictor import cif_timestamps
 from paraformer_edu.tokenizer import normalize_text
-
-
-def sanm_attention_weights(attention: SANMAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The softmax weights (B, h, T, T) a SAN-M attention computes on its input x (B, T, d_in) and mask (B, T).
-
-    Defined in chapter 8, "Seeing inside the model".
-    """
-    q = attention._split(attention.linear_q(x))  # (B, h, T, d_k)
-    k = attention._split(attention.linear_k(x))  # (B, h, T, d_k)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(attention.d_k)  # (B, h, T, T)
-    return scores.masked_fill(~mask[:, None, None, :], -math.inf).softmax(-1)  # (B, h, T, T)
 
 
 class Inside(NamedTuple):
@@ -62,21 +50,19 @@ def look_inside(recognizer: Recognizer, audio, sample_rate: int | None = None) -
     x = recognizer.frontend(wave)[None].to(device)  # (1, T, F)
     lengths = torch.tensor([x.size(1)], device=device)  # (1,)
     encoder_maps, cross_maps = [], []
-    hooks = [layer.self_attn.register_forward_hook(
-        lambda m, args, out: encoder_maps.append(sanm_attention_weights(m, *args)[0].cpu()))  # (h, T, T)
-        for layer in model.encoder.layers]
-    hooks += [layer.src_attn.register_forward_hook(lambda m, args, out: cross_maps.append(out[1][0].cpu()))
-              for layer in model.decoder.layers]  # each (h, N, T)
+    keep = lambda maps: lambda m, args, out: maps.append(out[1][0].cpu())  # (h, T_q, T_k) of the one utterance
+    hooks = [layer.self_attn.register_forward_hook(keep(encoder_maps)) for layer in model.encoder.layers]
+    hooks += [layer.src_attn.register_forward_hook(keep(cross_maps)) for layer in model.decoder.layers]
     try:
-        h, h_lengths = model.encoder(x, lengths)  # (1, T, D)
-        cif = model.predictor(h, h_lengths)  # embeds (1, N, D): the tail rule, as at inference
-        ids = model.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)[0]  # (N,)
+        out = model.infer(x, lengths)  # chapter 6: encoder, predictor (tail rule), decoder
     finally:
         for hook in hooks:
             hook.remove()
-    stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, model.config.frame_shift)[0]  # (N,) pairs
-    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0].tolist(),
-                  [recognizer.tokenizer.tokens[i] for i in ids.tolist()], stamps, model.config.frame_shift)
+    cif, n = out.cif, int(out.cif.token_lengths[0])
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, out.h_lengths, model.config.frame_shift)[0]  # (N,) pairs
+    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0, :n].tolist(),
+                  [recognizer.tokenizer.tokens[i] for i in out.token_ids[0, :n].tolist()], stamps,
+                  model.config.frame_shift)
 
 
 def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
@@ -229,7 +215,6 @@ def substitution_counts(records: list, top: int = 10) -> list:
 
 
 __all__ = [
-    "sanm_attention_weights",
     "Inside",
     "look_inside",
     "attention_entropy",

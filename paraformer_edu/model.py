@@ -76,6 +76,18 @@ class Hypothesis(NamedTuple):
         return tokenizer.decode(self.token_ids)
 
 
+class Inference(NamedTuple):
+    """Everything one inference pass computed: encoder states, the predictor's output, the decoder's tokens.
+
+    Defined in chapter 6, "The decoder and the whole model".
+    """
+
+    h: torch.Tensor  # (B, T, D) encoder output
+    h_lengths: torch.Tensor  # (B,)
+    cif: tuple  # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    token_ids: torch.Tensor  # (B, N) the decoder's argmax, valid up to cif.token_lengths
+
+
 class Paraformer(nn.Module):
     """Paraformer: SAN-M encoder + CTC head, CIF predictor, parallel decoder with the GLM sampler.
 
@@ -123,8 +135,8 @@ class Paraformer(nn.Module):
                 "length_target": target_lengths.float().mean()}
 
     @torch.no_grad()
-    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[Hypothesis]:
-        """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds."""
+    def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Inference:
+        """The inference pass on features (B, T, F) in evaluation mode: encoder, predictor (tail rule), decoder."""
         was_training = self.training
         self.eval()
         try:
@@ -136,8 +148,14 @@ class Paraformer(nn.Module):
                 ids = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)  # (B, N)
         finally:
             self.train(was_training)
-        stamps = cif_timestamps(cif.fires, cif.token_lengths, h_lengths, self.config.frame_shift)
-        return [Hypothesis(ids[b, :n].tolist(), stamps[b]) for b, n in enumerate(cif.token_lengths.tolist())]
+        return Inference(h, h_lengths, cif, ids)
+
+    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[Hypothesis]:
+        """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds."""
+        out = self.infer(features, feature_lengths)
+        n_tokens = out.cif.token_lengths  # (B,)
+        stamps = cif_timestamps(out.cif.fires, n_tokens, out.h_lengths, self.config.frame_shift)
+        return [Hypothesis(out.token_ids[b, :n].tolist(), stamps[b]) for b, n in enumerate(n_tokens.tolist())]
 
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:
         """The text of each utterance of features (B, T, F), decoded by the tokenizer."""
@@ -149,5 +167,6 @@ __all__ = [
     "token_accuracy",
     "ParaformerConfig",
     "Hypothesis",
+    "Inference",
     "Paraformer",
 ]

@@ -8,7 +8,7 @@ Generated from chapter 8, "Seeing inside the model" (chapters/08_seeing_inside.p
 
 import torch
 
-from paraformer_edu.data import SAMPLE_RATE
+from paraformer_edu.audio import SAMPLE_RATE
 from paraformer_edu.features import FRAME_SHIFT
 
 try:

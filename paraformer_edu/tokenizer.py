@@ -138,22 +138,25 @@ class Tokenizer:
         """Write the vocabulary file: line i (counting from 0) describes the token of id i."""
         Path(path).write_text("".join(line + "\n" for line in self.vocab_lines()), encoding="utf-8")
 
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """The tokenizer whose vocabulary file is path (see from_lines)."""
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))  # drop the final newline
 
-def read_vocab(path) -> list[list[str]]:
-    """The parts of each line of a vocabulary file, after checking the special tokens.
+
+def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
+    """The parts of each vocabulary line, after checking the special tokens.
 
     Defined in chapter 2, "The tokenizer".
     """
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
     if tuple(lines[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise ValueError(f"{path}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
+        raise ValueError(f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
     rows = []
     for number, line in enumerate(lines, start=1):
         parts = line.split(" ")
         if not all(parts) or len(parts) > 2 or any(ch.isspace() for part in parts for ch in part):
-            raise ValueError(f"{path}, line {number}: {line!r} is neither a token nor a pair 'left right'")
+            raise ValueError(f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'")
         rows.append(parts)
     return rows
 
@@ -184,19 +187,19 @@ class CharTokenizer(Tokenizer):
         return list(self.tokens)
 
     @classmethod
-    def load(cls, path) -> "CharTokenizer":
-        """The tokenizer whose vocabulary file is path."""
-        units = read_vocab(path)[len(SPECIAL_TOKENS):]
+    def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "CharTokenizer":
+        """The tokenizer of the lines of a vocabulary file."""
+        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
         for number, parts in enumerate(units, start=len(SPECIAL_TOKENS) + 1):
             if len(parts) != 1 or len(parts[0]) != 1:
-                raise ValueError(f"{path}, line {number}: {' '.join(parts)!r} is not one character"
+                raise ValueError(f"{source}, line {number}: {' '.join(parts)!r} is not one character"
                                  " (a BPE vocabulary? load it with BPETokenizer.load)")
         if not units or units[0] != [WORD_BOUNDARY]:
-            raise ValueError(f"{path}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
+            raise ValueError(f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
         try:
             return cls("".join(parts[0] for parts in units[1:]))
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{source}: {error}") from None
 
 
 def merge_priority(pair: tuple, count: int) -> tuple:
@@ -308,20 +311,20 @@ class BPETokenizer(Tokenizer):
         return self.tokens[:len(self.tokens) - len(self.merges)] + [f"{a} {b}" for a, b in self.merges]
 
     @classmethod
-    def load(cls, path) -> "BPETokenizer":
-        """The tokenizer whose vocabulary file is path."""
-        rows = read_vocab(path)[len(SPECIAL_TOKENS):]
+    def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "BPETokenizer":
+        """The tokenizer of the lines of a vocabulary file."""
+        rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
         base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
         if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
-            raise ValueError(f"{path}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
+            raise ValueError(f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
         merges = rows[len(base):]
         for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
             if len(parts) != 2:
-                raise ValueError(f"{path}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
+                raise ValueError(f"{source}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
         try:
             return cls([tuple(parts) for parts in merges], "".join(base[1:]))
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{source}: {error}") from None
 
 
 def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
@@ -344,14 +347,14 @@ DEFAULT_VOCAB_SIZE = 200
 
 
 def default_tokenizer(train_manifest=None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> BPETokenizer:
-    """The book's tokenizer: BPE trained on the transcripts of the training manifest.
+    """The book's tokenizer: BPE on a training manifest's transcripts, by default the book corpus's plan (no audio).
 
     Defined in chapter 2, "The tokenizer".
     """
-    from paraformer_edu.data import build_corpus, read_manifest  # chapter 1; imported here, used only here
+    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest  # chapter 1; used only here
 
     if train_manifest is None:
-        train_manifest = build_corpus()["train"]
+        return train_bpe([utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size)
     return train_bpe([utterance["text"] for utterance in read_manifest(train_manifest)], vocab_size)
 
 
@@ -370,7 +373,7 @@ __all__ = [
     "UNK_ID",
     "WORD_BOUNDARY",
     "Tokenizer",
-    "read_vocab",
+    "vocab_rows",
     "CharTokenizer",
     "merge_priority",
     "count_pairs",

@@ -6,10 +6,9 @@
 Generated from chapter 7, "Training the model" (chapters/07_training.py).
 """
 
-import hashlib
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,71 +16,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from paraformer_edu.checkpoint import Recognizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, save_config
-from paraformer_edu.data import BucketBatchSampler, build_corpus, cache_dir, collate, corpus_config, load_audio, read_manifest
+from paraformer_edu.corpus import build_corpus, corpus_config
+from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import cer, sentence_accuracy, wer
 from paraformer_edu.model import Paraformer
 from paraformer_edu.tokenizer import default_tokenizer
-
-
-def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
-    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once and cached as float16.
-
-    Defined in chapter 7, "Training the model".
-    """
-    manifest = Path(manifest)
-    key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save(features, partial)
-    partial.replace(path)  # atomic: a crash leaves no half-written cache
-    return features
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """A manifest's utterances from cached features: CMVN, then SpecAugment seeded by (seed, epoch, index).
-
-    Defined in chapter 7, "Training the model".
-    """
-
-    def __init__(self, manifest, frontend: Frontend, encode, spec_augment: SpecAugment | None = None, seed: int = 0):
-        self.entries = read_manifest(manifest)
-        self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
-        self.frontend, self.encode, self.spec_augment, self.seed, self.epoch = frontend, encode, spec_augment, seed, 0
-        self.augment = spec_augment is not None  # the trainer switches it on and off
-        self.targets = [torch.tensor(encode(e["text"]), dtype=torch.long) for e in self.entries]  # (N,) each
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def lengths(self) -> list[int]:
-        """Feature frames per utterance."""
-        return [x.shape[0] for x in self.raw]
-
-    def __getitem__(self, i: int) -> dict:
-        features = self.frontend.cmvn(self.raw[i].float())  # (T', 560)
-        if self.augment and self.spec_augment is not None and self.spec_augment.training:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
-            features = self.spec_augment(features, generator=g)  # (T', 560)
-        return {"index": i, "features": features, "text": self.entries[i]["text"], "targets": self.targets[i]}
-
-
-def fit_frontend(train_features: list[torch.Tensor], max_utterances: int = 1000, **kwargs) -> Frontend:
-    """A front end whose CMVN is measured on the cached features of the first training utterances.
-
-    Defined in chapter 7, "Training the model".
-    """
-    frontend = Frontend(**kwargs)
-    frontend.cmvn.fit(x.float() for x in train_features[:max_utterances])
-    return frontend
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -112,7 +55,7 @@ def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: Paraformer, dataset: "FeatureDataset", tokenizer, max_utterances: int | None = None,
+def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterances: int | None = None,
              max_frames: int = 8000, device: torch.device = torch.device("cpu")) -> dict:
     """CER, WER, sentence accuracy and token-count errors of the model on (the first utterances of) a dataset.
 
@@ -143,28 +86,50 @@ class Trainer:
     Defined in chapter 7, "Training the model".
     """
 
-    def __init__(self, config: Config, out_dir, manifests: dict | None = None):
-        self.config, self.out_dir = config, Path(out_dir)
-        t = config.training
-        torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
+    def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
+        self.config, self.out_dir, t = config, Path(out_dir), config.training
         self.device = choose_device(t.device)
         self.manifests = manifests or build_corpus(corpus_config(config.data.corpus))
-        self.tokenizer = default_tokenizer(self.manifests["train"], config.model.vocab_size)
+        start = model_from_checkpoint(load_checkpoint(init), config) if init else None  # same model config
+        self.tokenizer = start[1] if start else default_tokenizer(self.manifests["train"], config.model.vocab_size)
         if self.tokenizer.vocab_size != config.model.vocab_size:
             raise ValueError(f"BPE stopped at {self.tokenizer.vocab_size} tokens (the corpus ran out of pairs) but "
                              f"model.vocab_size is {config.model.vocab_size}: choose a smaller model.vocab_size")
+        self.frontend = start[2] if start else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
         augment = SpecAugment() if config.data.spec_augment else None
-        self.train_set = FeatureDataset(self.manifests["train"], Frontend(), self.tokenizer.encode, augment, t.seed)
-        self.frontend = self.train_set.frontend = fit_frontend(self.train_set.raw, config.data.cmvn_utterances)
-        self.dev_set = FeatureDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
+        self.train_set = SpeechDataset(self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed)
+        self.dev_set = SpeechDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
         self.sampler = BucketBatchSampler(self.train_set.lengths, config.data.max_frames, seed=t.seed)
-        self.model = Paraformer(config.model).to(self.device)
+        self.cuda = [self.device] if self.device.type == "cuda" else []  # devices whose generator the run owns
+        with torch.random.fork_rng(devices=self.cuda):  # the initial weights, the global generators untouched
+            torch.manual_seed(t.seed)
+            self.model = Paraformer(config.model).to(self.device)
+            if start:  # init: the checkpoint's weights, vocabulary and CMVN; a new optimiser and warm-up
+                self.model.load_state_dict(start[0].state_dict())
+            self.rng_state = torch.get_rng_state()  # the run's own generators: dropout
+            self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9)
         self.generator = torch.Generator().manual_seed(t.seed)  # the GLM sampler's choices
         self.step, self.epoch, self.batch_in_epoch, self.train_seconds = 0, 0, 0, 0.0
         self.log: list[dict] = []
         self.best_cer = math.inf
+
+    @contextlib.contextmanager
+    def _scope(self):
+        """The run's thread count (CPU) and random generator while inside; the caller's are restored after."""
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.config.training.threads)
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.set_rng_state(self.rng_state)
+            if self.cuda:
+                torch.cuda.set_rng_state(self.cuda_rng_state, self.device)
+            try:
+                yield
+            finally:
+                self.rng_state = torch.get_rng_state()
+                self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
+                torch.set_num_threads(threads)
 
     def train_step(self, batch: dict) -> dict:
         """One optimiser step on a batch: forward (all loss parts), backward, clip, warm-up learning rate."""
@@ -194,10 +159,11 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def evaluate(self, dataset=None, max_utterances: int | None = None) -> dict:
-        """Score the model on the dev set (or another FeatureDataset)."""
+        """Score the model on the dev set (or another SpeechDataset)."""
         dataset = dataset or self.dev_set
         limit = max_utterances if max_utterances is not None else self.config.training.eval_utterances
-        return evaluate(self.model, dataset, self.tokenizer, limit, device=self.device)
+        with self._scope():
+            return evaluate(self.model, dataset, self.tokenizer, limit, device=self.device)
 
     def train(self, max_minutes: float | None = None, max_steps: int | None = None, progress: bool = False) -> list:
         """Train until a budget runs out (minutes of this run, or a total step count); evaluate and checkpoint."""
@@ -211,7 +177,8 @@ class Trainer:
                 max_minutes and time.perf_counter() - start > 60 * max_minutes):
             batch = next(batches)  # drawn only when it will be trained on: a resumed run skips nothing
             tick = time.perf_counter()
-            window.append(self.train_step(batch))
+            with self._scope():
+                window.append(self.train_step(batch))
             self.train_seconds += time.perf_counter() - tick
             bar.update(1)
             if self.step % t.log_every == 0:
@@ -230,16 +197,13 @@ class Trainer:
         """Append the mean of each logged value over the steps since the last line."""
         keys = ("loss", "loss_ce", "loss_quantity", "loss_ctc", "accuracy", "accuracy_first_pass", "glm_replaced",
                 "grad_norm")
+        previous = [r["train_seconds"] for r in self.log if "loss" in r]
+        seconds = self.train_seconds - (previous[-1] if previous else 0.0)  # training time of the window's steps
         row = {"step": self.step, "epoch": self.epoch, "lr": window[-1]["lr"], "train_seconds": self.train_seconds,
                **{k: sum(w[k] for w in window) / len(window) for k in keys},
-               "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, self._window_seconds(window))}
+               "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, seconds)}
         self.log.append(row)
         self._append_jsonl(row)
-
-    def _window_seconds(self, window: list[dict]) -> float:
-        """Training seconds spent on the steps of the window (from the running total)."""
-        previous = [r["train_seconds"] for r in self.log if "loss" in r]
-        return self.train_seconds - (previous[-1] if previous else 0.0)
 
     def _evaluate_and_save(self) -> None:
         """Evaluate on dev, log it, write the latest checkpoint and, if dev CER improved, the best one."""
@@ -266,8 +230,8 @@ class Trainer:
                         trainer={"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
                                  "batch_in_epoch": self.batch_in_epoch, "train_seconds": self.train_seconds,
                                  "best_cer": self.best_cer, "log": json.dumps(self.log),
-                                 "rng": torch.get_rng_state(), "glm_rng": self.generator.get_state(),
-                                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []})
+                                 "rng": self.rng_state, "glm_rng": self.generator.get_state(),
+                                 "cuda_rng": self.cuda_rng_state if self.cuda else []})
         save_config(self.config, Path(path).parent / "config.yaml")  # the recipe, readable beside its checkpoint
 
     @classmethod
@@ -283,17 +247,14 @@ class Trainer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         trainer.train_seconds, trainer.best_cer, trainer.log = state["train_seconds"], state["best_cer"], json.loads(state["log"])
-        torch.set_rng_state(state["rng"])
+        trainer.rng_state = state["rng"]
         trainer.generator.set_state(state["glm_rng"])
-        if state["cuda_rng"] and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if isinstance(state["cuda_rng"], torch.Tensor) and trainer.cuda:
+            trainer.cuda_rng_state = state["cuda_rng"]
         return trainer
 
 
 __all__ = [
-    "cached_features",
-    "FeatureDataset",
-    "fit_frontend",
     "choose_device",
     "move_batch",
     "warmup_lr",

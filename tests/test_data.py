@@ -1,4 +1,4 @@
-"""Tests of paraformer_edu.data (chapter 1): audio loading, the corpus, batching."""
+"""Tests of chapter 1's audio, synthesis, corpus and dataset modules: audio loading, the corpus, batching."""
 
 import json
 import math
@@ -10,8 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from paraformer_edu import data
-from paraformer_edu.data import AudioError, load_audio
+import paraformer_edu.corpus as corpus_module
+from paraformer_edu.audio import AudioError, is_silent, load_audio
+from paraformer_edu.synthesis import synthesize
+from paraformer_edu.corpus import (augment, build_corpus, clean_example, corpus_config, corpus_plan, near_duplicate_groups,
+                                   nonspeech, read_manifest, sentence_splits, sentence_words, voice_pool, word_list,
+                                   wordnet_sentences)
+from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend
 
 
@@ -19,7 +24,7 @@ from paraformer_edu.features import Frontend
 def tiny(tmp_path_factory):
     """The 'tiny' corpus, built once into a temporary folder."""
     root = tmp_path_factory.mktemp("corpus")
-    return root, data.build_corpus(data.corpus_config("tiny"), root=root)
+    return root, build_corpus(corpus_config("tiny"), root=root)
 
 
 # --- load_audio: every kind of input gets a defined answer -------------------------------------
@@ -71,6 +76,19 @@ def test_array_input_needs_a_rate_and_ints_are_scaled():
     assert torch.allclose(load_audio(torch.from_numpy(x)[None], 16000), torch.from_numpy(x))
 
 
+def test_8_bit_pcm_is_unsigned_and_centred_on_128():
+    x = tone()
+    pcm8 = np.clip(np.round(x * 128 + 128), 0, 255).astype(np.uint8)  # 8-bit WAV samples: silence is 128
+    assert torch.allclose(load_audio(pcm8, 16000), torch.from_numpy(x), atol=1 / 128)
+    assert load_audio(np.full(16000, 128, np.uint8), 16000).abs().max() == 0  # silence stays silence
+
+
+@pytest.mark.parametrize("shape", [(4, 16000), (16000, 4), (3, 2, 8000)])
+def test_an_array_that_is_not_one_clip_is_refused(shape):
+    with pytest.raises(AudioError, match="not one clip.*list"):
+        load_audio(np.zeros(shape, np.float32), 16000)
+
+
 @pytest.mark.parametrize("samples, message", [(0, "empty"), (100, "ms long"), (399, "ms long")])
 def test_empty_and_too_short_are_refused(tmp_path, samples, message):
     sf.write(tmp_path / "e.wav", np.zeros(samples, np.float32), 16000)
@@ -81,7 +99,7 @@ def test_empty_and_too_short_are_refused(tmp_path, samples, message):
 def test_silence_is_valid_and_detected(tmp_path):
     sf.write(tmp_path / "z.wav", np.zeros(16000, np.float32), 16000)
     y = load_audio(tmp_path / "z.wav")
-    assert y.numel() == 16000 and data.is_silent(y) and not data.is_silent(torch.from_numpy(tone()))
+    assert y.numel() == 16000 and is_silent(y) and not is_silent(torch.from_numpy(tone()))
 
 
 def test_unreadable_missing_and_damaged_files(tmp_path):
@@ -103,17 +121,17 @@ def test_audio_error_is_a_value_error():
 # --- synthesis and the corpus ------------------------------------------------------------------
 
 def test_synthesize_returns_16k_audio_and_ordered_word_times():
-    wave, words = data.synthesize("hello brave new world", voice="en-us+f2", rate=150)
+    wave, words = synthesize("hello brave new world", voice="en-us+f2", rate=150)
     assert wave.dtype == torch.float32 and wave.dim() == 1 and wave.abs().max() <= 1
     assert [w for w, _ in words] == ["hello", "brave", "new", "world"]
     times = [t for _, t in words]
     assert times == sorted(times) and times[-1] < wave.numel() / 16000
     with pytest.raises(ValueError, match="no voice"):
-        data.synthesize("hello", voice="xx-nonexistent")
+        synthesize("hello", voice="xx-nonexistent")
 
 
 def test_synthesize_is_repeatable_in_a_fresh_process():
-    code = ("import hashlib; from paraformer_edu.data import synthesize\n"
+    code = ("import hashlib; from paraformer_edu.synthesis import synthesize\n"
             "w, t = synthesize('hello brave new world', voice='en-us+f2', rate=150)\n"
             "print(hashlib.sha1(w.numpy().tobytes()).hexdigest(), t)")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -126,7 +144,7 @@ def test_manifests_have_the_common_form(tiny):
     assert set(manifests) == {"train", "dev", "test", "test-voices"}
     for split, path in manifests.items():
         lines = [json.loads(l) for l in path.read_text().splitlines()]
-        assert len(lines) == data.corpus_config("tiny").sizes[split]
+        assert len(lines) == corpus_config("tiny").sizes[split]
         for entry in lines:
             assert not entry["audio_filepath"].startswith("/")  # relative to the manifest
             info = sf.info(path.parent / entry["audio_filepath"])
@@ -137,78 +155,78 @@ def test_manifests_have_the_common_form(tiny):
 
 def test_read_manifest_resolves_paths_and_checks_fields(tiny, tmp_path):
     _, manifests = tiny
-    entry = data.read_manifest(manifests["dev"])[0]
+    entry = read_manifest(manifests["dev"])[0]
     assert load_audio(entry["audio_filepath"]).numel() == round(entry["duration"] * 16000)
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="audio_filepath"):
-        data.read_manifest(tmp_path / "bad.jsonl")
+        read_manifest(tmp_path / "bad.jsonl")
 
 
 def test_splits_are_disjoint_and_voices_held_out(tiny):
     _, manifests = tiny
-    corpus = {s: data.read_manifest(p) for s, p in manifests.items()}
+    corpus = {s: read_manifest(p) for s, p in manifests.items()}
     train_texts = {u["text"] for u in corpus["train"]}
-    train_voices = set(data.voice_pool(held_out=False))
+    train_voices = set(voice_pool(held_out=False))
     for split in ("dev", "test", "test-voices"):
         assert not {u["text"] for u in corpus[split]} & train_texts
     assert {u["voice"] for u in corpus["test"]} <= train_voices
     assert not {u["voice"] for u in corpus["test-voices"]} & train_voices
-    assert not set(data.voice_pool(held_out=True)) & train_voices
+    assert not set(voice_pool(held_out=True)) & train_voices
 
 
 def test_book_corpus_text_is_broad_and_deterministic():
-    config = data.corpus_config("book")
-    plan = data.corpus_plan(config)
+    config = corpus_config("book")
+    plan = corpus_plan(config)
     words = {w.strip(",.?").lower() for u in plan["train"] for w in u["text"].split()}
     assert len(words) == config.n_words == 1000  # every word of the vocabulary is heard in training
-    large = data.corpus_plan(data.corpus_config("large", sizes={"train": 8000, "dev": 0, "test": 0, "test-voices": 0}))
+    large = corpus_plan(corpus_config("large", sizes={"train": 8000, "dev": 0, "test": 0, "test-voices": 0}))
     assert len({w.strip(",.?").lower() for u in large["train"] for w in u["text"].split()}) >= 5000
     lengths = [len(u["text"].split()) for u in plan["train"]]
     assert min(lengths) == config.min_words and max(lengths) == config.max_words
-    assert data.corpus_plan(config) == plan
-    assert data.corpus_plan(data.corpus_config("book", seed=1))["train"] != plan["train"]
+    assert corpus_plan(config) == plan
+    assert corpus_plan(corpus_config("book", seed=1))["train"] != plan["train"]
 
 
 def test_corpus_is_cached_and_rebuilt_identically(tiny, tmp_path, monkeypatch):
     root, manifests = tiny
     calls = []
-    monkeypatch.setattr(data, "_synthesize_plan", lambda *a, **k: calls.append(a))
-    assert data.build_corpus(data.corpus_config("tiny"), root=root) == manifests
+    monkeypatch.setattr(corpus_module, "_synthesize_plan", lambda *a, **k: calls.append(a))
+    assert build_corpus(corpus_config("tiny"), root=root) == manifests
     assert calls == []  # the second call synthesises nothing
     monkeypatch.undo()
-    small = data.corpus_config("tiny", sizes={"train": 3, "dev": 2, "test": 0, "test-voices": 2})
-    data.synthesize("something else first", voice="en-us+f4")  # state left in this process must not matter
-    a = data.build_corpus(small, root=tmp_path / "a")
-    b = data.build_corpus(small, root=tmp_path / "b")
+    small = corpus_config("tiny", sizes={"train": 3, "dev": 2, "test": 0, "test-voices": 2})
+    synthesize("something else first", voice="en-us+f4")  # state left in this process must not matter
+    a = build_corpus(small, root=tmp_path / "a")
+    b = build_corpus(small, root=tmp_path / "b")
     assert set(a) == {"train", "dev", "test-voices"}
     for split in a:
         assert a[split].read_bytes() == b[split].read_bytes()
-        for entry in data.read_manifest(a[split]):
+        for entry in read_manifest(a[split]):
             other = entry["audio_filepath"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
             assert open(entry["audio_filepath"], "rb").read() == open(other, "rb").read()
 
 
 def test_an_interrupted_build_leaves_no_corpus(tmp_path, monkeypatch):
-    config = data.corpus_config("tiny", sizes={"train": 3, "dev": 1, "test": 1, "test-voices": 1})
-    real = data._synthesize_plan
+    config = corpus_config("tiny", sizes={"train": 3, "dev": 1, "test": 1, "test-voices": 1})
+    real = corpus_module._synthesize_plan
 
     def interrupted(folder, plan, **kwargs):
         real(folder, {"train": plan["train"]})  # some files are written, then the run dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_synthesize_plan", interrupted)
+    monkeypatch.setattr(corpus_module, "_synthesize_plan", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.build_corpus(config, root=tmp_path)
+        build_corpus(config, root=tmp_path)
     assert [p for p in tmp_path.iterdir() if ".partial" not in p.name] == []
     monkeypatch.undo()
-    manifests = data.build_corpus(config, root=tmp_path)  # starts again and completes
-    assert len(data.read_manifest(manifests["train"])) == 3
-    assert len(data.read_manifest(manifests["test-voices"])) == 1
+    manifests = build_corpus(config, root=tmp_path)  # starts again and completes
+    assert len(read_manifest(manifests["train"])) == 3
+    assert len(read_manifest(manifests["test-voices"])) == 1
 
 
 def test_unknown_corpus_name():
     with pytest.raises(ValueError, match="unknown corpus"):
-        data.corpus_config("huge")
+        corpus_config("huge")
 
 
 # --- datasets and batching ---------------------------------------------------------------------
@@ -216,7 +234,7 @@ def test_unknown_corpus_name():
 def test_bucket_sampler_covers_everything_once_within_budget():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 100, (500,), generator=g).tolist()
-    sampler = data.BucketBatchSampler(lengths, max_frames=400, seed=3)
+    sampler = BucketBatchSampler(lengths, max_frames=400, seed=3)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -225,19 +243,19 @@ def test_bucket_sampler_covers_everything_once_within_budget():
         assert len(batches) == len(sampler)
     sampler.set_epoch(1)
     first = list(sampler)
-    again = data.BucketBatchSampler(lengths, max_frames=400, seed=3)
+    again = BucketBatchSampler(lengths, max_frames=400, seed=3)
     again.set_epoch(1)
     assert list(again) == first  # deterministic from seed and epoch
     again.set_epoch(2)
     assert list(again) != first  # a new order each epoch
     with pytest.raises(ValueError, match="max_frames"):
-        data.BucketBatchSampler([10, 500], max_frames=400)
+        BucketBatchSampler([10, 500], max_frames=400)
 
 
 def test_collate_pads_features_and_targets():
     items = [{"index": i, "text": "ab"[:n], "features": torch.full((n, 3), float(n)),
               "targets": torch.arange(1, n + 1)} for i, n in enumerate([2, 5, 1])]
-    batch = data.collate(items)
+    batch = collate(items)
     assert batch["features"].shape == (3, 5, 3) and batch["feature_lengths"].tolist() == [2, 5, 1]
     assert batch["targets"].tolist() == [[1, 2, 0, 0, 0], [1, 2, 3, 4, 5], [1, 0, 0, 0, 0]]
     assert batch["target_lengths"].tolist() == [2, 5, 1]
@@ -247,11 +265,11 @@ def test_collate_pads_features_and_targets():
 def test_dataset_lengths_match_features_and_batched_equals_unbatched(tiny):
     _, manifests = tiny
     frontend = Frontend.fit(manifests["train"])
-    dataset = data.SpeechDataset(manifests["dev"], frontend, encode=lambda t: [ord(c) % 7 + 1 for c in t])
+    dataset = SpeechDataset(manifests["dev"], frontend, encode=lambda t: [ord(c) % 7 + 1 for c in t])
     items = [dataset[i] for i in range(len(dataset))]
     assert [it["features"].shape[0] for it in items] == dataset.lengths
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=data.BucketBatchSampler(dataset.lengths, 600),
-                                         collate_fn=data.collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.lengths, 600),
+                                         collate_fn=collate)
     seen = 0
     for batch in loader:
         for b, i in enumerate(batch["index"].tolist()):
@@ -260,3 +278,84 @@ def test_dataset_lengths_match_features_and_batched_equals_unbatched(tiny):
             assert torch.equal(batch["targets"][b, :N], items[i]["targets"])
             seen += 1
     assert seen == len(dataset)
+
+
+# --- natural sentences: WordNet's examples, split by sentence ------------------------------------
+
+@pytest.fixture(scope="module")
+def sentences():
+    return wordnet_sentences()
+
+
+def test_wordnet_sentences_are_many_clean_and_broad(sentences):
+    assert len(sentences) > 30_000 and len(set(sentences)) == len(sentences)
+    assert all(clean_example(s) == s for s in sentences[:2000])  # cleaning is idempotent
+    assert len({w for s in sentences for w in sentence_words(s)}) > 10_000
+    assert clean_example("the U.S. army") is None and clean_example("he ran 3 miles") is None
+    assert clean_example("leave lots of time for the trip") == "Leave lots of time for the trip."
+    assert clean_example("a well-known fact of life") == "A well known fact of life."
+
+
+def test_near_duplicates_share_a_group_and_a_split():
+    texts = ["The party went with a bang.", "The party went with a swing.", "the party, went with a bang",
+             "A completely different sentence here.", "Short one two."]
+    groups = near_duplicate_groups(texts)
+    assert groups[0] == groups[1] == groups[2] and len({groups[0], groups[3], groups[4]}) == 3
+    splits = sentence_splits(texts)
+    split_of = {s: name for name, ss in splits.items() for s in ss}
+    assert split_of[texts[0]] == split_of[texts[1]] == split_of[texts[2]]
+
+
+def test_sentence_splits_are_disjoint_stable_and_keep_groups_together(sentences):
+    splits = sentence_splits(sentences)
+    assert sum(map(len, splits.values())) == len(sentences)
+    assert all(0.04 < len(splits[s]) / len(sentences) < 0.06 for s in ("dev", "test", "test-voices"))
+    train = {" ".join(sentence_words(s)) for s in splits["train"]}
+    for split in ("dev", "test", "test-voices"):
+        assert not any(" ".join(sentence_words(s)) in train for s in splits[split])
+    assert sentence_splits(list(reversed(sentences)))["test"] == list(reversed(splits["test"]))  # order-free
+
+
+def test_everyday_plans_keep_test_sentences_out_of_training():
+    for name in ("everyday", "everyday-large"):
+        config = corpus_config(name)
+        plan = corpus_plan(config)
+        train = {u["text"] for u in plan["train"]}
+        for split in ("dev", "test", "test-voices"):
+            texts = [u["text"] for u in plan[split]]
+            assert len(texts) == config.sizes[split] == len(set(texts)) and not set(texts) & train
+            assert not any("nonspeech" in u or "augment" in u for u in plan[split])  # evaluation stays clean
+        held_out = set(voice_pool(held_out=True, variants="all"))
+        assert {u["voice"] for u in plan["test-voices"]} <= held_out
+        assert not {u["voice"] for u in plan["train"] if "voice" in u} & held_out
+        noise = [u for u in plan["train"] if "nonspeech" in u]
+        assert 0.01 < len(noise) / len(plan["train"]) < 0.03 and all(u["text"] == "" for u in noise)
+    top = set(word_list(5000)[0])
+    assert all(all(w in top for w in sentence_words(u["text"])) for u in corpus_plan(corpus_config("everyday"))["test"])
+
+
+def test_nonspeech_and_augment_are_deterministic_at_the_asked_level():
+    for kind in ("white", "pink", "hum", "clicks"):
+        clip = nonspeech(kind, 0.5, -30.0, seed=1)
+        assert clip.numel() == 8000 and torch.equal(clip, nonspeech(kind, 0.5, -30.0, seed=1))
+        level = 20 * math.log10(clip.pow(2).mean().sqrt())
+        assert clip.abs().max() < 1 and (abs(level + 30.0) < 0.5 if kind != "clicks" else level < -29.5)
+    wave = torch.from_numpy(tone(1.0))
+    out = augment(wave, speed=0.9, seed=3, snr=10.0, rt60=0.3)
+    assert abs(out.numel() - 16000 / 0.9) < 2 and torch.equal(out, augment(wave, speed=0.9, seed=3, snr=10.0, rt60=0.3))
+    assert torch.allclose(out.abs().max(), wave.abs().max())
+
+
+def test_an_everyday_corpus_with_nonspeech_and_augmentation_builds(tmp_path):
+    config = corpus_config("everyday", sizes={"train": 10, "dev": 2, "test": 0, "test-voices": 2},
+                           nonspeech_share=0.3, augment_share=1.0)
+    manifests = build_corpus(config, root=tmp_path)
+    train = read_manifest(manifests["train"])
+    noise = [e for e in train if "nonspeech" in e]
+    assert noise and all(e["text"] == "" and e["words"] == [] for e in noise)
+    augmented = [e for e in train if "augment" in e]
+    assert augmented and all(e["words"][-1][1] < e["duration"] for e in augmented)  # word times scaled with the speed
+    fast = [e for e in augmented if e["augment"]["speed"] != 1.0]
+    for e in fast:  # the same sentence and voice, unaugmented: word times differ by the speed factor
+        _, words = synthesize(e["text"], e["voice"], e["rate"], e["pitch"], e["pitch_range"])
+        assert all(abs(t * e["augment"]["speed"] - t0) < 0.02 for (_, t), (_, t0) in zip(e["words"], words))  # espeak drifts by ms

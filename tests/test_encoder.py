@@ -124,7 +124,7 @@ def test_sanm_attention_is_attention_plus_memory():
     x = torch.randn(2, 7, 12)
     mask = make_mask(torch.tensor([7, 4]), 7)
     with torch.no_grad():
-        torch.testing.assert_close(sanm(x, mask) - plain(x, mask), sanm.memory(sanm.linear_v(x), mask))
+        torch.testing.assert_close(sanm(x, mask)[0] - plain(x, mask)[0], sanm.memory(sanm.linear_v(x), mask))
 
 
 def test_first_layer_maps_input_width_without_residual():
@@ -142,7 +142,7 @@ def test_layer_is_pre_ln_with_residuals(d_in):
     x = torch.randn(2, 9, d_in)
     mask = make_mask(torch.tensor([9, 6]), 9)
     with torch.no_grad():
-        y = layer.self_attn(layer.norm1(x), mask)
+        y = layer.self_attn(layer.norm1(x), mask)[0]
         y = x + y if d_in == 16 else y
         z = y + layer.feed_forward(layer.norm2(y))
         torch.testing.assert_close(layer(x, mask), z)

@@ -7,7 +7,7 @@ import torch
 import torchaudio
 
 from paraformer_edu import features
-from paraformer_edu.data import synthesize
+from paraformer_edu.synthesis import synthesize
 
 
 def kaldi_fbank(x):

@@ -10,13 +10,15 @@ matplotlib.use("Agg")
 
 import paraformer_edu  # noqa: E402
 from paraformer_edu import plots  # noqa: E402
-from paraformer_edu.data import AudioError, build_corpus, read_manifest, synthesize  # noqa: E402
+from paraformer_edu.audio import AudioError  # noqa: E402
+from paraformer_edu.corpus import build_corpus, read_manifest  # noqa: E402
 from paraformer_edu.encoder import SANMAttention  # noqa: E402
 from paraformer_edu.inspection import (attention_entropy, attention_share, cer_by, error_summary,  # noqa: E402
                                        frame_energy, look_inside, match_words, onset_errors, reference_words,
-                                       sanm_attention_weights, shift_words, substitution_counts, token_audio,
+                                       shift_words, substitution_counts, token_audio,
                                        utterance_errors, word_timestamps)
 from paraformer_edu.metrics import cer  # noqa: E402
+from paraformer_edu.synthesis import synthesize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK_MODEL = ROOT / "models" / "paraformer-book" / "model.pt"
@@ -41,10 +43,9 @@ def test_sanm_weights_rebuild_the_layer_output_and_ignore_padding():
     x = torch.randn(2, 12, 32)  # (B, T, D)
     mask = torch.arange(12) < torch.tensor([12, 7])[:, None]  # (B, T)
     with torch.no_grad():
-        A = sanm_attention_weights(layer, x, mask)  # (B, h, T, T)
+        expected, A = layer(x, mask)  # (B, T, D), (B, h, T, T)
         v = layer.linear_v(x)
-        rebuilt = layer.linear_out((A @ layer._split(v)).transpose(1, 2).flatten(2)) + layer.memory(v, mask)
-        expected = layer(x, mask)
+        rebuilt = layer.linear_out(layer.merge_heads(A @ layer.split_heads(v))) + layer.memory(v, mask)
     assert torch.allclose(rebuilt[mask], expected[mask], atol=1e-6)
     assert torch.allclose(A.sum(-1), torch.ones(2, 4, 12))
     assert A[1, :, :, 7:].abs().max() == 0  # no weight on padded keys
@@ -96,7 +97,7 @@ def test_look_inside_maps_equal_those_of_a_padded_batch(book, splits):
     assert lengths[0] < lengths[1], "the test needs the first utterance to be the shorter one"
     maps = []
     hooks = [layer.self_attn.register_forward_hook(
-        lambda m, args, out: maps.append(sanm_attention_weights(m, *args))) for layer in book.model.encoder.layers]
+        lambda m, args, out: maps.append(out[1])) for layer in book.model.encoder.layers]
     try:
         with torch.no_grad():
             book.model.encoder(x, lengths)

@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import random
 import re
 
@@ -32,7 +35,7 @@ def bpe(texts) -> BPETokenizer:
 @pytest.fixture(scope="module")
 def book_texts() -> dict[str, list[str]]:
     """The transcripts of the book's corpus, as written (chapter 1's plan: text only, no audio)."""
-    data = pytest.importorskip("paraformer_edu.data")
+    data = pytest.importorskip("paraformer_edu.corpus")
     plan = data.corpus_plan(data.corpus_config("book"))
     return {split: [u["text"] for u in utterances] for split, utterances in plan.items()}
 
@@ -297,7 +300,7 @@ def test_bpe_matches_sentencepiece(texts, bpe):
 
 
 def test_default_tokenizer(tmp_path, texts):
-    pytest.importorskip("paraformer_edu.data")
+    pytest.importorskip("paraformer_edu.corpus")
     manifest = tmp_path / "train.jsonl"
     with manifest.open("w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
@@ -307,6 +310,18 @@ def test_default_tokenizer(tmp_path, texts):
     assert isinstance(tok, BPETokenizer) and tok.vocab_size == 200
     assert tok.merges == train_bpe(texts, 200).merges
     assert default_tokenizer(manifest).tokens == tok.tokens  # deterministic
+
+
+def test_default_tokenizer_needs_the_text_plan_not_the_audio(tmp_path):
+    """Without a manifest it learns from the corpus plan; no synthesis, so it works from a script on stdin too."""
+    corpus = pytest.importorskip("paraformer_edu.corpus")
+    plan = [u["text"] for u in corpus.corpus_plan(corpus.corpus_config("book"))["train"]]
+    code = "from paraformer_edu.tokenizer import default_tokenizer\nprint(default_tokenizer().merges[:3])\n"
+    env = {**os.environ, "PARAFORMER_EDU_CACHE": str(tmp_path)}  # an empty cache: nothing to read the audio from
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(train_bpe(plan, 200).merges[:3])
+    assert not any(tmp_path.iterdir()), "the tokenizer synthesised or cached something"
 
 
 def test_book_corpus_normalisation(book_texts):

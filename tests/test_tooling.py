@@ -97,6 +97,38 @@ def test_export_check_detects_hand_edits_and_stale_modules(demo_tree, capsys):
     assert not (demo_tree / "paraformer_edu" / "other.py").exists()
 
 
+METHODS = '''
+
+# %%
+#| export
+@add_to_class(Circle)
+def radius(self):
+    """A method added in a later cell."""
+    return 2.0
+
+
+@add_to_class(Circle)
+@staticmethod
+def unit():
+    """A static method, decorators kept."""
+    return 1.0
+'''
+
+
+def test_export_writes_add_to_class_methods_into_the_class_body(demo_tree):
+    (demo_tree / "chapters" / "07_demo.py").write_text(DEMO + METHODS)
+    assert export.main([]) == 0
+    text = (demo_tree / "paraformer_edu" / "demo.py").read_text()
+    assert "add_to_class" not in text and "    def radius(self):" in text and "    @staticmethod" in text
+    namespace = {}
+    exec(compile(text, "demo.py", "exec"), namespace)
+    assert namespace["Circle"]().radius() == 2.0 and namespace["Circle"].unit() == 1.0
+    assert "radius" not in namespace["__all__"]
+    (demo_tree / "chapters" / "07_demo.py").write_text(DEMO + METHODS.replace("(Circle)", "(Square)", 1))
+    with pytest.raises(SystemExit, match="no class Square"):
+        export.export_all()
+
+
 def test_export_refuses_a_module_fed_by_two_chapters(demo_tree):
     (demo_tree / "chapters" / "08_again.py").write_text(DEMO.replace("A demo chapter", "Again"))
     with pytest.raises(SystemExit, match="exported by"):

@@ -15,12 +15,15 @@ import torch
 import torchaudio
 
 import paraformer_edu
-from paraformer_edu.checkpoint import (CheckpointError, Recognizer, load_checkpoint, load_model, model_from_checkpoint,
-                                       save_checkpoint)
+from paraformer_edu.audio import AudioError
+from paraformer_edu.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, apply_override, config_to_dict, load_config, save_config
-from paraformer_edu.data import AudioError, build_corpus, corpus_config, read_manifest
+from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
+from paraformer_edu.dataset import SpeechDataset
+from paraformer_edu.features import cached_features
+from paraformer_edu.inference import Recognizer, load_model
 from paraformer_edu.metrics import align, cer, edit_distance, sentence_accuracy, wer
-from paraformer_edu.training import FeatureDataset, Trainer, cached_features, fit_frontend, warmup_lr
+from paraformer_edu.training import Trainer, warmup_lr
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "paraformer.yaml"
@@ -128,7 +131,9 @@ def test_cached_features_equal_the_front_end(tiny):
         fresh = paraformer_edu.Frontend().raw(paraformer_edu.load_audio(entry["audio_filepath"]))
         assert x.dtype == torch.float16 and x.shape == fresh.shape
         assert (x.float() - fresh).abs().max() < 0.02
-    assert fit_frontend(raw).cmvn.mean.shape == (560,)
+    fitted = paraformer_edu.Frontend.fit(manifest, max_utterances=3)
+    expected = torch.cat([x.float() for x in raw[:3]])  # (T, 560): the cached features of the first 3
+    assert torch.allclose(fitted.cmvn.mean, expected.mean(0), atol=1e-4)
 
 
 def test_spec_augment_is_a_function_of_seed_epoch_and_utterance(tiny):
@@ -264,6 +269,46 @@ def test_transcribe_converts_rate_and_channels(recognizer, tiny, tmp_path):
     assert isinstance(text, str)  # converted, not refused; the words may differ slightly after resampling
 
 
+def test_one_input_or_a_list_is_the_explicit_rule(recognizer, tiny):
+    wave = paraformer_edu.load_audio(read_manifest(tiny.manifests["dev"])[0]["audio_filepath"])  # (S,)
+    text = recognizer.transcribe(wave, sample_rate=16000)
+    assert recognizer.transcribe((wave, wave), sample_rate=16000) == [text, text]  # a tuple is a batch
+    assert recognizer.transcribe(torch.stack([wave, wave]), sample_rate=16000) == text  # (2, S): one stereo clip
+    with pytest.raises(AudioError, match="not one clip"):
+        recognizer.transcribe(torch.stack([wave] * 3), sample_rate=16000)  # (3, S): a batch? refused
+    with pytest.raises(AudioError, match="cannot transcribe a dict"):
+        recognizer.transcribe({"audio": wave}, sample_rate=16000)
+
+
+def test_training_on_empty_transcripts_and_init_from_a_checkpoint(tiny, tmp_path):
+    """Non-speech clips (transcript "") train with finite losses; --init starts from a checkpoint's weights."""
+    config = corpus_config("everyday", sizes={"train": 24, "dev": 4, "test": 0, "test-voices": 0},
+                           nonspeech_share=0.5, augment_share=0.5)
+    manifests = build_corpus(config, root=tmp_path / "corpus")
+    assert any(e["text"] == "" for e in read_manifest(manifests["train"]))
+    recipe = load_config(RECIPE, TINY + ["data.max_frames=2000"])
+    trainer = Trainer(recipe, tmp_path / "run", manifests=manifests, init=tiny.out_dir / "latest.pt")
+    assert trainer.tokenizer.tokens == tiny.tokenizer.tokens  # the checkpoint's vocabulary, not a new BPE
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), tiny.model.state_dict().values()))
+    assert trainer.step == 0  # a new run: new optimiser, new warm-up
+    trainer.train(max_minutes=0, max_steps=3)
+    rows = [r for r in trainer.log if "loss" in r]
+    assert rows and all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_ce", "loss_ctc", "loss_quantity"))
+    with pytest.raises(CheckpointError, match="another model configuration"):
+        Trainer(load_config(RECIPE, TINY + ["model.encoder.n_layers=3"]), tmp_path / "x", manifests=manifests,
+                init=tiny.out_dir / "latest.pt")
+
+
+def test_trainer_leaves_the_callers_threads_and_random_state_alone(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    trainer = Trainer(load_config(RECIPE, TINY), tmp_path / "run")
+    trainer.train(max_minutes=0, max_steps=2)
+    assert torch.get_num_threads() == 1 and torch.equal(torch.get_rng_state(), before)
+    torch.set_num_threads(2)
+
+
 def test_silence_gives_empty_text_and_bad_audio_a_clear_error(recognizer, tmp_path):
     assert recognizer.transcribe(torch.zeros(32000), sample_rate=16000) == ""
     assert recognizer.transcribe([torch.zeros(16000), torch.zeros(8000)], sample_rate=16000) == ["", ""]
@@ -336,6 +381,6 @@ def test_book_model_is_small_and_reaches_its_recorded_dev_cer():
     manifests = build_corpus(corpus_config(book.config.data.corpus))
     from paraformer_edu.training import evaluate
 
-    scores = evaluate(book.model, FeatureDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)
+    scores = evaluate(book.model, SpeechDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)
     assert abs(scores["cer"] - recorded["dev"]["cer"]) < 0.005
     assert scores["cer"] < 0.3, "the committed model transcribes"

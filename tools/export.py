@@ -8,7 +8,12 @@ module once, in any code cell::
 and marks each finished code cell on its first line::
 
     #| export              -> paraformer_edu/features.py (the default module)
-    #| export data         -> paraformer_edu/data.py
+    #| export corpus       -> paraformer_edu/corpus.py
+
+A class can be built up over several cells, d2l's way: a later exported cell
+holds functions decorated with ``@add_to_class(ClassName)`` (a helper the chapter
+defines), and the exporter writes them, without that decorator, as methods at
+the end of the class's body, so the module reads like an ordinary class.
 
 The exported cells of one module are written in chapter order under a banner
 that names the chapter. Every top-level public function and class gets a line in
@@ -133,12 +138,52 @@ def public_names(source: str) -> list[str]:
     return list(dict.fromkeys(n for n in names if not n.startswith("_")))
 
 
+ADD_TO_CLASS_RE = re.compile(r"^@add_to_class\((\w+)\)\s*$")
+
+
+def method_cell(src: str) -> list[tuple[str, str]] | None:
+    """[(class name, method source)] if every statement of a cell is an @add_to_class(...) function, else None."""
+    tree = ast.parse(src)
+    if not tree.body or not all(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.decorator_list
+                                for n in tree.body):
+        return None
+    lines, methods = src.splitlines(), []
+    for node in tree.body:
+        first = node.decorator_list[0]
+        m = ADD_TO_CLASS_RE.match(lines[first.lineno - 1].strip())
+        if not m:
+            return None
+        body = lines[first.lineno:node.end_lineno]  # the other decorators, the def and its body
+        methods.append((m.group(1), "\n".join(("    " + l) if l.strip() else "" for l in body)))
+    return methods
+
+
+def merge_methods(cells: list[str]) -> list[str]:
+    """Cells with the @add_to_class methods moved into the body of their class, in cell order."""
+    out: list[str] = []
+    for src in cells:
+        methods = method_cell(src)
+        if methods is None:
+            out.append(src)
+            continue
+        for name, method in methods:
+            for k, cell in enumerate(out):
+                node = next((n for n in ast.parse(cell).body if isinstance(n, ast.ClassDef) and n.name == name), None)
+                if node is not None:
+                    lines = cell.splitlines()
+                    out[k] = "\n".join(lines[:node.end_lineno] + ["", method] + lines[node.end_lineno:])
+                    break
+            else:
+                raise SystemExit(f"@add_to_class({name}): no class {name} exported before it in this module")
+    return out
+
+
 def render(module: Module) -> str:
     """The text of one generated module."""
     rel = module.chapter.relative_to(ROOT).as_posix()
     number = module.chapter.stem.split("_")[0].lstrip("0") or "0"
     where = f'chapter {number}, "{module.title}"'
-    body = add_chapter_to_docstrings("\n\n\n".join(module.cells), where)
+    body = add_chapter_to_docstrings("\n\n\n".join(merge_methods(module.cells)), where)
     names = public_names(body)
     doc = f'"""{module.title}: the `{module.name}` module.\n\nGenerated from {where} ({rel}).\n"""'
     lines = [BANNER.format(src=rel), doc, "", body, "", "", "__all__ = ["]

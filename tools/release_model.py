@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from paraformer_edu.checkpoint import Recognizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import save_config
-from paraformer_edu.data import build_corpus, corpus_config, read_manifest
+from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
+from paraformer_edu.dataset import SpeechDataset
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.inspection import error_summary, onset_errors
-from paraformer_edu.training import FeatureDataset, evaluate
+from paraformer_edu.training import choose_device, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
     manifests = build_corpus(corpus_config(config.data.corpus))
     metrics = {"checkpoint": args.checkpoint.name, "steps": step, "train_hours": seconds / 3600,
-               "device": f"{platform.machine()} CPU, 2 threads" if config.training.device != "cuda" else "cuda",
+               "device": "cuda" if choose_device(config.training.device).type == "cuda"
+               else f"{platform.machine()} CPU, {config.training.threads} threads",
                "parameters": sum(p.numel() for p in model.parameters()),
                "size_mb": (args.folder / "model.pt").stat().st_size / 2**20}
     for split in ("dev", "test", "test-voices"):
-        scores = evaluate(model, FeatureDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
+        scores = evaluate(model, SpeechDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
         metrics[split] = {k: v for k, v in scores.items() if not isinstance(v, list)}
         print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}", file=sys.stderr)
     recognizer = Recognizer(model, tokenizer, frontend, config)
