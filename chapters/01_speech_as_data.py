@@ -22,7 +22,9 @@
 # many (accents, variants, speaking rates, pitches), the text is broad English, and
 # everything is deterministic from a seed: your corpus is the same as ours.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - synthesise, load and check audio, and say what a recognizer should do with stereo,
 #   44.1 kHz, silent or empty input;
@@ -813,8 +815,10 @@ assert abs(rough.numel() - clean.numel() / 1.1) < 2 and abs(level + 30.0) < 0.1
 #
 # **Cache.** `build_corpus` writes into `$PARAFORMER_EDU_CACHE` (default
 # `~/.cache/paraformer_edu`), in a folder named after a hash of the config. It builds in
-# a temporary folder and renames it when complete, so an interrupted run never leaves a
-# half corpus that looks finished; a second call finds the folder and returns at once.
+# a temporary folder and moves each split into place when complete, its manifest last,
+# so an interrupted run never leaves a half split that looks finished; a second call
+# finds the manifests and returns at once. It can build only some splits
+# (`splits=("dev",)`): scoring a model needs its held-out splits, not its training set.
 #
 # **Determinism.** espeak-ng keeps a little state from one utterance to the next (two
 # calls with the same text can differ by a few samples), and its breathy variants add
@@ -868,27 +872,31 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
 
 # %% [markdown]
 # `build_corpus` puts it together: a folder named after a hash of the configuration,
-# built under a temporary name and renamed when complete.
+# each split synthesised under a temporary name and moved into place when complete.
 
 # %%
 #| export corpus
-def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Synthesise the corpus once (cached); return {split: manifest path}."""
+def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None,
+                 splits=("train", "dev", "test", "test-voices")) -> dict[str, Path]:
+    """Synthesise the corpus's splits once (cached; only those asked for); return {split: manifest path}."""
     config = config or corpus_config()
     digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root or cache_dir() / "corpus") / f"{config.name}-{digest}"
-    splits = [s for s in ("train", "dev", "test", "test-voices") if config.sizes[s] > 0]
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
+    splits = [s for s in splits if config.sizes[s] > 0]
+    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]  # a split is there once its manifest is
+    if missing:
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         plan = corpus_plan(config)
-        _synthesize_plan(partial, {split: plan[split] for split in splits})
-        (partial / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-        try:
-            partial.rename(folder)  # atomic: the folder exists only when complete
-        except OSError:  # another process finished first; keep its copy
-            shutil.rmtree(partial, ignore_errors=True)
+        _synthesize_plan(partial, {split: plan[split] for split in missing})
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+        for split in missing:
+            if not (folder / f"{split}.jsonl").exists():  # another process may have finished it first
+                shutil.rmtree(folder / split, ignore_errors=True)  # audio of an interrupted move
+                (partial / split).rename(folder / split)
+                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")  # last: the split is complete
+        shutil.rmtree(partial, ignore_errors=True)
     return {split: folder / f"{split}.jsonl" for split in splits}
 
 

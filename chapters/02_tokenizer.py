@@ -28,7 +28,9 @@
 # {cite:p}`sennrich2016bpe` trained from scratch on the training text and checked against
 # `sentencepiece` {cite:p}`kudo2018sentencepiece`.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - write a text normaliser for an ASR corpus (Unicode NFKC, case, apostrophes,
 #   punctuation, numbers spelled out) and say what it does with everything else;
@@ -997,8 +999,8 @@ for name, tok in tokenizers.items():
 # token per frame or more, and at most one in 200 (0.5%) needs more than 0.8, the margin
 # its busiest stretch asks for. Then, from the tables:
 #
-# - **Characters do not fit**, neither at 60 ms ($\rho$ mean 1.03, 51% of utterances above
-#   1) nor at 40 ms (max 1.14, 15% above 0.8). A character Paraformer would need frames
+# - **Characters do not fit**, neither at 60 ms ($\rho$ mean 1.03, 51% of utterances
+#   above 1) nor at 40 ms (max 1.14, 15% above 0.8). A character Paraformer would need frames
 #   of about 30 ms, or a predictor that fires several times in one frame.
 # - At 60 ms, **BPE-200 is the smallest vocabulary that fits**: 7.1 tokens per second
 #   against 16.7 frames per second, $\rho$ mean 0.43, p95 0.57, max 0.78, and no

@@ -21,7 +21,9 @@
 # This chapter builds attention from its equation, in a few short functions, and checks
 # every piece against PyTorch's own implementations.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - write scaled dot-product attention, $\operatorname{softmax}(QK^\top/\sqrt{d_k} + M)\,V$,
 #   and say why the scale $1/\sqrt{d_k}$ is there;

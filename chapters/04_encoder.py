@@ -26,7 +26,9 @@
 # predicts, at every frame, a token or a *blank*. Paraformer trains it as an auxiliary
 # loss; on its own it is already a complete recognizer. We derive its loss from scratch.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - write the FSMN memory block, see its receptive field, and say why it must be masked
 #   at the padding both before and after its convolution;

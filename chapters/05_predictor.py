@@ -33,7 +33,9 @@
 # ([issue #3723](https://github.com/modelscope/FunASR/issues/3723)). So we write CIF three
 # ways and show that they agree.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - compute CIF by hand on a handful of frames (accumulator, fire, the split of a
 #   frame's weight between two tokens) and write it as the paper's loop;

@@ -32,7 +32,9 @@
 # module with a training forward pass (three losses) and an inference pass (token ids
 # and timestamps), and show on real utterances that it learns.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - write the parallel decoder (self-attention without a causal mask, cross-attention to
 #   $H$, feed-forward, a projection to the vocabulary) from chapter 3's attention, and
@@ -161,7 +163,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from paraformer_edu.attention import MultiHeadAttention, padding_mask
 from paraformer_edu.encoder import FeedForward

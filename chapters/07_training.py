@@ -31,7 +31,9 @@
 # error rates on the held-out splits; and the book's model, the same recipe trained
 # for longer and committed to the repository, which later chapters load.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - compute CER and WER by hand, with the substitution / deletion / insertion table of
 #   one utterance, and check them against `jiwer` and `torchaudio.functional.edit_distance`;
@@ -1399,9 +1401,17 @@ for ref, hyp in list(zip(test["references"], test["hypotheses"]))[:6]:
 # measures the metrics). The later chapters load it, so a reader who skips this
 # chapter's training still gets the longest-trained model we have. The run resumes
 # exactly from its `latest.pt` (above), so the release is replaced as training goes
-# on; `metrics.json` records how far the committed one has trained, printed below. Here it is scored again on the three
-# splits; the assertion checks that it still reaches the dev CER recorded when it was
-# released, so a change to the code that breaks the model cannot go unnoticed.
+# on; `metrics.json` records how far the committed one has trained, printed below. Here
+# it is scored again on the three splits; the assertion checks that it still reaches the
+# dev CER recorded when it was released, so a change to the code that breaks the model
+# cannot go unnoticed.
+#
+# Its successor is in training: a second recipe, `configs/paraformer-book.yaml`, a
+# wider and deeper model (192 x 6) on chapter 1's `everyday-large` corpus of natural
+# sentences. A run of it can also start from any released model,
+# `python -m paraformer_edu train --config ... --init models/paraformer-book/model.pt`:
+# the weights, vocabulary and CMVN of the file, a new optimiser and warm-up (the model
+# configurations must match).
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -27,7 +27,9 @@
 # `PARAFORMER_EDU_CHECKPOINT` to any other checkpoint (for example a `best.pt` of your
 # own run) and every cell follows it.
 #
-# **Learning goals.** After this chapter you can
+# ## Learning goals
+#
+# After this chapter you can
 #
 # - capture what each layer of a PyTorch model computes with forward hooks, and check
 #   that what you captured is what the layer used;
@@ -90,7 +92,7 @@ if metrics_file.exists():
 
 # %%
 corpus = recognizer.config.data.corpus if recognizer.config else "book"  # the corpus the model was trained on
-manifests = build_corpus(corpus_config(corpus))
+manifests = build_corpus(corpus_config(corpus), splits=("dev", "test", "test-voices"))  # no training set needed
 dev, test, test_voices = (read_manifest(manifests[s]) for s in ("dev", "test", "test-voices"))
 entry = test[0]
 hypothesis = recognizer.transcribe(entry["audio_filepath"])

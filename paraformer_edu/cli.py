@@ -24,11 +24,19 @@ from paraformer_edu.corpus import read_manifest
 
 def _train(args) -> int:
     """Train from a config file (or resume a run) until its budget is spent."""
-    from paraformer_edu.config import load_config
+    import torch
+
+    from paraformer_edu.checkpoint import load_checkpoint
+    from paraformer_edu.config import apply_override, config_from_dict, load_config
     from paraformer_edu.training import Trainer
 
     if args.resume:
         config = load_config(args.config, args.override) if args.config else None
+        if config is None and args.override:  # the run's own recipe, with the overrides (threads, budget...)
+            values = load_checkpoint(args.resume)["config"]
+            for override in args.override:
+                apply_override(values, override)
+            config = config_from_dict(values)
         trainer = Trainer.resume(args.resume, args.out, config)
         print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
     else:
@@ -39,6 +47,8 @@ def _train(args) -> int:
                   f"or choose another --out", file=sys.stderr)
             return 2
         trainer = Trainer(config, out, init=args.init)
+    if trainer.device.type == "cpu":
+        torch.set_num_threads(trainer.config.training.threads)  # the command owns its process: set it once
     trainer.train(progress=sys.stderr.isatty())
     last = [row for row in trainer.log if "dev_cer" in row][-1]
     print(json.dumps({"step": trainer.step, "train_seconds": round(trainer.train_seconds, 1),

@@ -380,26 +380,30 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
             manifest.writelines(line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines)
 
 
-def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Synthesise the corpus once (cached); return {split: manifest path}.
+def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None,
+                 splits=("train", "dev", "test", "test-voices")) -> dict[str, Path]:
+    """Synthesise the corpus's splits once (cached; only those asked for); return {split: manifest path}.
 
     Defined in chapter 1, "Speech as data".
     """
     config = config or corpus_config()
     digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root or cache_dir() / "corpus") / f"{config.name}-{digest}"
-    splits = [s for s in ("train", "dev", "test", "test-voices") if config.sizes[s] > 0]
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
+    splits = [s for s in splits if config.sizes[s] > 0]
+    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]  # a split is there once its manifest is
+    if missing:
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         plan = corpus_plan(config)
-        _synthesize_plan(partial, {split: plan[split] for split in splits})
-        (partial / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-        try:
-            partial.rename(folder)  # atomic: the folder exists only when complete
-        except OSError:  # another process finished first; keep its copy
-            shutil.rmtree(partial, ignore_errors=True)
+        _synthesize_plan(partial, {split: plan[split] for split in missing})
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+        for split in missing:
+            if not (folder / f"{split}.jsonl").exists():  # another process may have finished it first
+                shutil.rmtree(folder / split, ignore_errors=True)  # audio of an interrupted move
+                (partial / split).rename(folder / split)
+                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")  # last: the split is complete
+        shutil.rmtree(partial, ignore_errors=True)
     return {split: folder / f"{split}.jsonl" for split in splits}
 
 

@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from paraformer_edu.attention import MultiHeadAttention, padding_mask
 from paraformer_edu.encoder import FeedForward

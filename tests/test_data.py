@@ -359,3 +359,19 @@ def test_an_everyday_corpus_with_nonspeech_and_augmentation_builds(tmp_path):
     for e in fast:  # the same sentence and voice, unaugmented: word times differ by the speed factor
         _, words = synthesize(e["text"], e["voice"], e["rate"], e["pitch"], e["pitch_range"])
         assert all(abs(t * e["augment"]["speed"] - t0) < 0.02 for (_, t), (_, t0) in zip(e["words"], words))  # espeak drifts by ms
+
+
+def test_only_the_splits_asked_for_are_built(tmp_path, monkeypatch):
+    config = corpus_config("tiny", sizes={"train": 3, "dev": 2, "test": 0, "test-voices": 2})
+    built = []
+    real = corpus_module._synthesize_plan
+    monkeypatch.setattr(corpus_module, "_synthesize_plan", lambda folder, plan, **k: (built.append(sorted(plan)),
+                                                                                      real(folder, plan, **k)))
+    dev = build_corpus(config, root=tmp_path, splits=("dev", "test-voices"))
+    assert sorted(dev) == ["dev", "test-voices"] and built == [["dev", "test-voices"]]
+    whole = build_corpus(config, root=tmp_path)  # only train is missing: only train is synthesised
+    assert built[-1] == ["train"] and whole["dev"] == dev["dev"] and len(read_manifest(whole["train"])) == 3
+    assert build_corpus(config, root=tmp_path) == whole and len(built) == 2  # cached
+    alone = build_corpus(config, root=tmp_path / "alone")  # the same corpus built in one go
+    for split in ("train", "dev", "test-voices"):
+        assert [e["text"] for e in read_manifest(alone[split])] == [e["text"] for e in read_manifest(whole[split])]

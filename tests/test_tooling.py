@@ -193,3 +193,35 @@ def test_chapter_follows_the_book_conventions(chapter):
     outputs = [o for c in json.loads(notebook.read_text())["cells"] for o in c.get("outputs", [])]
     noisy = [o for o in outputs if o.get("name") == "stderr"]
     assert noisy == [], "chapters stay quiet: no stderr (warnings, progress bars) in stored outputs"
+
+
+def test_jupyter_lab_opens_a_chapter_as_a_paired_notebook(tmp_path):
+    """The README's way in: JupyterLab, started headless on loopback, serves a chapter's .py as a notebook."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_CONFIG_DIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+                               f"--port={port}", "--IdentityProvider.token=t", f"--ServerApp.root_dir={ROOT}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/api/contents/chapters/01_speech_as_data.py?type=notebook&token=t"
+        for _ in range(120):  # the server takes a few seconds to start
+            try:
+                reply = json.loads(urllib.request.urlopen(url, timeout=5).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("JupyterLab did not answer on loopback")
+        cells = reply["content"]["cells"]
+        assert reply["type"] == "notebook" and cells[0]["source"].startswith("# Speech as data")
+        lab = urllib.request.urlopen(f"http://127.0.0.1:{port}/lab?token=t", timeout=10)
+        assert lab.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

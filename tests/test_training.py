@@ -4,7 +4,6 @@ import json
 import random
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import jiwer
@@ -17,11 +16,11 @@ import torchaudio
 import paraformer_edu
 from paraformer_edu.audio import AudioError
 from paraformer_edu.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, apply_override, config_to_dict, load_config, save_config
+from paraformer_edu.config import apply_override, load_config, save_config
 from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
 from paraformer_edu.dataset import SpeechDataset
 from paraformer_edu.features import cached_features
-from paraformer_edu.inference import Recognizer, load_model
+from paraformer_edu.inference import load_model
 from paraformer_edu.metrics import align, cer, edit_distance, sentence_accuracy, wer
 from paraformer_edu.training import Trainer, warmup_lr
 
@@ -370,6 +369,10 @@ def test_cli_train_and_resume(tmp_path):
                       "training.max_minutes=0", "training.max_steps=4")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.splitlines()[-1])["step"] == 4
+    more = run_cli("train", "--resume", tmp_path / "run" / "latest.pt", "--override", "training.max_steps=5",
+                   "training.threads=1")  # no --config: the run's own recipe, overridden
+    assert more.returncode == 0, more.stderr
+    assert json.loads(more.stdout.splitlines()[-1])["step"] == 5
 
 
 # --- the book's committed model ------------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def test_book_model_is_small_and_reaches_its_recorded_dev_cer():
     assert (BOOK_MODEL / "model.pt").stat().st_size < 20 * 2**20
     recorded = json.loads((BOOK_MODEL / "metrics.json").read_text())
     book = load_model(BOOK_MODEL / "model.pt")
-    manifests = build_corpus(corpus_config(book.config.data.corpus))
+    manifests = build_corpus(corpus_config(book.config.data.corpus), splits=("dev",))
     from paraformer_edu.training import evaluate
 
     scores = evaluate(book.model, SpeechDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = max(row["train_seconds"] for row in log if row["step"] <= step)
     # measure the released file, not the float32 checkpoint: what users load is what is scored
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
-    manifests = build_corpus(corpus_config(config.data.corpus))
+    manifests = build_corpus(corpus_config(config.data.corpus), splits=("dev", "test", "test-voices"))
     metrics = {"checkpoint": args.checkpoint.name, "steps": step, "train_hours": seconds / 3600,
                "device": "cuda" if choose_device(config.training.device).type == "cuda"
                else f"{platform.machine()} CPU, {config.training.threads} threads",
