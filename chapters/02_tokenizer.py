@@ -695,8 +695,9 @@ class BPETokenizer(Tokenizer):
 
 # %%
 def add_to_class(cls):
-    """Attach the decorated function to cls as a method (a class built up cell by cell)."""
-    return lambda method: setattr(cls, getattr(method, "__func__", method).__name__, method) or method
+    """Attach the decorated function to cls as a method; its name keeps what it meant before (or None)."""
+    name = lambda method: getattr(method, "__func__", method).__name__  # noqa: E731
+    return lambda method: setattr(cls, name(method), method) or globals().get(name(method))
 
 
 # %%

@@ -479,7 +479,7 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, save_config
+from paraformer_edu.config import Config, config_from_dict, save_config
 from paraformer_edu.corpus import build_corpus, corpus_config
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
@@ -707,134 +707,6 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
 
 
 # %% [markdown]
-# ## From a checkpoint to a transcript: inference
-#
-# What a user of a trained model needs lives in a module of its own,
-# `paraformer_edu.inference`: a `Transcript` per utterance (text, tokens, each token's
-# start and end from chapter 5's timestamps, and the words they make), and a
-# `Recognizer` that holds a model with its tokenizer and front end. It takes audio in
-# any of the forms chapter 1's `load_audio` accepts. The rule for what is one input and
-# what is a batch is explicit: a path, an array or a tensor is **one** clip (a 2-D
-# array is one clip with channels, chapter 1), a list or tuple is a **batch**, and
-# anything else is refused. Silent audio gets an empty transcript without running the
-# model. The features of a batch are cut into length-sorted batches of at most
-# `max_frames` padded frames by chapter 1's `BucketBatchSampler`, without shuffling.
-
-# %%
-#| export inference
-import os
-from typing import NamedTuple
-
-import numpy as np
-import torch
-
-from paraformer_edu.audio import AudioError, is_silent, load_audio
-from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint
-from paraformer_edu.config import Config
-from paraformer_edu.dataset import BucketBatchSampler
-from paraformer_edu.features import Frontend
-from paraformer_edu.model import Paraformer
-
-
-class Transcript(NamedTuple):
-    """One transcribed utterance: its text, tokens and each token's (start, end) in seconds."""
-
-    text: str
-    tokens: list[str]
-    timestamps: list[tuple[float, float]]
-
-    @property
-    def words(self) -> list[tuple[str, float, float]]:
-        """(word, start, end) per word: a word starts at a token that begins with '▁' (chapter 2)."""
-        words = []
-        for token, (start, end) in zip(self.tokens, self.timestamps):
-            if token.startswith("<"):  # a special token: not text
-                continue
-            if token.startswith("\u2581") or not words:
-                words.append([token.lstrip("\u2581"), start, end])
-            else:
-                words[-1][0] += token
-                words[-1][2] = end
-        return [(w, s, e) for w, s, e in words if w]
-
-
-# %%
-#| export inference
-class Recognizer:
-    """A trained Paraformer with its tokenizer and front end: audio in, text (and timestamps) out."""
-
-    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config: Config | None = None,
-                 device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
-        self.config = config
-
-    def features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
-        """Features (T', D) of a path or a waveform (with its sample rate); (0, D) for silence."""
-        wave = load_audio(audio, sample_rate)  # (S,) 16 kHz mono; AudioError for unusable audio
-        if is_silent(wave):
-            return torch.zeros(0, self.frontend.dim)  # (0, D): nothing to recognise
-        return self.frontend(wave)  # (T', D)
-
-    @torch.no_grad()
-    def recognize_features(self, features: list[torch.Tensor], max_frames: int = 8000) -> list[Transcript]:
-        """Transcripts of a list of feature matrices (T', D), in length-sorted batches of at most max_frames."""
-        results = [Transcript("", [], [])] * len(features)
-        speech = [i for i, x in enumerate(features) if len(x)]  # silence stays ""
-        lengths = [len(features[i]) for i in speech]
-        for batch in BucketBatchSampler(lengths, max(max_frames, *lengths, 1), shuffle=False).batches() if speech else []:
-            chunk = [speech[j] for j in batch]
-            X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
-            X_lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
-            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), X_lengths.to(self.device))):
-                results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
-                                        hyp.timestamps)
-        return results
-
-
-# %% [markdown]
-# `transcribe` applies the rule: one input gives one result, a list gives a list. The
-# chapter adds it to the class in a cell of its own, in d2l's style:
-# `add_to_class(Recognizer)` attaches the function below it to the class (in the
-# package, the exporter writes such methods into the class body).
-
-# %%
-def add_to_class(cls):
-    """Attach the decorated function to cls as a method (a class built up cell by cell)."""
-    return lambda method: setattr(cls, getattr(method, "__func__", method).__name__, method) or method
-
-
-# %%
-#| export inference
-def _as_batch(audio) -> tuple[list, bool]:
-    """(inputs, single): one path/array/tensor is a single input, a list or tuple is a batch."""
-    if isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
-        return [audio], True
-    if isinstance(audio, (list, tuple)):
-        return list(audio), False
-    raise AudioError(f"cannot transcribe a {type(audio).__name__}: pass a path, a waveform (array or tensor, with "
-                     "sample_rate=...), or a list of them")
-
-
-# %%
-#| export inference
-@add_to_class(Recognizer)
-def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
-    """Text of one input (a path, or a waveform with sample_rate) or of a list of inputs; Transcripts if timestamps."""
-    inputs, single = _as_batch(audio)
-    transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
-    out = transcripts if timestamps else [t.text for t in transcripts]
-    return out[0] if single else out
-
-
-# %%
-#| export inference
-def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
-    """A Recognizer from a checkpoint file written by save_checkpoint (or the book's model)."""
-    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(path))
-    return Recognizer(model, tokenizer, frontend, config, device)
-
-# %% [markdown]
 # ## The trainer
 #
 # Everything a run needs is built from the configuration: the corpus and its
@@ -894,6 +766,19 @@ def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterance
             "length_exact": sum(e == 0 for e in length_errors) / n,
             "length_mae": sum(abs(e) for e in length_errors) / n, "rtf_model": seconds / audio_seconds,
             "references": references, "hypotheses": hypotheses}
+
+
+# %% [markdown]
+# A class this size reads better in steps. The chapter writes the `Trainer` the way d2l
+# does: the class with its constructor first, then its other methods in cells of their
+# own, each attached to the class by `add_to_class` (in the package, the exporter writes
+# them into the class body).
+
+# %%
+def add_to_class(cls):
+    """Attach the decorated function to cls as a method; its name keeps what it meant before (or None)."""
+    name = lambda method: getattr(method, "__func__", method).__name__  # noqa: E731
+    return lambda method: setattr(cls, name(method), method) or globals().get(name(method))
 
 
 # %% [markdown]
@@ -1117,9 +1002,8 @@ def resume(cls, path, out_dir=None, config: Config | None = None, manifests: dic
     payload = load_checkpoint(path)
     if "trainer" not in payload:
         raise ValueError(f"{path} holds a model but no training state (a best.pt?): resume from latest.pt")
-    model, _, _, stored = model_from_checkpoint(payload, config)
-    trainer = cls(config or stored, out_dir or Path(path).parent, manifests)
-    trainer.model.load_state_dict(model.state_dict())
+    stored = config_from_dict(payload["config"])
+    trainer = cls(config or stored, out_dir or Path(path).parent, manifests, init=path)  # weights, vocabulary, CMVN
     state = payload["trainer"]
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -1244,6 +1128,124 @@ with tempfile.TemporaryDirectory() as folder:
             raise AssertionError(f"{name} was accepted")
 
 # %% [markdown]
+# ## From a checkpoint to a transcript: inference
+#
+# What a user of a trained model needs lives in a module of its own,
+# `paraformer_edu.inference`: a `Transcript` per utterance (text, tokens, each token's
+# start and end from chapter 5's timestamps, and the words they make), and a
+# `Recognizer` that holds a model with its tokenizer and front end. It takes audio in
+# any of the forms chapter 1's `load_audio` accepts. The rule for what is one input and
+# what is a batch is explicit: a path, an array or a tensor is **one** clip (a 2-D
+# array is one clip with channels, chapter 1), a list or tuple is a **batch**, and
+# anything else is refused. Silent audio gets an empty transcript without running the
+# model. The features of a batch are cut into length-sorted batches of at most
+# `max_frames` padded frames by chapter 1's `BucketBatchSampler`, without shuffling.
+
+# %%
+#| export inference
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from paraformer_edu import checkpoint  # the module: its names stay those the cells above defined
+from paraformer_edu.audio import AudioError, is_silent, load_audio
+from paraformer_edu.dataset import BucketBatchSampler
+from paraformer_edu.features import Frontend
+from paraformer_edu.model import Paraformer
+
+
+class Transcript(NamedTuple):
+    """One transcribed utterance: its text, tokens and each token's (start, end) in seconds."""
+
+    text: str
+    tokens: list[str]
+    timestamps: list[tuple[float, float]]
+
+    @property
+    def words(self) -> list[tuple[str, float, float]]:
+        """(word, start, end) per word: a word starts at a token that begins with '▁' (chapter 2)."""
+        words = []
+        for token, (start, end) in zip(self.tokens, self.timestamps):
+            if token.startswith("<"):  # a special token: not text
+                continue
+            if token.startswith("\u2581") or not words:
+                words.append([token.lstrip("\u2581"), start, end])
+            else:
+                words[-1][0] += token
+                words[-1][2] = end
+        return [(w, s, e) for w, s, e in words if w]
+
+
+# %%
+#| export inference
+class Recognizer:
+    """A trained Paraformer with its tokenizer and front end: audio in, text (and timestamps) out."""
+
+    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config=None,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
+        self.config = config
+
+    def features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
+        """Features (T', D) of a path or a waveform (with its sample rate); (0, D) for silence."""
+        wave = load_audio(audio, sample_rate)  # (S,) 16 kHz mono; AudioError for unusable audio
+        if is_silent(wave):
+            return torch.zeros(0, self.frontend.dim)  # (0, D): nothing to recognise
+        return self.frontend(wave)  # (T', D)
+
+    @torch.no_grad()
+    def recognize_features(self, features: list[torch.Tensor], max_frames: int = 8000) -> list[Transcript]:
+        """Transcripts of a list of feature matrices (T', D), in length-sorted batches of at most max_frames."""
+        results = [Transcript("", [], [])] * len(features)
+        speech = [i for i, x in enumerate(features) if len(x)]  # silence stays ""
+        lengths = [len(features[i]) for i in speech]
+        for batch in BucketBatchSampler(lengths, max(max_frames, *lengths, 1), shuffle=False).batches() if speech else []:
+            chunk = [speech[j] for j in batch]
+            X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
+            X_lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
+            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), X_lengths.to(self.device))):
+                results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
+                                        hyp.timestamps)
+        return results
+
+
+# %% [markdown]
+# `transcribe` applies the rule: one input gives one result, a list gives a list.
+
+# %%
+#| export inference
+def _as_batch(audio) -> tuple[list, bool]:
+    """(inputs, single): one path/array/tensor is a single input, a list or tuple is a batch."""
+    if isinstance(audio, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        return [audio], True
+    if isinstance(audio, (list, tuple)):
+        return list(audio), False
+    raise AudioError(f"cannot transcribe a {type(audio).__name__}: pass a path, a waveform (array or tensor, with "
+                     "sample_rate=...), or a list of them")
+
+
+# %%
+#| export inference
+@add_to_class(Recognizer)
+def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
+    """Text of one input (a path, or a waveform with sample_rate) or of a list of inputs; Transcripts if timestamps."""
+    inputs, single = _as_batch(audio)
+    transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
+    out = transcripts if timestamps else [t.text for t in transcripts]
+    return out[0] if single else out
+
+
+# %%
+#| export inference
+def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
+    """A Recognizer from a checkpoint file written by save_checkpoint (or the book's model)."""
+    model, tokenizer, frontend, config = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path))
+    return Recognizer(model, tokenizer, frontend, config, device)
+
+# %% [markdown]
 # ## The live run: ten minutes on a laptop CPU
 #
 # Now the real thing: the book's recipe (`configs/paraformer.yaml`) on the 8,000
@@ -1320,9 +1322,9 @@ plt.show()
 # The claims, checked: every loss part fell from the first 25 steps to the last
 # (the total by at least a quarter), and the best dev CER is below the bound that the
 # number of steps trained promises: 40% from 2,000 steps (the ten minutes on two cores
-# give about 2,500), 75% from 750 (CI's budget), 98% below that. The bounds are what
-# trial runs of the recipe reached, with a margin; they depend on the steps, not on
-# the clock. Ten minutes give a model that has learned a great deal, not yet a usable
+# gave 2,000 to 2,500 on the machines we tried), 75% from 750 (CI's budget), 98% below
+# that. The bounds are what trial runs of the recipe reached, with a margin; they
+# depend on the steps, not on the clock. Ten minutes give a model that has learned a great deal, not yet a usable
 # recogniser: every loss part is still falling when the budget ends. The book's model,
 # next, trains on.
 

@@ -926,7 +926,7 @@ for r in worst:
 
 # %% tags=["hide-input"]
 # NBVAL_IGNORE_OUTPUT
-from paraformer_edu.checkpoint import Transcript
+from paraformer_edu.inference import Transcript
 
 
 @torch.no_grad()

@@ -12,9 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from paraformer_edu import checkpoint  # the module: its names stay those the cells above defined
 from paraformer_edu.audio import AudioError, is_silent, load_audio
-from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint
-from paraformer_edu.config import Config
 from paraformer_edu.dataset import BucketBatchSampler
 from paraformer_edu.features import Frontend
 from paraformer_edu.model import Paraformer
@@ -51,7 +50,7 @@ class Recognizer:
     Defined in chapter 7, "Training the model".
     """
 
-    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config: Config | None = None,
+    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config=None,
                  device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
@@ -102,7 +101,7 @@ def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
 
     Defined in chapter 7, "Training the model".
     """
-    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(path))
+    model, tokenizer, frontend, config = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path))
     return Recognizer(model, tokenizer, frontend, config, device)
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, save_config
+from paraformer_edu.config import Config, config_from_dict, save_config
 from paraformer_edu.corpus import build_corpus, corpus_config
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
@@ -240,9 +240,8 @@ class Trainer:
         payload = load_checkpoint(path)
         if "trainer" not in payload:
             raise ValueError(f"{path} holds a model but no training state (a best.pt?): resume from latest.pt")
-        model, _, _, stored = model_from_checkpoint(payload, config)
-        trainer = cls(config or stored, out_dir or Path(path).parent, manifests)
-        trainer.model.load_state_dict(model.state_dict())
+        stored = config_from_dict(payload["config"])
+        trainer = cls(config or stored, out_dir or Path(path).parent, manifests, init=path)  # weights, vocabulary, CMVN
         state = payload["trainer"]
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]

@@ -293,6 +293,8 @@ def test_training_on_empty_transcripts_and_init_from_a_checkpoint(tiny, tmp_path
     trainer.train(max_minutes=0, max_steps=3)
     rows = [r for r in trainer.log if "loss" in r]
     assert rows and all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss_ce", "loss_ctc", "loss_quantity"))
+    resumed = Trainer.resume(tmp_path / "run" / "latest.pt", manifests=manifests)  # keeps the run's own vocabulary
+    assert resumed.step == 3 and resumed.tokenizer.tokens == tiny.tokenizer.tokens
     with pytest.raises(CheckpointError, match="another model configuration"):
         Trainer(load_config(RECIPE, TINY + ["model.encoder.n_layers=3"]), tmp_path / "x", manifests=manifests,
                 init=tiny.out_dir / "latest.pt")
