@@ -421,7 +421,12 @@ ALL_TRAIN_VARIANTS = (
     "steph3", "victor", "zac")
 ALL_HELD_OUT_VARIANTS = ("m7", "f4", "Andrea", "Lee", "belinda", "grandma", "grandpa", "klatt4", "travis")
 
+# %% [markdown]
+# A voice is an accent and a variant; the held-out split takes the held-out accents with
+# any variant, and the training accents with a held-out variant.
 
+# %%
+#| export corpus
 def voice_pool(held_out: bool, variants: str = "book") -> list[str]:
     """The espeak voices ('accent+variant') of the training splits, or only the held-out ones."""
     train_variants, held_out_variants = {"book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
@@ -576,7 +581,12 @@ def near_duplicate_groups(sentences: list[str]) -> list[int]:
             parent[find(i)] = find(first.setdefault(key, i))
     return [find(i) for i in range(len(sentences))]
 
+# %% [markdown]
+# Each group goes to the split its hash says; the key of a group is the smallest key of
+# its members, so the split does not depend on the order of the sentences.
 
+# %%
+#| export corpus
 def sentence_splits(sentences: list[str]) -> dict[str, list[str]]:
     """{split: sentences}, whole near-duplicate groups to one split, chosen by a hash of the group."""
     groups, keys = near_duplicate_groups(sentences), [" ".join(sentence_words(s)) for s in sentences]
@@ -772,7 +782,12 @@ def nonspeech(kind: str, seconds: float, level_db: float, seed: int) -> torch.Te
     x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))  # (S,) unit RMS
     return x * min(10 ** (level_db / 20), 0.99 / x.abs().max().item())  # (S,)
 
+# %% [markdown]
+# And the three changes to a clean utterance, in the order a room and a microphone
+# would make them:
 
+# %%
+#| export corpus
 def augment(wave: torch.Tensor, speed: float, seed: int, snr: float | None = None,
             rt60: float | None = None) -> torch.Tensor:
     """Speed perturbation, then a synthetic room (T60 in s), then pink noise at snr dB; wave (S,) -> (S / speed,)."""
