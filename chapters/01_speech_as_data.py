@@ -357,22 +357,27 @@ for name, (filename, _, _) in cases.items():
 # %% [markdown]
 # ## The corpus
 #
-# **Text.** A recognizer must not learn a toy grammar by heart, so the sentences are
-# drawn from a real frequency list of English, the `wordfreq` package's 1,000 most
-# frequent words (those written with letters and an apostrophe). A word is drawn with
-# probability proportional to its frequency $f$, as in running text, so *the* is common
-# and *ocean* is rare; a sentence has 3 to 15 words, a capital, a full stop or a question
-# mark, sometimes a comma. The sentences are not grammatical, which is fine for
-# acoustics: the model must listen rather than guess from context. Chapter 2 normalises
-# this text.
+# **Text.** The book's corpus is made of real English sentences, the example sentences
+# of WordNet (below), those whose every word is among the 5,000 most frequent words of
+# English: about 6,000 different sentences and 3,700 different words for training, each
+# spoken once or twice by different voices. Chapter 2 normalises this text.
 #
-# Why only 1,000 words? English spelling is not phonetic, so the model must learn the
-# spelling of every word from the examples it hears; with a few hours of speech and two
-# CPU cores, a vocabulary ten times larger leaves most words heard only a handful of
-# times. The `large` corpus (32,000 training sentences over the 10,000 most frequent
-# words, drawn with probability $\propto f^{0.7}$ so that rare words appear too) is the
-# harder task for a reader with a GPU. The 1,000 words are the bulk of what people
-# write, as the cell after `word_list` below measures.
+# Why the 5,000 most frequent words, when WordNet's sentences hold over 20,000? English
+# spelling is not phonetic, so the model must learn the spelling of every word from the
+# examples it hears; with a few hours of speech and two CPU cores, a vocabulary several
+# times larger leaves most words heard once or not at all. The book's model (chapter 7)
+# is trained on all of WordNet's sentences, `everyday-large`: 40,000 utterances, 26
+# hours, over 24,000 words.
+#
+# A simpler corpus comes first, because it shows what the sentences add: **random
+# words**, drawn from the `wordfreq` package's 1,000 most frequent words (those written
+# with letters and an apostrophe) with probability proportional to their frequency $f$,
+# as in running text, so *the* is common and *ocean* is rare; 3 to 15 words, a capital,
+# a full stop or a question mark, sometimes a comma. Such sentences teach a model to
+# listen, and nothing about English: the book's first model, trained on them,
+# transcribed its own word lists at 19% CER and ordinary sentences at 42%. They remain
+# as the `words` corpus (and `words-large`, 10,000 words drawn with probability
+# $\propto f^{0.7}$ so that rare words appear too).
 #
 # **Voices.** An espeak voice is an accent (`en-us`, `en-gb-scotland`, ...) and a
 # variant (`m1`...`m7`, `f1`...`f5`). Every utterance gets a random voice, a speaking
@@ -464,11 +469,11 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 
 # %% [markdown]
 # `wordfreq` gives each word its share of all words in its English sources, so the
-# shares of the book's 1,000 words add up to how much of running text they cover, and
-# the large corpus's 10,000 to a little more:
+# shares of the `words` corpus's 1,000 words add up to how much of running text they
+# cover, and `words-large`'s 10,000 to a little more. Three random sentences:
 
 # %%
-vocabularies = {n: word_list(n) for n in (1000, 10_000)}  # the book's corpus, the large one
+vocabularies = {n: word_list(n) for n in (1000, 10_000)}  # the words corpus, words-large
 for n, (words, freqs) in vocabularies.items():
     print(f"{n:>6} words, from {words[0]!r} to {words[-1]!r}: {sum(freqs):.0%} of running English text")
     assert len(words) == n and freqs == sorted(freqs, reverse=True)
@@ -484,7 +489,7 @@ for _ in range(3):
 # Random words teach the model to listen, and nothing about English: a model trained on
 # them transcribes its own word lists, and stumbles on an ordinary sentence, whose
 # words come in an order it never heard and often are not among the frequent ones. The
-# book's natural-sentence corpora are made of real English sentences: the **example
+# book's corpora are made of real English sentences: the **example
 # sentences of WordNet 3.0** {cite:p}`miller1995wordnet`, the lexical database of
 # Princeton University, which illustrates the senses of its words with short everyday
 # sentences ("The dentist cleaned my teeth."). WordNet's licence lets anyone use, copy,
@@ -631,13 +636,14 @@ assert len(vocabulary) > 10_000 and sum(map(len, splits.values())) == len(senten
 
 # %% [markdown]
 # The corpus is described by a `CorpusConfig`: its sizes, its seed, its text and its
-# ranges. `corpus_config("book")` is the default the chapters use (random words, about
-# five hours, made in a few minutes on two cores); `"large"` is four times the speech
-# over ten times the words, for a reader with time or a GPU; `"tiny"` is for tests.
-# The natural-sentence corpora: `"everyday"`, WordNet's sentences made of the 5,000
-# most frequent words, and `"everyday-large"`, all of WordNet's sentences, the corpus of
-# the book's model; both use every English voice variant of espeak-ng, and make their
-# training split harder with non-speech clips and augmented audio (below).
+# ranges. `corpus_config("book")` is the default the chapters use: WordNet's sentences
+# of the 5,000 most frequent words, spoken at 120 to 175 words per minute, made in a few
+# minutes on two cores. `"everyday-large"`, all of WordNet's sentences, is the corpus of
+# the book's model, spoken at up to 200 words per minute (chapter 2 shows what the
+# fastest of those cost the predictor). Both use every English voice variant of
+# espeak-ng, and make their training split harder with non-speech clips and augmented
+# audio (below). `"words"` and `"words-large"` are the random-word corpora; `"tiny"` is
+# for tests.
 
 # %%
 #| export corpus
@@ -664,18 +670,18 @@ class CorpusConfig:
 
 _EVERYDAY = dict(text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200))
 CORPUS_CONFIGS = {
-    "book": CorpusConfig(),
-    "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
-                          n_words=10_000, word_weight_power=0.7),  # for a GPU: 4x the speech, 10x the words
-    "everyday": CorpusConfig(name="everyday", max_rank=5000, **_EVERYDAY),
+    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),  # chapters 1-9
     "everyday-large": CorpusConfig(name="everyday-large", sizes={"train": 40000, "dev": 500, "test": 500,
-                                                                 "test-voices": 500}, **_EVERYDAY),
-    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
+                                                                 "test-voices": 500}, **_EVERYDAY),  # the book's model
+    "words": CorpusConfig(name="words"),  # random sequences of the 1,000 most frequent words
+    "words-large": CorpusConfig(name="words-large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
+                                n_words=10_000, word_weight_power=0.7),  # 4x the speech, 10x the words
+    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),  # for tests
 }
 
 
 def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
-    """A named corpus configuration ('book', 'large', 'everyday', 'everyday-large', 'tiny'), fields overridden."""
+    """A named corpus configuration ('book', 'everyday-large', 'words', 'words-large', 'tiny'), fields overridden."""
     if name not in CORPUS_CONFIGS:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPUS_CONFIGS)}")
     return CorpusConfig(**{**asdict(CORPUS_CONFIGS[name]), **overrides})
@@ -951,29 +957,32 @@ print(manifests["train"].read_text().splitlines()[0])
 
 # %%
 for split in ("train", "test-voices"):
-    for u in corpus[split][:1]:
+    for u in [u for u in corpus[split] if u["text"]][:1]:
         print(f"{split:<11} {u['voice']:<22} {u['rate']} wpm  {u['duration']:.2f} s  {u['text']}")
         ipd.display(ipd.Audio(u["audio_filepath"]))
 
 # %% [markdown]
 # How big is it? Hours, utterances, words, and the checks the design promised: every
-# one of the 1,000 words in train, no evaluation sentence in train, no test-voices voice
-# in train.
+# word among the 5,000 most frequent, no evaluation sentence in train, no test-voices
+# voice in train. (A few words of the evaluation splits never occur in train: the model
+# can only spell them from what it learned of English spelling.)
 
 # %%
-train_words = Counter(w.strip(",.?").lower() for u in corpus["train"] for w in u["text"].split())
-train_voices = {u["voice"] for u in corpus["train"]}
+speech = {split: [u for u in us if u["text"]] for split, us in corpus.items()}  # non-speech clips have no words
+train_words = Counter(w for u in speech["train"] for w in sentence_words(u["text"]))
+train_voices = {u["voice"] for u in speech["train"]}
 print(f"{'split':<12}{'utts':>6}{'hours':>7}{'words':>8}{'distinct':>9}{'voices':>7}{'unseen words':>13}")
-for split, utterances in corpus.items():
-    words = [w.strip(",.?").lower() for u in utterances for w in u["text"].split()]
+for split, utterances in speech.items():
+    words = [w for u in utterances for w in sentence_words(u["text"])]
     unseen = sum(w not in train_words for w in words) / len(words)
     print(f"{split:<12}{len(utterances):>6}{sum(u['duration'] for u in utterances) / 3600:>7.2f}{len(words):>8}"
           f"{len(set(words)):>9}{len({u['voice'] for u in utterances}):>7}{unseen:>13.1%}")
-texts = {split: {u["text"] for u in us} for split, us in corpus.items()}
-assert len(train_words) == corpus_config().n_words
+texts = {split: {u["text"] for u in us} for split, us in speech.items()}
+top_words = set(word_list(corpus_config().max_rank)[0])
+assert all(w in top_words for us in speech.values() for u in us for w in sentence_words(u["text"]))
 assert all(not (texts[s] & texts["train"]) for s in ("dev", "test", "test-voices"))
-assert not {u["voice"] for u in corpus["test-voices"]} & train_voices
-assert {u["voice"] for u in corpus["test"]} <= train_voices
+assert not {u["voice"] for u in speech["test-voices"]} & train_voices
+assert {u["voice"] for u in speech["test"]} <= train_voices
 
 # %% [markdown]
 # ## Looking at speech
@@ -1415,7 +1424,7 @@ def n_chars(text):
     return len(" ".join("".join(c for c in text.lower() if c.isalpha() or c in "' ").split()))
 
 
-rates = np.array([n_chars(u["text"]) / u["duration"] for u in corpus["train"]])  # chars/s per utterance
+rates = np.array([n_chars(u["text"]) / u["duration"] for u in corpus["train"] if u["text"]])  # chars/s per utterance
 print(f"characters per second: mean {rates.mean():.1f}, p95 {np.percentile(rates, 95):.1f}, max {rates.max():.1f}")
 print(f"{'frame':>7}{'frames/s':>9}{'chars/frame mean':>17}{'p95':>6}{'max':>6}{'utts > 1':>9}")
 for ms in (10, 40, 60):
@@ -1433,11 +1442,11 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
-# Speech carries about 17 characters a second here (spaces included; espeak speaks
+# Speech carries about 16 characters a second here (spaces included; espeak speaks
 # briskly), and LFR frames run at 16.7 a second. At 60 ms that is about one character
-# per frame *on average*, and half of the utterances would need more than one token per
-# frame: a character-level Paraformer at 60 ms cannot even represent them. At 40 ms the
-# ratio is about 0.7, with the fastest utterances just above 1. Two ways out, taken up
+# per frame *on average*, and more than a third of the utterances would need more than
+# one token per frame: a character-level Paraformer at 60 ms cannot even represent them.
+# At 40 ms the ratio is about 0.65, with the fastest utterances just above 1. Two ways out, taken up
 # in the next chapters: a **larger unit** than the character (chapter 2 trains
 # byte-pair subwords, which cut the tokens per second) or a **faster frame rate** (40 ms,
 # at the price of 50% longer sequences for attention). Chapter 2 measures the same ratio
@@ -1445,7 +1454,7 @@ plt.show()
 
 # %%
 per_frame_40ms = rates * 0.04
-assert (chars_per_60ms > 1).mean() > 0.4  # characters at 60 ms do not fit: half the utterances
+assert (chars_per_60ms > 1).mean() > 0.3  # characters at 60 ms do not fit: over a third of the utterances
 assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 
 # %% [markdown]

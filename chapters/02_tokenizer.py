@@ -250,10 +250,11 @@ except ValueError as error:
 
 # %% [markdown]
 # The corpus transcripts are written text: a capital letter at the start (and in "I"), a
-# full stop or a question mark at the end, sometimes a comma, apostrophes in contractions
-# ("don't", "we're"). We normalise every transcript once, here, and use only the spoken
-# form from now on. For this corpus an independent reference is easy to write (lowercase,
-# delete `,` `.` `?`), and the two must agree on every transcript; after normalisation
+# full stop, question mark or exclamation mark at the end, sometimes a comma,
+# apostrophes in contractions ("don't", "we're"). We normalise every transcript once,
+# here, and use only the spoken form from now on. For this corpus an independent
+# reference is easy to write (lowercase, delete `,` `.` `?` `!`), and the two must agree
+# on every transcript (the non-speech clips' empty transcripts included); after normalisation
 # every character is in the alphabet or is the space between words.
 
 # %%
@@ -261,7 +262,7 @@ texts = {split: [normalize_text(u["text"]) for u in utterances] for split, utter
 train_texts, dev_texts = texts["train"], texts["dev"]
 all_texts = [text for split_texts in texts.values() for text in split_texts]
 raw_texts = [u["text"] for utterances in corpus.values() for u in utterances]
-reference = [re.sub(r"[,.?]", "", text).lower() for text in raw_texts]
+reference = [re.sub(r"[,.?!]", "", text).lower() for text in raw_texts]
 raw_chars, corpus_chars = Counter("".join(raw_texts)), Counter("".join(all_texts))
 print("characters as written:", "".join(sorted(raw_chars)).replace(" ", "␣"))
 print("after normalize_text: ", "".join(sorted(corpus_chars)).replace(" ", "␣"))
@@ -958,7 +959,7 @@ def busiest_stretch(tokenizer, utterance: dict, text: str, n_words: int = 3, fra
 
 
 timed = [i for i, (u, text) in enumerate(zip(corpus["train"], train_texts))
-         if [normalize_text(word) for word, _ in u["words"]] == text.split()]
+         if text and [normalize_text(word) for word, _ in u["words"]] == text.split()]  # speech, words timed
 print(f"{len(timed):,} of {len(train_texts):,} utterances with word times that match their transcripts")
 print(f"{'unit':<11}{'busiest 3 words / utterance: median':>36}{'p95':>6}   busiest 3 words > 1 token/frame")
 burst = {}

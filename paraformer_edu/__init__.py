@@ -19,15 +19,19 @@ file, hand-written, gathers the public API:
 - `inspection` (chapter 8): attention maps and predictor internals of one utterance (`look_inside`),
   word timestamps with bias correction, onset errors, CER by group;
 - `plots` (chapter 8, needs matplotlib; not imported here): the chapter's figures, for any model;
+- `language_model` (chapter 9): a token n-gram LM with interpolated Kneser-Ney smoothing, its WordNet text;
+- `beam_search` (chapter 9): beam search over the Paraformer's positions and CTC prefix beam search, with
+  shallow fusion of the LM (`LMSearch` plugs into `Recognizer(search=...)`);
 - `cli` (hand-written): `python -m paraformer_edu train | evaluate | transcribe`.
 """
 
 __version__ = "0.1.0"
 
-from . import (attention, audio, checkpoint, config, corpus, dataset, decoder, encoder, features, inference, inspection,
-               metrics, model, predictor, synthesis, tokenizer, training)
+from . import (attention, audio, beam_search, checkpoint, config, corpus, dataset, decoder, encoder, features,
+               inference, inspection, language_model, metrics, model, predictor, synthesis, tokenizer, training)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
+from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
 from .checkpoint import CheckpointError
 from .config import Config, load_config
 from .corpus import build_corpus, corpus_config, read_manifest
@@ -37,6 +41,7 @@ from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc
 from .features import CMVN, Frontend, SpecAugment, fbank, lfr
 from .inference import Recognizer, Transcript, load_model
 from .inspection import Inside, cer_by, look_inside, onset_errors, word_timestamps
+from .language_model import NGramLM, book_language_model
 from .metrics import cer, wer
 from .model import Hypothesis, Paraformer, ParaformerConfig
 from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
@@ -48,7 +53,7 @@ __all__ = [
     "__version__",
     # modules
     "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
-    "model", "metrics", "config", "training", "checkpoint", "inference", "inspection",
+    "model", "metrics", "config", "training", "checkpoint", "inference", "inspection", "language_model", "beam_search",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
@@ -66,4 +71,6 @@ __all__ = [
     "cer", "wer", "Config", "load_config", "Trainer", "CheckpointError", "Recognizer", "Transcript", "load_model",
     # chapter 8
     "Inside", "look_inside", "word_timestamps", "onset_errors", "cer_by",
+    # chapter 9
+    "NGramLM", "book_language_model", "Beam", "paraformer_beam_search", "ctc_prefix_beam_search", "LMSearch",
 ]

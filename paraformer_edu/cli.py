@@ -7,6 +7,7 @@ Hand-written (not generated): a thin layer over what chapter 7 builds
                                    [--out runs/NAME] [--resume runs/NAME/latest.pt] [--init model.pt]
     python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
     python -m paraformer_edu transcribe --checkpoint CKPT a.wav b.wav ... [--list files.txt] [--timestamps]
+    (evaluate and transcribe: --beam N --lm-weight W decode with chapter 9's beam search and n-gram LM)
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _evaluate(args) -> int:
     from paraformer_edu.metrics import cer, sentence_accuracy, wer
     from paraformer_edu.tokenizer import normalize_text
 
-    recognizer = load_model(args.checkpoint, args.device)
+    recognizer = _with_search(load_model(args.checkpoint, args.device), args)
     references, hypotheses, total_audio, total_seconds = [], [], 0.0, 0.0
     for manifest in args.manifest:
         entries = read_manifest(manifest)
@@ -79,8 +80,20 @@ def _evaluate(args) -> int:
         total_audio, total_seconds = total_audio + audio, total_seconds + seconds
     print(json.dumps({"cer": cer(references, hypotheses), "wer": wer(references, hypotheses),
                       "sentence_accuracy": sentence_accuracy(references, hypotheses),
-                      "utterances": len(references), "rtf": total_seconds / total_audio}))
+                      "utterances": len(references), "rtf": total_seconds / total_audio,
+                      "decoder": "paraformer", "beam": args.beam, "lm_weight": args.lm_weight}))
     return 0
+
+
+def _with_search(recognizer, args):
+    """The recognizer with chapter 9's beam search and WordNet LM when --beam or --lm-weight asks for it."""
+    if args.beam > 1 or args.lm_weight > 0:
+        from paraformer_edu.beam_search import LMSearch
+        from paraformer_edu.language_model import book_language_model
+
+        lm = book_language_model(recognizer.tokenizer) if args.lm_weight > 0 else None
+        recognizer.search = LMSearch(lm, args.lm_weight, args.beam)
+    return recognizer
 
 
 def _transcribe(args) -> int:
@@ -93,7 +106,7 @@ def _transcribe(args) -> int:
     if not paths:
         print("no audio given: name files, or --list FILE with one path a line", file=sys.stderr)
         return 2
-    recognizer = load_model(args.checkpoint, args.device)
+    recognizer = _with_search(load_model(args.checkpoint, args.device), args)
     failed = 0
     features, usable = [], []
     for path in paths:
@@ -128,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, or the book's model)")
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--max-frames", type=int, default=8000, help="padded frames per decoding batch")
+        sub.add_argument("--beam", type=int, default=1, help="beam width over the token positions (chapter 9)")
+        sub.add_argument("--lm-weight", type=float, default=0.0,
+                         help="weight of the WordNet n-gram LM in the beam search (chapter 9; 0: no LM)")
     evaluate.add_argument("--manifest", required=True, action="append", help="JSON-lines manifest (repeatable)")
     transcribe.add_argument("audio", nargs="*", help="audio files (WAV, FLAC, OGG; any rate, mono or stereo)")
     transcribe.add_argument("--list", help="a text file with one audio path a line")
     transcribe.add_argument("--timestamps", action="store_true", help="add each token's start and end seconds")
     args = parser.parse_args(argv)
+    if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
+        parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:
         return {"train": _train, "evaluate": _evaluate, "transcribe": _transcribe}[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError, AudioError, config errors

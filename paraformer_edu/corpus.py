@@ -212,18 +212,18 @@ class CorpusConfig:
 
 _EVERYDAY = dict(text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200))
 CORPUS_CONFIGS = {
-    "book": CorpusConfig(),
-    "large": CorpusConfig(name="large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
-                          n_words=10_000, word_weight_power=0.7),  # for a GPU: 4x the speech, 10x the words
-    "everyday": CorpusConfig(name="everyday", max_rank=5000, **_EVERYDAY),
+    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),  # chapters 1-9
     "everyday-large": CorpusConfig(name="everyday-large", sizes={"train": 40000, "dev": 500, "test": 500,
-                                                                 "test-voices": 500}, **_EVERYDAY),
-    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
+                                                                 "test-voices": 500}, **_EVERYDAY),  # the book's model
+    "words": CorpusConfig(name="words"),  # random sequences of the 1,000 most frequent words
+    "words-large": CorpusConfig(name="words-large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
+                                n_words=10_000, word_weight_power=0.7),  # 4x the speech, 10x the words
+    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),  # for tests
 }
 
 
 def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
-    """A named corpus configuration ('book', 'large', 'everyday', 'everyday-large', 'tiny'), fields overridden.
+    """A named corpus configuration ('book', 'everyday-large', 'words', 'words-large', 'tiny'), fields overridden.
 
     Defined in chapter 1, "Speech as data".
     """

@@ -51,10 +51,10 @@ class Recognizer:
     """
 
     def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config=None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", search=None):
         self.device = torch.device(device)
         self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
-        self.config = config
+        self.config, self.search = config, search  # search: None (argmax) or chapter 9's beam search
 
     def features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
         """Features (T', D) of a path or a waveform (with its sample rate); (0, D) for silence."""
@@ -73,7 +73,8 @@ class Recognizer:
             chunk = [speech[j] for j in batch]
             X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
             X_lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
-            for i, hyp in zip(chunk, self.model.recognize(X.to(self.device), X_lengths.to(self.device))):
+            hyps = self.model.recognize(X.to(self.device), X_lengths.to(self.device), self.search)
+            for i, hyp in zip(chunk, hyps):
                 results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
                                         hyp.timestamps)
         return results

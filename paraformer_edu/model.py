@@ -86,6 +86,7 @@ class Inference(NamedTuple):
     h_lengths: torch.Tensor  # (B,)
     cif: tuple  # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
     token_ids: torch.Tensor  # (B, N) the decoder's argmax, valid up to cif.token_lengths
+    log_probs: torch.Tensor  # (B, N, V) the decoder's log-probabilities (chapter 9 searches them)
 
 
 class Paraformer(nn.Module):
@@ -143,19 +144,24 @@ class Paraformer(nn.Module):
             h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
             cif = self.predictor(h, h_lengths)  # unscaled weights, tail rule: embeds (B, N, D)
             if cif.embeds.size(1) == 0:  # no utterance fired a token
-                ids = cif.fires.new_zeros(cif.fires.shape)  # (B, 0)
+                log_probs = h.new_zeros(h.size(0), 0, self.config.vocab_size)  # (B, 0, V)
             else:
-                ids = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).argmax(-1)  # (B, N)
+                log_probs = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).log_softmax(-1)  # (B, N, V)
         finally:
             self.train(was_training)
-        return Inference(h, h_lengths, cif, ids)
+        return Inference(h, h_lengths, cif, log_probs.argmax(-1), log_probs)
 
-    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> list[Hypothesis]:
-        """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds."""
+    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor, search=None) -> list[Hypothesis]:
+        """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds.
+
+        search: None takes the decoder's argmax at every position; chapter 9's beam search is a
+        function from the Inference to token ids per utterance, one per position.
+        """
         out = self.infer(features, feature_lengths)
         n_tokens = out.cif.token_lengths  # (B,)
         stamps = cif_timestamps(out.cif.fires, n_tokens, out.h_lengths, self.config.frame_shift)
-        return [Hypothesis(out.token_ids[b, :n].tolist(), stamps[b]) for b, n in enumerate(n_tokens.tolist())]
+        ids = search(out) if search is not None else [out.token_ids[b, :n].tolist() for b, n in enumerate(n_tokens.tolist())]
+        return [Hypothesis(list(ids[b]), stamps[b]) for b in range(len(ids))]
 
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:
         """The text of each utterance of features (B, T, F), decoded by the tokenizer."""

@@ -56,7 +56,7 @@ def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterances: int | None = None,
-             max_frames: int = 8000, device: torch.device = torch.device("cpu")) -> dict:
+             max_frames: int = 8000, device: torch.device = torch.device("cpu"), search=None) -> dict:
     """CER, WER, sentence accuracy and token-count errors of the model on (the first utterances of) a dataset.
 
     Defined in chapter 7, "Training the model".
@@ -64,7 +64,7 @@ def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterance
     was_training = model.training
     n = len(dataset) if max_utterances is None else min(max_utterances, len(dataset))
     items = [dataset[i] for i in range(n)]
-    recognizer = Recognizer(model, tokenizer, dataset.frontend, device=device)
+    recognizer = Recognizer(model, tokenizer, dataset.frontend, device=device, search=search)
     start = time.perf_counter()
     transcripts = recognizer.recognize_features([it["features"] for it in items], max_frames)
     seconds = time.perf_counter() - start

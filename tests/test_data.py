@@ -174,17 +174,26 @@ def test_splits_are_disjoint_and_voices_held_out(tiny):
     assert not set(voice_pool(held_out=True)) & train_voices
 
 
-def test_book_corpus_text_is_broad_and_deterministic():
-    config = corpus_config("book")
+def test_random_word_corpus_text_is_broad_and_deterministic():
+    config = corpus_config("words")
     plan = corpus_plan(config)
     words = {w.strip(",.?").lower() for u in plan["train"] for w in u["text"].split()}
     assert len(words) == config.n_words == 1000  # every word of the vocabulary is heard in training
-    large = corpus_plan(corpus_config("large", sizes={"train": 8000, "dev": 0, "test": 0, "test-voices": 0}))
+    large = corpus_plan(corpus_config("words-large", sizes={"train": 8000, "dev": 0, "test": 0, "test-voices": 0}))
     assert len({w.strip(",.?").lower() for u in large["train"] for w in u["text"].split()}) >= 5000
     lengths = [len(u["text"].split()) for u in plan["train"]]
     assert min(lengths) == config.min_words and max(lengths) == config.max_words
     assert corpus_plan(config) == plan
-    assert corpus_plan(corpus_config("book", seed=1))["train"] != plan["train"]
+    assert corpus_plan(corpus_config("words", seed=1))["train"] != plan["train"]
+
+
+def test_book_corpus_is_natural_sentences_of_frequent_words():
+    config = corpus_config("book")
+    plan = corpus_plan(config)
+    speech = [u["text"] for u in plan["train"] if u["text"]]
+    words = {w for t in speech for w in sentence_words(t)}
+    assert set(speech) <= set(wordnet_sentences()) and 3000 < len(words) <= 5000
+    assert corpus_plan(config) == plan
 
 
 def test_corpus_is_cached_and_rebuilt_identically(tiny, tmp_path, monkeypatch):
@@ -317,7 +326,7 @@ def test_sentence_splits_are_disjoint_stable_and_keep_groups_together(sentences)
 
 
 def test_everyday_plans_keep_test_sentences_out_of_training():
-    for name in ("everyday", "everyday-large"):
+    for name in ("book", "everyday-large"):
         config = corpus_config(name)
         plan = corpus_plan(config)
         train = {u["text"] for u in plan["train"]}
@@ -331,7 +340,7 @@ def test_everyday_plans_keep_test_sentences_out_of_training():
         noise = [u for u in plan["train"] if "nonspeech" in u]
         assert 0.01 < len(noise) / len(plan["train"]) < 0.03 and all(u["text"] == "" for u in noise)
     top = set(word_list(5000)[0])
-    assert all(all(w in top for w in sentence_words(u["text"])) for u in corpus_plan(corpus_config("everyday"))["test"])
+    assert all(all(w in top for w in sentence_words(u["text"])) for u in corpus_plan(corpus_config("book"))["test"])
 
 
 def test_nonspeech_and_augment_are_deterministic_at_the_asked_level():
@@ -347,7 +356,7 @@ def test_nonspeech_and_augment_are_deterministic_at_the_asked_level():
 
 
 def test_an_everyday_corpus_with_nonspeech_and_augmentation_builds(tmp_path):
-    config = corpus_config("everyday", sizes={"train": 10, "dev": 2, "test": 0, "test-voices": 2},
+    config = corpus_config("book", sizes={"train": 10, "dev": 2, "test": 0, "test-voices": 2},
                            nonspeech_share=0.3, augment_share=1.0)
     manifests = build_corpus(config, root=tmp_path)
     train = read_manifest(manifests["train"])

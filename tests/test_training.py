@@ -281,7 +281,7 @@ def test_one_input_or_a_list_is_the_explicit_rule(recognizer, tiny):
 
 def test_training_on_empty_transcripts_and_init_from_a_checkpoint(tiny, tmp_path):
     """Non-speech clips (transcript "") train with finite losses; --init starts from a checkpoint's weights."""
-    config = corpus_config("everyday", sizes={"train": 24, "dev": 4, "test": 0, "test-voices": 0},
+    config = corpus_config("book", sizes={"train": 24, "dev": 4, "test": 0, "test-voices": 0},
                            nonspeech_share=0.5, augment_share=0.5)
     manifests = build_corpus(config, root=tmp_path / "corpus")
     assert any(e["text"] == "" for e in read_manifest(manifests["train"]))
@@ -389,3 +389,28 @@ def test_book_model_is_small_and_reaches_its_recorded_dev_cer():
     scores = evaluate(book.model, SpeechDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)
     assert abs(scores["cer"] - recorded["dev"]["cer"]) < 0.005
     assert scores["cer"] < 0.3, "the committed model transcribes"
+
+
+def test_book_model_says_nothing_for_noise_hum_and_clicks():
+    """The corpus's non-speech clips taught it silence: fresh clips (seeds no training clip used) give ''."""
+    from paraformer_edu.corpus import NONSPEECH, nonspeech
+
+    book = load_model(BOOK_MODEL / "model.pt")
+    clips = [nonspeech(kind, 2.0, level, seed=2**31 + i) for i, kind in enumerate(NONSPEECH) for level in (-40, -20)]
+    assert book.transcribe(clips, sample_rate=16000) == [""] * len(clips)
+
+
+def test_book_model_with_the_language_model_beats_greedy_on_dev():
+    """Chapter 9: beam search with the WordNet n-gram LM, at the weight recorded at release, lowers the dev CER."""
+    from paraformer_edu.beam_search import LMSearch
+    from paraformer_edu.language_model import book_language_model
+    from paraformer_edu.training import evaluate
+
+    recorded = json.loads((BOOK_MODEL / "metrics.json").read_text())
+    book = load_model(BOOK_MODEL / "model.pt")
+    dev = SpeechDataset(build_corpus(corpus_config(book.config.data.corpus), splits=("dev",))["dev"], book.frontend,
+                        book.tokenizer.encode)
+    search = LMSearch(book_language_model(book.tokenizer), recorded["lm"]["weight"], recorded["lm"]["beam"])
+    fused = evaluate(book.model, dev, book.tokenizer, max_utterances=200, search=search)
+    greedy = evaluate(book.model, dev, book.tokenizer, max_utterances=200)
+    assert fused["cer"] < greedy["cer"] and fused["wer"] < greedy["wer"]

@@ -9,8 +9,10 @@ Writes into the folder:
 - vocab.txt       the tokenizer's vocabulary file (chapter 2's format);
 - train_log.jsonl the training log (one JSON object per logged step or dev evaluation);
 - metrics.json    CER/WER/sentence accuracy on dev, test and test-voices, measured now from
-                  model.pt itself, with parameters, steps and training time, and the word-onset
-                  bias on dev with the corrected onset errors on test (chapter 8).
+                  model.pt itself, greedy and with chapter 9's beam search and n-gram LM (its
+                  weight tuned on dev), with parameters, steps and training time, the real-time
+                  factor at batch 1 and 16, and the word-onset bias on dev with the corrected
+                  onset errors on test (chapter 8).
 """
 
 from __future__ import annotations
@@ -20,17 +22,35 @@ import json
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from paraformer_edu.beam_search import LMSearch
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import save_config
 from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
 from paraformer_edu.dataset import SpeechDataset
 from paraformer_edu.inference import Recognizer
 from paraformer_edu.inspection import error_summary, onset_errors
+from paraformer_edu.language_model import book_language_model
 from paraformer_edu.training import choose_device, evaluate
+
+
+LM_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def real_time_factor(model, dataset, batch: int, n: int = 96) -> float:
+    """Seconds of model time (features cached) per second of audio, n test utterances in batches of `batch`."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    start = time.perf_counter()
+    for b in range(0, len(items), batch):
+        chunk = items[b:b + batch]
+        X = torch.nn.utils.rnn.pad_sequence([it["features"] for it in chunk], batch_first=True)  # (B, T, F)
+        model.recognize(X, torch.tensor([len(it["features"]) for it in chunk]))
+    seconds = time.perf_counter() - start
+    return seconds / sum(dataset.entries[i]["duration"] for i in range(len(items)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +80,19 @@ def main(argv: list[str] | None = None) -> int:
                else f"{platform.machine()} CPU, {config.training.threads} threads",
                "parameters": sum(p.numel() for p in model.parameters()),
                "size_mb": (args.folder / "model.pt").stat().st_size / 2**20}
+    datasets = {split: SpeechDataset(manifests[split], frontend, tokenizer.encode) for split in manifests}
+    lm = book_language_model(tokenizer)
+    dev_cer = {w: evaluate(model, datasets["dev"], tokenizer, search=LMSearch(lm, w, 4))["cer"] for w in LM_WEIGHTS}
+    weight = min(dev_cer, key=dev_cer.get)
+    metrics["lm"] = {"order": lm.order, "beam": 4, "weight": weight, "dev_cer_by_weight": dev_cer}
     for split in ("dev", "test", "test-voices"):
-        scores = evaluate(model, SpeechDataset(manifests[split], frontend, tokenizer.encode), tokenizer)
+        scores = evaluate(model, datasets[split], tokenizer)
         metrics[split] = {k: v for k, v in scores.items() if not isinstance(v, list)}
-        print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}", file=sys.stderr)
+        fused = evaluate(model, datasets[split], tokenizer, search=LMSearch(lm, weight, 4))
+        metrics[split]["with_lm"] = {k: v for k, v in fused.items() if not isinstance(v, list)}
+        print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}; with the LM: CER {fused['cer']:.2%} "
+              f"WER {fused['wer']:.2%}", file=sys.stderr)
+    metrics["rtf_cpu"] = {f"batch_{b}": real_time_factor(model, datasets["test"], b) for b in (1, 16)}
     recognizer = Recognizer(model, tokenizer, frontend, config)
     dev_errors, _ = onset_errors(recognizer, read_manifest(manifests["dev"]))
     bias = dev_errors.median().item()
