@@ -71,7 +71,7 @@ print("paraformer_edu", paraformer_edu.__version__)
 #
 # 1. `espeak_Initialize` loads the data and returns the output sample rate (22,050 Hz);
 # 2. `espeak_SetVoiceByName("en-us+f3")` picks a voice (`en-us`) and a *variant*
-#    (`f3`, one of a dozen settings of pitch, formants and breathiness);
+#    (`f3`, one of dozens of settings of pitch, formants and breathiness);
 # 3. `espeak_SetParameter` sets the speaking rate (words per minute) and pitch;
 # 4. `espeak_Synth` synthesises, calling back with chunks of 16-bit samples and with
 #    **events**: a `WORD` event says where in the audio each word of the text starts.
@@ -380,10 +380,11 @@ for name, (filename, _, _) in cases.items():
 # $\propto f^{0.7}$ so that rare words appear too).
 #
 # **Voices.** An espeak voice is an accent (`en-us`, `en-gb-scotland`, ...) and a
-# variant (`m1`...`m7`, `f1`...`f5`). Every utterance gets a random voice, a speaking
-# rate (words per minute), a pitch and a pitch range. Two accents and two variants
-# are **held out**: the `test-voices` split uses only combinations that never occur in
-# training, to measure how the model copes with a voice it has never heard.
+# variant (`m1`, `f3`, `Andy`, `klatt5`, ...): the book's corpus trains on 6 accents and
+# 78 variants, 468 voices. Every utterance gets a random voice, a speaking rate (words
+# per minute), a pitch and a pitch range. Two accents and nine variants are **held
+# out**: the `test-voices` split uses only combinations that never occur in training,
+# to measure how the model copes with a voice it has never heard.
 #
 # | split | sentences | voices |
 # |---|---|---|
@@ -470,7 +471,7 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 # %% [markdown]
 # `wordfreq` gives each word its share of all words in its English sources, so the
 # shares of the `words` corpus's 1,000 words add up to how much of running text they
-# cover, and `words-large`'s 10,000 to a little more. Three random sentences:
+# cover (68%), and `words-large`'s 10,000 to 89%. Three random sentences:
 
 # %%
 vocabularies = {n: word_list(n) for n in (1000, 10_000)}  # the words corpus, words-large
@@ -1161,7 +1162,7 @@ print(f"fbank vs torchaudio.compliance.kaldi.fbank on 20 utterances: max abs dif
 assert worst[torch.float32] < 2e-2 and worst[torch.float64] < 1e-3
 
 # %% [markdown]
-# In float64 the two agree to about $10^{-4}$ (the mel filters are built in a different
+# In float64 the two agree to a few $10^{-4}$ (the mel filters are built in a different
 # precision). The float32 difference is larger, and it sits in near-silent frames, where
 # the power is a tiny difference of large numbers and the log magnifies float32
 # rounding; torchaudio in float32 differs from torchaudio in float64 by as much.
@@ -1446,11 +1447,11 @@ plt.show()
 # briskly), and LFR frames run at 16.7 a second. At 60 ms that is about one character
 # per frame *on average*, and more than a third of the utterances would need more than
 # one token per frame: a character-level Paraformer at 60 ms cannot even represent them.
-# At 40 ms the ratio is about 0.65, with the fastest utterances just above 1. Two ways out, taken up
-# in the next chapters: a **larger unit** than the character (chapter 2 trains
-# byte-pair subwords, which cut the tokens per second) or a **faster frame rate** (40 ms,
-# at the price of 50% longer sequences for attention). Chapter 2 measures the same ratio
-# for its tokenizers and makes the choice.
+# At 40 ms the ratio is about 0.64, with the fastest utterances just above 1. Two ways
+# out, taken up in the next chapters: a **larger unit** than the character (chapter 2
+# trains byte-pair subwords, which cut the tokens per second) or a **faster frame rate**
+# (40 ms, at the price of 50% longer sequences for attention). Chapter 2 measures the
+# same ratio for its tokenizers and makes the choice.
 
 # %%
 per_frame_40ms = rates * 0.04
@@ -1619,10 +1620,10 @@ assert worst < 0.05
 # %% [markdown]
 # ## Summary
 #
-# - The book's corpus is synthesised with espeak-ng from a wheel: broad English text
-#   from a frequency list, dozens of voices, and a `test-voices` split of voices never
-#   heard in training; manifests are JSON lines, audio 16 kHz WAV, all cached and
-#   deterministic from a seed.
+# - The book's corpus is synthesised with espeak-ng from a wheel: WordNet's example
+#   sentences whose words are all among the 5,000 most frequent, hundreds of voices,
+#   and a `test-voices` split of voices never heard in training; manifests are JSON
+#   lines, audio 16 kHz WAV, all cached and deterministic from a seed.
 # - `load_audio` is the one door for audio: it resamples and downmixes, and refuses
 #   empty, too-short, damaged and unreadable input with an `AudioError` that says why.
 # - Log-mel filterbank features are framing, DC removal, pre-emphasis, a Hamming window,
@@ -1630,10 +1631,11 @@ assert worst < 0.05
 #   torchaudio) to float32 precision.
 # - LFR stacks 7 frames every 6 (60 ms, 560-d), CMVN normalises with global statistics,
 #   SpecAugment masks bands and spans; `Frontend` does it all.
-# - English characters come at about one per 60 ms frame on average, and half of the
-#   utterances need more than one: the unit or the frame rate must change
+# - English characters come at about one per 60 ms frame on average, and more than a
+#   third of the utterances need more than one: the unit or the frame rate must change
 #   (chapter 2).
-# - Length-bucketed batches cut padding several-fold; batched features equal unbatched.
+# - Length-bucketed batches cut padding from 55% to under 1%; batched features equal
+#   unbatched.
 #
 # In `paraformer_edu.audio`: `load_audio`, `is_silent`, `AudioError`, `SAMPLE_RATE`.
 # In `paraformer_edu.synthesis`: `synthesize`. In `paraformer_edu.corpus`: `voice_pool`,

@@ -586,9 +586,10 @@ def bpe_merges(word_counts: dict):
 
 # %% [markdown]
 # On the corpus's training text, the merge table as it grows: the first merges join `▁`
-# to frequent first letters and build frequent endings (`in` + `g`); later ones, each
-# counted fewer times, build longer pieces (`ress`, `▁str`). The first 16 merges, then
-# every 50th and the last of a 500-token vocabulary:
+# to frequent first letters, build frequent pairs (`he`, `in`, `re`) and spell the word
+# `▁the`; later ones, each counted fewer times, build longer pieces (`ent`, `ity`) and
+# whole words (`▁put`, `▁high`). The first 16 merges, then every 50th and the last of a
+# 500-token vocabulary:
 
 # %%
 train_word_counts = Counter(word for text in train_texts for word in text.split())
@@ -649,7 +650,7 @@ for size in (n_base, 50, 100, 200, 500):
 # cached. A character outside the alphabet becomes `<unk>`, which takes part in no merge.
 #
 # The vocabulary file stays one token per line, and it is also the merge table: a merged
-# token is written as its two parts with a space between them (`▁th e` is the token
+# token is written as its two parts with a space between them (`▁t he` is the token
 # `▁the`), which a space inside a token can never be confused with, because no token holds
 # a space. The first lines are the special tokens, `▁` and the alphabet, one character each.
 
@@ -828,12 +829,12 @@ for size in (100, 200, 500):
     assert abs(per_word[1] / per_word[0] - 1) < 0.025 and per_word[2] == per_word[0]
 
 # %% [markdown]
-# The two agree almost completely. With its defaults, sentencepiece shares 196 of our 200
-# tokens (487 of 500) and needs 1.877 tokens per dev word where ours needs 1.867 (1.452
-# against 1.425 at 500). The difference is the apostrophe: sentencepiece's script split
-# forbids joining `'` to letters (our `'t` in `▁d on 't`, below), so it spends those
-# merges on other pieces, and contractions cost it a token more. With the split off, the
-# vocabularies are identical.
+# The two agree almost completely. With its defaults, sentencepiece shares 199 of our 200
+# tokens (all 100 of 100, 494 of 500) and needs 2.493 tokens per dev word where ours
+# needs 2.494 (1.942 against 1.930 at 500). The difference is the apostrophe:
+# sentencepiece's script split forbids joining `'` to letters (our `'t` in `▁d on 't`,
+# below), so it spends those merges on other pieces, and "don't" costs it a token more.
+# With the split off, the vocabularies are identical.
 #
 # Segmentations side by side (vocabulary 200), for frequent words, contractions and a
 # word the training text never saw:
@@ -970,12 +971,13 @@ for name in ("characters", "BPE-100", "BPE-200", "BPE-500"):
 assert all(1.05 < np.median(b) < 1.35 for b in burst.values())
 
 # %% [markdown]
-# Whatever the unit, the busiest three words of an utterance run at 1.2 to 1.3 times its
-# average pace (the median ratio), and at 1.5 to 1.7 times for one utterance in twenty.
+# Whatever the unit, the busiest three words of an utterance run at 1.1 to 1.2 times its
+# average pace (the median ratio), and at 1.3 to 1.5 times for one utterance in twenty.
 # A BPE utterance at $\rho = 0.8$ therefore typically asks for about
-# $0.8 \times 1.25 = 1$ token per frame in its busiest stretch: 0.8 is where the
-# margin runs out. With characters, four utterances in five have a stretch beyond one
-# token per frame; with BPE-200, one in a thousand.
+# $0.8 \times 1.17 \approx 0.94$ tokens per frame in its busiest stretch, and one in
+# twenty asks for more than 1 ($0.8 \times 1.4 = 1.12$): 0.8 is where the margin runs
+# out. With characters, three utterances in five have a stretch beyond one token per
+# frame; with BPE-100, one in a hundred; with BPE-200, one in a thousand.
 #
 # The other side of the balance is the vocabulary. A larger one means fewer tokens per
 # frame, but each token is rarer, and the decoder's output layer must learn every one of
@@ -1001,18 +1003,20 @@ for name, tok in tokenizers.items():
 # token per frame or more, and at most one in 200 (0.5%) needs more than 0.8, the margin
 # its busiest stretch asks for. Then, from the tables:
 #
-# - **Characters do not fit**, neither at 60 ms ($\rho$ mean 1.03, 51% of utterances
-#   above 1) nor at 40 ms (max 1.14, 15% above 0.8). A character Paraformer would need frames
-#   of about 30 ms, or a predictor that fires several times in one frame.
-# - At 60 ms, **BPE-200 is the smallest vocabulary that fits**: 7.1 tokens per second
-#   against 16.7 frames per second, $\rho$ mean 0.43, p95 0.57, max 0.78, and no
-#   utterance above 0.8. BPE-100 does not (its fastest utterance needs a token in every
-#   frame, 0.9% are above 0.8); BPE-500 and BPE-1000 fit with more room.
+# - **Characters do not fit**, neither at 60 ms ($\rho$ mean 0.94, 82% of utterances
+#   above 0.8 and 33% above 1) nor at 40 ms (max 1.11, 5.7% above 0.8). A character
+#   Paraformer would need frames of about 30 ms, or a predictor that fires several times
+#   in one frame.
+# - At 60 ms, **BPE-200 is the smallest vocabulary that fits**: 7.6 tokens per second
+#   against 16.7 frames per second, $\rho$ mean 0.45, p95 0.60, max 0.82, and at most
+#   three of the 8,000 utterances above 0.8 (0.0% in the table). BPE-100 does not (its
+#   fastest utterance needs more than a token per frame, 1.17, and 1.4% are above 0.8);
+#   BPE-500 and BPE-1000 fit with more room on average ($\rho$ mean 0.35 and 0.29).
 # - Among the vocabularies that fit we take the smallest: the median token of BPE-200
-#   occurs 472 times in the training text, that of BPE-500 102 times and that of BPE-1000
-#   31 times, with 257 tokens seen fewer than 20 times. BPE-50 and BPE-100 would fit at
-#   40 ms, but 40 ms frames are 1.5 times as many encoder frames, and attention's cost
-#   grows with the square of their number.
+#   occurs 406 times in the training text, that of BPE-500 98 times and that of BPE-1000
+#   38 times, with 123 tokens seen fewer than 20 times. BPE-100 would fit at 40 ms, but
+#   40 ms frames are 1.5 times as many encoder frames, and attention's cost grows with
+#   the square of their number.
 #
 # So the book's model uses **BPE with 200 tokens at 60 ms LFR frames**. The cell applies
 # the rule to the measurements and fails if they stop supporting the choice; it also
@@ -1065,7 +1069,7 @@ print(f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
 # ## Closing note: tokens per second against frames per second
 #
 # The measurements behind the choice, computed afresh from the training utterances.
-# Encoder frames run at 16.7 per second at 60 ms (LFR, the book's frontend) and 25 per
+# Encoder frames run at 16.7 per second at 60 ms (LFR, the book's frontend) and 24.9 per
 # second at 40 ms; $\rho$ is tokens per encoder frame, per utterance. The unit: **BPE
 # with 200 tokens** (the 4 special tokens, `▁`, the 27 characters and 168 merges) **at
 # 60 ms frames**, `paraformer_edu.default_tokenizer()`. The cell prints the table and
@@ -1098,20 +1102,21 @@ assert all(fits(per_frame[name][60]) == (name in ("BPE-200", "BPE-500", "BPE-100
 #   gives the same ids.
 # - BPE learns merges from word counts: the most frequent adjacent pair (ties: the
 #   shorter new token, then string order), merged, recounted only in the words it
-#   changed, with a heap of candidates; 500 tokens from 8,000 sentences in about a
+#   changed, with a heap of candidates; 500 tokens from 8,000 utterances in under a
 #   second. The merges depend only on the word counts, and a smaller vocabulary's merges
 #   are the first merges of a larger one.
-# - sentencepiece's BPE, trained on the same text, shares 196 of our 200 tokens with its
-#   defaults (1.877 against our 1.867 tokens per word); with `split_by_unicode_script`
+# - sentencepiece's BPE, trained on the same text, shares 199 of our 200 tokens with its
+#   defaults (2.493 against our 2.494 tokens per dev word); with `split_by_unicode_script`
 #   off it learns the same merges in the same order and segments every dev utterance as
 #   we do.
 # - Tokens per second against encoder frames per second decides the unit. English
-#   characters run at 17.2 per second, faster than 60 ms frames (16.7 per second): half
-#   the training utterances would need more than one token per frame, and even at 40 ms
-#   the fastest need more than one. BPE-200 runs at 7.1 tokens per second, 0.43 per 60 ms
-#   frame on average and 0.78 at most, which leaves room for the busiest stretches of
-#   speech (about 1.25 times the average pace) and still gives each token hundreds of
-#   examples. The book's model uses **BPE-200 at 60 ms frames**, `default_tokenizer()`.
+#   characters run at 15.6 per second, close to the 16.7 frames per second of 60 ms
+#   frames: a third of the training utterances would need more than one token per frame,
+#   and even at 40 ms the fastest need more than one. BPE-200 runs at 7.6 tokens per
+#   second, 0.45 per 60 ms frame on average and 0.82 at most, which leaves room for the
+#   busiest stretches of speech (about 1.15 times the average pace) and still gives its
+#   median token hundreds of examples (406). The book's model uses **BPE-200 at 60 ms
+#   frames**, `default_tokenizer()`.
 #
 # ## Exercises
 #

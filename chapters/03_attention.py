@@ -841,8 +841,9 @@ assert all(forward < 1e-5 and backward < 1e-5 for forward, backward in reference
 #    it numerically for $k = 5$.
 # 4. **Sharpness.** In the speech example, compute the share of attention the frames of
 #    the first occurrence give to the second one for $\beta = 2, 5, 10, 20, 50$, with all
-#    keys and with the neighbourhood masked. Why does the share with all keys not keep
-#    growing with $\beta$? What does $\beta$ correspond to in a trained model?
+#    keys and with the neighbourhood masked. Why does the share with all keys fall for
+#    large $\beta$, while the masked share keeps growing? What does $\beta$ correspond
+#    to in a trained model?
 
 # %% tags=["hide-input"]
 # Solution 1: permute the frames of a sequence, with and without positional encoding.
@@ -886,9 +887,9 @@ print(f"PE[t + {k}] vs PE[t] @ M_{k}, t = 0..194: max abs diff < 1e-6: {diff < 1
 
 # %% tags=["hide-input"]
 # Solution 4: a larger beta sharpens every row. With all keys, the weight then flows to
-# the diagonal (a frame is most like itself), so the share of the other occurrence first
-# grows, then shrinks; with the neighbourhood masked, the other occurrence holds the
-# closest frames left, and takes almost everything. In a trained model, beta is the
+# the diagonal (a frame is most like itself), so the share of the other occurrence
+# shrinks; with the neighbourhood masked, the other occurrence holds the closest frames
+# left, and its share keeps growing. In a trained model, beta is the
 # size of W^Q and W^K: the projections learn how sharp each head is.
 print(f"{'beta':>6}{'all keys':>10}{'masked':>8}")
 for sharpness in [2.0, 5.0, 10.0, 20.0, 50.0]:

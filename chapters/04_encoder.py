@@ -757,8 +757,9 @@ for text, n, u in zip(batch["texts"], X_lengths.tolist(), Y_lengths.tolist()):
 # padded-batch property holds on real features too. The figure shows the first
 # utterance's input and output on the batch's time axis: 560 feature rows (seven stacked
 # 80-bin fbank frames, ticks every 80: each black block, one slot tall, is a single
-# 10 ms frame of espeak's digital silence inside a stack), the $D = 192$ rows of the untrained encoder's output, which shows little
-# structure yet, and zeros in the padding after the utterance's last frame.
+# 10 ms frame of espeak's digital silence inside a stack), the $D = 192$ rows of the
+# untrained encoder's output, which shows little structure yet, and zeros in the
+# padding after the utterance's last frame.
 
 # %%
 with torch.no_grad():
@@ -786,9 +787,9 @@ plt.show()
 # %% [markdown]
 # **CTC on real tensors.** A CTC head for the 200-token vocabulary gives the untrained
 # encoder's log-probabilities, and our `ctc_loss` and `F.ctc_loss` (through `CTCHead.loss`)
-# agree on the padded batch, in float32 to the rounding of sums over a few hundred
-# frames. (The losses are large: an untrained head spreads its probability over all
-# 200 tokens at every frame.)
+# agree on the padded batch, here exactly (the check allows float32 rounding, a
+# relative $10^{-5}$). (The losses are large: an untrained head spreads its probability
+# over all 200 tokens at every frame.)
 
 # %%
 torch.manual_seed(0)
@@ -824,7 +825,7 @@ assert frames_needed.max() < 1
 
 # %% [markdown]
 # Every training utterance leaves CTC room: on average a path needs less than half of
-# the frames, the densest utterance three quarters of them. That is the reason for BPE
+# the frames, the densest utterance four fifths of them. That is the reason for BPE
 # units at 60 ms frames: English *characters* run at about one per frame (chapter 1),
 # more than CTC can emit on many utterances (exercise 3).
 
@@ -992,7 +993,7 @@ for name, cfg in sizes.items():
 # - On **real speech** (chapter 1's features, chapter 2's BPE targets) the encoder maps
 #   a padded batch (B, T, 560) to (B, T, 192) exactly as it maps each utterance alone,
 #   our CTC loss equals `F.ctc_loss` on it, and every training utterance leaves CTC
-#   room: BPE tokens need 43% of the 60 ms frames on average, at most 78%. A
+#   room: BPE tokens need 45% of the 60 ms frames on average, at most 82%. A
 #   dev utterance of a few seconds takes a few milliseconds to encode on a CPU.
 #
 # In `paraformer_edu.encoder`: `EncoderConfig`, `SANMEncoder`, `SANMEncoderLayer`,
@@ -1084,5 +1085,5 @@ for target in targets:
     print(f"{decode(target):<10} U={len(target)} needs {n} frames")
 print(f"at most {1 / 0.06:.1f} tokens per second at 60 ms frames")
 # One token per frame at most: 16.7 tokens/s, and fewer when tokens repeat. English
-# characters (about 17/s) sit right at the limit, which is why the book recognises
+# characters (about 16/s) sit right at the limit, which is why the book recognises
 # BPE units (about 7/s) at 60 ms frames.

@@ -801,7 +801,7 @@ assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
 # $$
 #
 # (Paraformer adds the decoder's cross-entropy, chapter 6). The budget is a minute or so
-# of a 2-core CPU, so the data is small: the first 1,000 training utterances (an hour
+# of a 2-core CPU, so the data is small: the first 1,000 training utterances (35 minutes
 # of speech) and the 300 dev utterances for the evaluation, tokenised with chapter 2's
 # BPE (200 tokens), read through chapter 1's `SpeechDataset` (cached features, CMVN
 # measured by `Frontend.fit` on exactly those 1,000 utterances).
@@ -887,7 +887,7 @@ print(f"untrained: mean alpha {(lengths_before / T_dev).mean():.2f} per frame; "
 # %% [markdown]
 # **Training.** Adam with a peak learning rate of $2 \cdot 10^{-3}$, warmed up over 50
 # steps and decayed linearly to 0 at step 500, gradients clipped at norm 5, batches of
-# at most 1,200 padded frames (about 20 utterances) from chapter 1's
+# at most 1,200 padded frames (about 30 utterances) from chapter 1's
 # `BucketBatchSampler` in a seeded order. Each step runs the predictor as in training,
 # with the target lengths (the embeddings are what chapter 6's decoder will read; here
 # nothing reads them). The printed losses and times depend on the machine (floating-point
@@ -957,15 +957,16 @@ plt.show()
 
 # %% [markdown]
 # Read the table with the baseline in mind. The untrained predictor's weights are
-# sigmoids near 0.45, close to this corpus's rate of about 0.43 BPE tokens per frame by
-# luck of the initialisation; its error (about 2.6 tokens, 18% of the length) is
-# partly that bias. The average-rate baseline removes the bias and still misses by
-# about 2.5 tokens: utterances are spoken at different rates (130-190 words per minute)
-# and their words split into different numbers of BPE tokens. After a minute or so of
-# training the predictor has reduced its bias and gets under the baseline
-# (about 2 tokens, 13%): it has begun to hear how much text there is, not only how
-# long the audio lasts. It is still far from the exact count that a decoder needs
-# (the last column: right in only a small share of the utterances). In our prototype the quantity loss reached
+# sigmoids near 0.44, close to this corpus's rate of about 0.45 BPE tokens per frame by
+# luck of the initialisation; its error (about 2.4 tokens, 15% of the length) is
+# partly a bias (it undercounts by 0.8 tokens). The average-rate baseline halves the
+# bias and still misses by about 2.2 tokens: utterances are spoken at different rates
+# (120-175 words per minute) and their words split into different numbers of BPE
+# tokens. After a minute or so of training the predictor has lost its bias and gets
+# under the baseline (about 1.9 tokens, 12%; 0.88 times the baseline's error): it has
+# begun to hear how much text there is, not only how long the audio lasts. It is still
+# far from the exact count that a decoder needs (the last column: right in fewer than
+# one utterance in five). In our prototype the quantity loss reached
 # 0.84 tokens only after 20 minutes of full Paraformer training: the count learns slowly,
 # and its errors become whole inserted or deleted tokens.
 #
@@ -1001,8 +1002,8 @@ print(f"{len(trained_errors):,} words: start time off by {1000 * trained_errors.
 assert len(trained_errors) > 1000 and trained_errors.mean() < 0.2
 
 # %% [markdown]
-# Both are off by about two frames (120 ms), the trained weights hardly better than
-# even ones.
+# Both are off by about one and a half frames (about 90 ms), the trained weights hardly
+# better than even ones.
 # The quantity loss tells the predictor how *many* tokens, never *where* (its gradient
 # is the same at every frame), so after this training the weights are nearly flat.
 # The figure shows one dev utterance: the weights rise and fall a little, the fires
@@ -1091,13 +1092,14 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# On one short utterance everything takes under a millisecond and the loop is only
-# about ten times slower; at that size the fixed cost of launching a few dozen small
-# tensor operations dominates, and `torch-cif` and ours are within a factor of two of
-# each other (either may win). The loop's cost grows with the $B \times T$ Python iterations,
-# though: at 16 utterances of 500 frames it is about a hundred times slower than the
-# vectorised version. There, ours is two to three times faster than `torch-cif` at
-# inference and about twice as fast in training: it moves the $(B, T, D)$ frames once
+# On one short utterance the vectorised version and `torch-cif` take under a
+# millisecond and the loop a few milliseconds, only ten to twenty times slower; at that
+# size the fixed cost of launching a few dozen small tensor operations dominates, and
+# `torch-cif` and ours are within a factor of two of each other (either may win). The
+# loop's cost grows with the $B \times T$ Python iterations, though: at 16 utterances of
+# 500 frames it is one to two hundred times slower than the vectorised version. There,
+# ours is three to four times faster than `torch-cif` at inference and one and a half
+# to two times as fast in training: it moves the $(B, T, D)$ frames once
 # with an `index_add` and gathers only one frame per token, where `torch-cif` scatters
 # every frame twice.
 
@@ -1123,7 +1125,7 @@ plt.show()
 # - `cif_timestamps` turns fire frames into token times, 60 ms per frame.
 # - On real speech, a small encoder with CTC and the predictor, trained for a minute
 #   or so on 1,000 utterances, brings the length error of the dev set under
-#   that of the average rate (about 2 tokens against 2.5; 2.6 untrained). The weights
+#   that of the average rate (about 1.9 tokens against 2.2; 2.4 untrained). The weights
 #   stay nearly flat: the quantity loss teaches how many tokens, not where, and the
 #   timestamps are no better than even spacing until the decoder's loss (chapter 6)
 #   shapes them.
