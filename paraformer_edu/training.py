@@ -250,6 +250,9 @@ class Trainer:
         trainer.generator.set_state(state["glm_rng"])
         if isinstance(state["cuda_rng"], torch.Tensor) and trainer.cuda:
             trainer.cuda_rng_state = state["cuda_rng"]
+        log_file = trainer.out_dir / "train_log.jsonl"
+        if log_file.exists():  # rows logged after the checkpoint will be logged again: the file as it was then
+            log_file.write_text("".join(json.dumps(row) + "\n" for row in trainer.log))
         return trainer
 
 

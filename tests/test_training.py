@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda t: [r["loss"] for r in t.log if "loss" in r and r["step"] > 4]  # noqa: E731
     assert losses(straight) == losses(resumed)
+
+
+def test_resume_drops_log_rows_written_after_the_checkpoint(tmp_path):
+    """A run killed after its checkpoint logged more rows: resuming keeps the log file free of repeated steps."""
+    config = load_config(RECIPE, TINY)
+    first = Trainer(config, tmp_path / "run")
+    first.train(max_minutes=0, max_steps=3)  # latest.pt at step 3
+    shutil.copy(tmp_path / "run" / "latest.pt", tmp_path / "step3.pt")
+    first.train(max_minutes=0, max_steps=6)  # rows of steps 4 and 6 logged, then "killed"
+    shutil.copy(tmp_path / "step3.pt", tmp_path / "run" / "latest.pt")
+    resumed = Trainer.resume(tmp_path / "run" / "latest.pt")
+    resumed.train(max_minutes=0, max_steps=6)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    keys = [(r["step"], "loss" in r) for r in rows]
+    assert len(keys) == len(set(keys)) and rows == resumed.log
 
 
 def test_resume_refuses_another_model_configuration(tiny):
