@@ -404,7 +404,7 @@ def test_book_model_is_small_and_reaches_its_recorded_dev_cer():
 
     scores = evaluate(book.model, SpeechDataset(manifests["dev"], book.frontend, book.tokenizer.encode), book.tokenizer)
     assert abs(scores["cer"] - recorded["dev"]["cer"]) < 0.005
-    assert scores["cer"] < 0.3, "the committed model transcribes"
+    assert scores["cer"] < 0.4, "the committed model transcribes (the random-word model made 42% of such sentences)"
 
 
 def test_book_model_says_nothing_for_noise_hum_and_clicks():
