@@ -14,7 +14,7 @@ NOTEBOOKS := $(CHAPTERS:.py=.ipynb)
 # make test runs chapter 7's live training with a budget of steps, not minutes, so that a
 # slow or busy machine trains the same model and meets the same bound (the stored outputs
 # come from the 10-minute run of make book / make execute).
-CI_TRAIN_STEPS ?= 400
+CI_TRAIN_STEPS ?= 250
 NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=3600 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 .PHONY: book test setup export sync execute check-sync html clean

@@ -24,7 +24,7 @@ class DataConfig:
     """
 
     corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
-    max_frames: int = 4000  # padded encoder frames per batch (about 30 utterances of 4 s)
+    max_frames: int = 4000  # padded encoder frames per batch (about 60 utterances of 4 s)
     spec_augment: bool = True
     spec_augment_from: int = 0  # the step from which SpecAugment is applied (early steps learn faster without)
     cmvn_utterances: int = 1000  # training utterances whose features give the CMVN statistics

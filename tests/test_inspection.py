@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import paraformer_edu  # noqa: E402
 from paraformer_edu import plots  # noqa: E402
 from paraformer_edu.audio import AudioError  # noqa: E402
-from paraformer_edu.corpus import build_corpus, read_manifest  # noqa: E402
+from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest  # noqa: E402
 from paraformer_edu.encoder import SANMAttention  # noqa: E402
 from paraformer_edu.inspection import (attention_entropy, attention_share, cer_by, error_summary,  # noqa: E402
                                        frame_energy, look_inside, match_words, onset_errors, reference_words,
@@ -30,8 +30,9 @@ def book():
 
 
 @pytest.fixture(scope="module")
-def splits():
-    manifests = build_corpus()
+def splits(book):
+    """The held-out splits of the corpus the book's model was trained on."""
+    manifests = build_corpus(corpus_config(book.config.data.corpus), splits=("dev", "test"))
     return {split: read_manifest(manifests[split]) for split in ("dev", "test")}
 
 
