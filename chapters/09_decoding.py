@@ -280,10 +280,10 @@ class NGramLM:
         n, V = self.order, self.V
         if any(t < 0 or t >= V for s in sequences for t in s):
             raise ValueError(f"token ids must lie in 0..{V - 1}")
-        self.counts = {n: count_ngrams(sequences, n, V, self.sos, self.eos)}  # raw counts
-        for k in range(n - 1, 0, -1):  # continuation counts: distinct tokens seen before each k-gram
-            above = count_ngrams(sequences, k + 1, V, self.sos, self.eos, pad=n - 1)[0]  # (G,) codes of (k+1)-grams
-            self.counts[k] = torch.unique(above % V ** k, return_counts=True)  # their last k tokens, counted
+        raw = {k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)}
+        self.counts = {n: raw[n]}  # raw counts at the top
+        for k in range(1, n):  # below: continuation counts, the distinct tokens seen before each k-gram
+            self.counts[k] = torch.unique(raw[k + 1][0] % V ** k, return_counts=True)  # (k+1)-grams' last k tokens
         self._cache.clear()
         return self
 
@@ -576,8 +576,10 @@ def decode_split(dataset, limit=None, batch=16):
         chunk = items[b:b + batch]
         X = torch.nn.utils.rnn.pad_sequence([it["features"] for it in chunk], batch_first=True)  # (B, T, F)
         out = model.infer(X, torch.tensor([len(it["features"]) for it in chunk]))
-        for j, n in enumerate(out.cif.token_lengths.tolist()):
-            outputs.append((out.log_probs[j, :n], model.ctc(out.h[j:j + 1, :out.h_lengths[j]])[0]))  # (N, V), (T, V)
+        with torch.no_grad():
+            ctc = model.ctc(out.h)  # (B, T, V) the CTC head's log-probabilities
+        for j, (n, t) in enumerate(zip(out.cif.token_lengths.tolist(), out.h_lengths.tolist())):
+            outputs.append((out.log_probs[j, :n], ctc[j, :t]))  # (N, V), (T, V)
     return outputs, [tokenizer.decode(it["targets"].tolist()) for it in items]
 
 

@@ -93,10 +93,10 @@ class NGramLM:
         n, V = self.order, self.V
         if any(t < 0 or t >= V for s in sequences for t in s):
             raise ValueError(f"token ids must lie in 0..{V - 1}")
-        self.counts = {n: count_ngrams(sequences, n, V, self.sos, self.eos)}  # raw counts
-        for k in range(n - 1, 0, -1):  # continuation counts: distinct tokens seen before each k-gram
-            above = count_ngrams(sequences, k + 1, V, self.sos, self.eos, pad=n - 1)[0]  # (G,) codes of (k+1)-grams
-            self.counts[k] = torch.unique(above % V ** k, return_counts=True)  # their last k tokens, counted
+        raw = {k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)}
+        self.counts = {n: raw[n]}  # raw counts at the top
+        for k in range(1, n):  # below: continuation counts, the distinct tokens seen before each k-gram
+            self.counts[k] = torch.unique(raw[k + 1][0] % V ** k, return_counts=True)  # (k+1)-grams' last k tokens
         self._cache.clear()
         return self
 
