@@ -17,7 +17,7 @@ NOTEBOOKS := $(CHAPTERS:.py=.ipynb)
 CI_TRAIN_STEPS ?= 250
 NBVAL := --nbval --nbval-current-env --nbval-cell-timeout=3600 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test setup export sync execute check-sync html clean
+.PHONY: book test setup export sync format execute check-sync html check-book clean
 
 ## book: set up, execute every chapter in order (stores outputs), build the HTML book
 book: setup export sync execute html
@@ -26,8 +26,14 @@ book: setup export sync execute html
 test: setup
 	$(BIN)/python tools/export.py --check
 	$(BIN)/python tools/check_pairs.py
+	$(BIN)/ruff format --check -q chapters/*.ipynb
 	$(MAKE) --no-print-directory html
-	PARAFORMER_EDU_TRAIN_STEPS=$(CI_TRAIN_STEPS) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(NBVAL) -q
+	@if [ -x "$$(command -v chromium)" ] && [ -x "$$(command -v chromedriver)" ]; then \
+	  $(MAKE) --no-print-directory check-book; \
+	else \
+	  echo "check-book: NOT RUN: no browser on this machine (apt-get install chromium chromium-driver)"; \
+	fi
+	PARAFORMER_EDU_TRAIN_STEPS=$(CI_TRAIN_STEPS) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(NBVAL) -q --durations=25
 
 setup: $(VENV)/.installed
 
@@ -55,13 +61,26 @@ execute: setup
 	    --ExecutePreprocessor.timeout=3600 --log-level=WARN $$f || exit 1; \
 	done
 
+## format: format the chapters' code with ruff (line length 100), cell by cell, in both files of each pair
+format: sync
+	$(BIN)/ruff format -q chapters/*.ipynb
+	for f in $(NOTEBOOKS); do $(BIN)/jupytext --to py:percent -q $$f -o $${f%.ipynb}.py || exit 1; done
+
 check-sync: setup
 	$(BIN)/python tools/export.py --check
 	$(BIN)/python tools/check_pairs.py
 
 ## html: build the book from the stored outputs (Jupyter Book 1, warnings are errors)
+# A clean build: an incremental one does not always copy changed static files (book.css).
 html: setup
+	rm -rf _build/html _build/.doctrees
 	$(BIN)/jupyter-book build . -W -n --keep-going -q
+
+## check-book: open every page of the built book in headless Chromium; fail on what a reader would
+## trip over (boxes too narrow, unrendered math, images without alt text or caption, broken links,
+## build markers, unlabelled audio, JavaScript errors). Needs Debian's chromium and chromium-driver.
+check-book: setup
+	$(BIN)/python tools/check_book.py _build/html
 
 clean:
 	rm -rf _build

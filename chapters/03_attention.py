@@ -46,9 +46,12 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.colors import ListedColormap
 
 import paraformer_edu
+from paraformer_edu.display import book_style, listen
 
+book_style()
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
 
@@ -90,29 +93,43 @@ def attention(Q, K, V):
 # are uniform, $1/6$ each. The values are the positions $0, \ldots, 5$, so the output is
 # the position the query "reads", on average.
 
-# %%
+# %% mystnb={"figure": {"caption": "Attention weights of the toy lookup: each row is a query, each column a key, and each row sums to one. *cat* and *mat* pick their own key, *the* splits its weight between its two equal keys, *cat + mat* between *cat* and *mat*, and the zero query spreads it evenly.", "name": "fig-ch03-toy-lookup"}, "image": {"alt": "A 5 by 6 heat map of attention weights with the value written in each cell: cells near 1 where the queries cat and mat meet their own keys, about 0.5 on the two keys of the word the for the query the, the weight of cat plus mat split between cat and mat, and 0.17 everywhere for the zero query."}}
 torch.manual_seed(0)
 words = ["the", "cat", "sat", "on", "the", "mat"]
 embedding = {w: 1.5 * torch.randn(16) for w in dict.fromkeys(words)}  # (d_k,) per distinct word
 K = torch.stack([embedding[w] for w in words])  # (T_k, d_k)
 V = torch.arange(6.0)[:, None]  # (T_k, 1): the value of key j is its position j
-queries = {"cat": embedding["cat"] + 0.3 * torch.randn(16), "mat": embedding["mat"] + 0.3 * torch.randn(16),  # (d_k,) each
-           "the": embedding["the"] + 0.3 * torch.randn(16), "cat + mat": embedding["cat"] + embedding["mat"],
-           "zero": torch.zeros(16)}
+# (d_k,) each
+queries = {
+    "cat": embedding["cat"] + 0.3 * torch.randn(16),
+    "mat": embedding["mat"] + 0.3 * torch.randn(16),
+    "the": embedding["the"] + 0.3 * torch.randn(16),
+    "cat + mat": embedding["cat"] + embedding["mat"],
+    "zero": torch.zeros(16),
+}
 Q = torch.stack(list(queries.values()))  # (T_q, d_k)
 out, weights = attention(Q, K, V)  # (T_q, 1), (T_q, T_k)
 
-fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=90)
+fig, ax = plt.subplots(figsize=(5.5, 3.5))
 image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0, vmax=1)
 ax.set_xticks(range(6), [f"{j}: {w}" for j, w in enumerate(words)], rotation=30)
 ax.set_yticks(range(len(queries)), list(queries))
 for i in range(len(queries)):
     for j in range(6):
-        ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                color="black" if weights[i, j] > 0.5 else "white")
+        ax.text(
+            j,
+            i,
+            f"{weights[i, j]:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if weights[i, j] > 0.5 else "white",
+        )
 ax.set(xlabel="key", ylabel="query", title="Attention weights of a toy lookup")
-fig.colorbar(image, ax=ax)
+fig.colorbar(image, ax=ax, label="attention weight")
 plt.show()
+
+# %%
 for name, o in zip(queries, out[:, 0].tolist()):
     print(f"query {name!r:>12} reads position {o:.2f}")
 
@@ -132,10 +149,13 @@ for name, o in zip(queries, out[:, 0].tolist()):
 # %%
 g = torch.Generator().manual_seed(0)
 for d_k in [16, 64, 256]:
-    q, k = torch.randn(10_000, d_k, generator=g), torch.randn(10_000, d_k, generator=g)  # (N, d_k) each
+    # (N, d_k) each
+    q, k = torch.randn(10_000, d_k, generator=g), torch.randn(10_000, d_k, generator=g)
     dots = (q * k).sum(-1)  # (N,): one dot product per pair
-    print(f"d_k = {d_k:>3}: std of q.k = {dots.std():5.1f} (sqrt(d_k) = {math.sqrt(d_k):4.1f}), "
-          f"after the scale: {(dots / math.sqrt(d_k)).std():.1f}")
+    print(
+        f"d_k = {d_k:>3}: std of q.k = {dots.std():5.1f} (sqrt(d_k) = {math.sqrt(d_k):4.1f}), "
+        f"after the scale: {(dots / math.sqrt(d_k)).std():.1f}"
+    )
 
 # %% [markdown]
 # **Check against PyTorch.** `torch.nn.functional.scaled_dot_product_attention` computes
@@ -152,10 +172,12 @@ def max_diff(a, b):
 
 
 def compare_with_sdpa(fn, B=2, H=4, T_q=5, T_k=7, d_k=8, mask=None, seed=0):
-    """Max abs diffs (forward, gradients of Q, K, V) between fn and F.scaled_dot_product_attention."""
+    """Max abs diffs (forward; grads of Q, K, V) between fn and F.scaled_dot_product_attention."""
     g = torch.Generator().manual_seed(seed)
-    Q, K, V = (torch.randn(B, H, T, d_k, generator=g).requires_grad_() for T in (T_q, T_k, T_k))  # (B, H, T, d_k)
-    grad_out = torch.randn(B, H, T_q, d_k, generator=g)  # (B, H, T_q, d_k): a random upstream gradient
+    # (B, H, T, d_k)
+    Q, K, V = (torch.randn(B, H, T, d_k, generator=g).requires_grad_() for T in (T_q, T_k, T_k))
+    # (B, H, T_q, d_k): a random upstream gradient
+    grad_out = torch.randn(B, H, T_q, d_k, generator=g)
     out = fn(Q, K, V) if mask is None else fn(Q, K, V, mask)  # (B, H, T_q, d_k)
     grads = torch.autograd.grad(out, (Q, K, V), grad_out)  # (B, H, T, d_k) each
     ref = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask)  # (B, H, T_q, d_k)
@@ -164,10 +186,13 @@ def compare_with_sdpa(fn, B=2, H=4, T_q=5, T_k=7, d_k=8, mask=None, seed=0):
 
 
 forward, backward = compare_with_sdpa(lambda Q, K, V: attention(Q, K, V)[0])
-print(f"attention vs F.scaled_dot_product_attention: max abs diff {forward:.0e} (forward), "
-      f"{backward:.0e} (gradients)")
+print(
+    f"attention vs F.scaled_dot_product_attention: max abs diff {forward:.0e} (forward), "
+    f"{backward:.0e} (gradients)"
+)
 assert forward < 1e-6 and backward < 1e-5
-reference_diffs = {"F.scaled_dot_product_attention": (forward, backward)}  # the worst cases, for the closing note
+# the worst cases, for the closing note
+reference_diffs = {"F.scaled_dot_product_attention": (forward, backward)}
 
 # %% [markdown]
 # ## Masks
@@ -225,14 +250,22 @@ def causal_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
 lengths = torch.tensor([5, 3, 0])  # (B,)
 key_mask = padding_mask(lengths)  # (B, T)
 print(key_mask.int())
+
+# %% mystnb={"figure": {"caption": "Masks over (query, key) pairs, grey where the query may attend to the key: a padding mask for a sequence of length 3, a causal mask, both combined, and the padding mask of an empty sequence, which allows nothing.", "name": "fig-ch03-masks"}, "image": {"alt": "Four 5 by 5 grids: the first three columns grey; a grey lower triangle; the lower triangle cut to the first three columns; and an all-white grid."}}
 combined = key_mask[:, None, :] & causal_mask(5)  # (B, T_q, T_k)
-panels = {"padding, length 3": key_mask[1, None, :].expand(5, 5), "causal": causal_mask(5),
-          "padding & causal, length 3": combined[1], "padding, length 0": key_mask[2, None, :].expand(5, 5)}
-fig, axes = plt.subplots(1, 4, figsize=(11, 3), dpi=90)
+panels = {
+    "padding, length 3": key_mask[1, None, :].expand(5, 5),
+    "causal": causal_mask(5),
+    "padding & causal, length 3": combined[1],
+    "padding, length 0": key_mask[2, None, :].expand(5, 5),
+}
+fig, axes = plt.subplots(1, 4, figsize=(11, 3), layout="constrained")
+allowed = ListedColormap(["white", "0.375"])  # forbidden, allowed
 for ax, (title, m) in zip(axes, panels.items()):
-    ax.imshow(m.numpy(), cmap="gray_r", vmin=0, vmax=1.6)
+    image = ax.imshow(m.numpy(), cmap=allowed, vmin=0, vmax=1)
     ax.set(title=title, xlabel="key", ylabel="query", xticks=range(5), yticks=range(5))
-plt.tight_layout()
+bar = fig.colorbar(image, ax=axes, ticks=[0.25, 0.75], shrink=0.8, label="may attend")
+bar.ax.set_yticklabels(["no", "yes"])
 plt.show()
 
 # %% [markdown]
@@ -248,8 +281,12 @@ mha = nn.MultiheadAttention(8, 2, batch_first=True)
 x = torch.randn(2, 4, 8)  # (B, T, D)
 mask = padding_mask(torch.tensor([4, 0]), 4)  # (B, T): the second sequence is empty
 y, _ = mha(x, x, x, key_padding_mask=~mask)  # (B, T, D): torch's mask is True on *padding*
-print("nn.MultiheadAttention, empty sequence: nan in the output:", y[1].isnan().any().item(),
-      "| in the valid sequence:", y[0].isnan().any().item())
+print(
+    "nn.MultiheadAttention, empty sequence: nan in the output:",
+    y[1].isnan().any().item(),
+    "| in the valid sequence:",
+    y[0].isnan().any().item(),
+)
 
 # %% [markdown]
 # We define the behaviour instead: **a query with no valid key gets all-zero weights,
@@ -268,13 +305,18 @@ print("nn.MultiheadAttention, empty sequence: nan in the output:", y[1].isnan().
 
 # %%
 #| export
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None,
-                                 dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d_k) + M) v; mask is boolean, True where a query may attend to a key."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., T_q, T_k)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # (..., T_q, T_k): M = -inf, finitely
+        # (..., T_q, T_k): M = -inf, finitely
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)  # (..., T_q, T_k)
     if mask is not None:
         weights = weights.masked_fill(~mask, 0.0)  # (..., T_q, T_k): no valid key -> all zeros
@@ -295,7 +337,12 @@ def our_sdpa(Q, K, V, mask=None):
 
 
 pad = padding_mask(torch.tensor([7, 4]))[:, None, None, :]  # (B, 1, 1, T_k)
-masks = {"no mask": None, "padding": pad, "causal": causal_mask(7), "padding & causal": pad & causal_mask(7)}
+masks = {
+    "no mask": None,
+    "padding": pad,
+    "causal": causal_mask(7),
+    "padding & causal": pad & causal_mask(7),
+}
 worst_forward, worst_backward = reference_diffs["F.scaled_dot_product_attention"]
 for name, mask in masks.items():
     forward, backward = compare_with_sdpa(our_sdpa, T_q=7, T_k=7, mask=mask)
@@ -315,12 +362,20 @@ Q, K, V = (torch.randn(2, 4, 8, generator=g).requires_grad_() for _ in range(3))
 mask = padding_mask(torch.tensor([4, 0]), 4)[:, None, :]  # (B, 1, T_k)
 out, weights = scaled_dot_product_attention(Q, K, V, mask)  # (B, T_q, d_v), (B, T_q, T_k)
 out.sum().backward()
-print("empty sequence: output all zero:", bool((out[1] == 0).all()), "| weights all zero:",
-      bool((weights[1] == 0).all()))
-print("nan anywhere in the outputs or gradients:",
-      any(t.isnan().any().item() for t in (out, Q.grad, K.grad, V.grad)))
-print("gradient of the empty sequence's queries and keys all zero:",
-      bool((Q.grad[1] == 0).all() and (K.grad[1] == 0).all()))
+print(
+    "empty sequence: output all zero:",
+    bool((out[1] == 0).all()),
+    "| weights all zero:",
+    bool((weights[1] == 0).all()),
+)
+print(
+    "nan anywhere in the outputs or gradients:",
+    any(t.isnan().any().item() for t in (out, Q.grad, K.grad, V.grad)),
+)
+print(
+    "gradient of the empty sequence's queries and keys all zero:",
+    bool((Q.grad[1] == 0).all() and (K.grad[1] == 0).all()),
+)
 assert (out[1] == 0).all() and not out.isnan().any() and not Q.grad.isnan().any()
 assert max_diff(out[0], attention(Q[0], K[0], V[0])[0]) < 1e-6
 
@@ -336,10 +391,7 @@ assert max_diff(out[0], attention(Q[0], K[0], V[0])[0]) < 1e-6
 # Listen for the repeated word:
 
 # %%
-from IPython.display import Audio
-
 from paraformer_edu.audio import load_audio
-
 from paraformer_edu.corpus import build_corpus, read_manifest
 from paraformer_edu.features import Frontend, fbank
 
@@ -353,14 +405,19 @@ def repeated_word(entry):
     return next((w for w in words if len(w) >= 4 and words.count(w) > 1), None)
 
 
-entry = next(e for split in ("dev", "test") for e in read_manifest(manifests[split])
-             if 2.5 < e["duration"] < 5 and repeated_word(e))  # held-out speech, a few seconds long
+entry = next(
+    e
+    for split in ("dev", "test")
+    for e in read_manifest(manifests[split])
+    if 2.5 < e["duration"] < 5 and repeated_word(e)
+)  # held-out speech, a few seconds long
 wave = load_audio(entry["audio_filepath"])  # (N,): 16 kHz
 X = frontend(wave)  # (T, 560): 60 ms frames
 spectrogram = fbank(wave)  # (6 T, 80): 10 ms frames, for the picture
-print(f"{entry['text']!r}\n{entry['duration']:.1f} s, voice {entry['voice']}, {X.size(0)} frames; "
-      f"{repeated_word(entry)!r} occurs twice")
-Audio(wave.numpy(), rate=16000)
+print(
+    f"{entry['duration']:.1f} s, {X.size(0)} frames of 60 ms; {repeated_word(entry)!r} occurs twice"
+)
+listen(wave, f"voice {entry['voice']}: {entry['text']!r}")
 
 # %% [markdown]
 # We normalise each frame to unit length, so that the score of two frames is their
@@ -389,35 +446,74 @@ _, weights_all = scaled_dot_product_attention(beta * math.sqrt(U.size(-1)) * U, 
 _, weights_far = scaled_dot_product_attention(beta * math.sqrt(U.size(-1)) * U, U, U, far)  # (T, T)
 
 starts = [s for _, s in entry["words"]] + [entry["duration"]]  # word start times (s), then the end
-spans = [(w.lower(), round(a / frame), round(b / frame)) for (w, _), a, b in zip(entry["words"], starts, starts[1:])]
-(_, a0, a1), (_, b0, b1) = [span for span in spans if span[0] == repeated_word(entry)][:2]  # frames of each
+spans = [
+    (w.lower(), round(a / frame), round(b / frame))
+    for (w, _), a, b in zip(entry["words"], starts, starts[1:])
+]
+# frames of each
+(_, a0, a1), (_, b0, b1) = [span for span in spans if span[0] == repeated_word(entry)][:2]
 there = weights_far[a0:a1, b0:b1].sum(-1).mean().item()  # first occurrence -> second
 back = weights_far[b0:b1, a0:a1].sum(-1).mean().item()  # second -> first
 uniform = (b1 - b0) / T  # the share of equal weights on every key
-print(f"all keys: each frame gives itself {weights_all.diagonal().mean():.0%} of its attention on average")
-print(f"keys beyond 120 ms: the frames of the first {repeated_word(entry)!r} give {there:.0%} of their attention "
-      f"to the {b1 - b0} frames of the second one, which give {back:.0%} back (equal weights: about {uniform:.0%})")
+print(
+    f"all keys: each frame gives itself {weights_all.diagonal().mean():.0%} "
+    "of its attention on average"
+)
+print(
+    f"keys beyond 120 ms: the frames of the first {repeated_word(entry)!r} give {there:.0%} "
+    f"of their attention\nto the {b1 - b0} frames of the second one, which give {back:.0%} back "
+    f"(equal weights: about {uniform:.0%})"
+)
 assert min(there, back) > 2 * uniform  # more than twice what equal weights would give
 
-# %%
+# %% mystnb={"figure": {"caption": "Self-attention of the utterance's 60 ms frames with cosine similarity as the score ($\\beta = 10$): to all keys (left) and to the keys more than 120 ms away (right). Above, the log-mel spectrogram on the same time axis, with the two occurrences of the repeated word boxed; the word labels sit at the centres of the words.", "name": "fig-ch03-speech-attention"}, "image": {"alt": "Two attention maps under two copies of a spectrogram. The left map is bright along its diagonal; in the right map, where the diagonal is masked, two short bright stripes parallel to the diagonal join the two boxed occurrences of the word revolution."}}
 seconds = T * frame
-ticks, labels = starts[:-1], [w for w, _ in entry["words"]]
-fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=90, sharex=True, sharey="row", layout="constrained",
-                         gridspec_kw={"height_ratios": [1, 3]})
-for col, (title, w) in enumerate([("all keys", weights_all), ("keys more than 2 frames (120 ms) away", weights_far)]):
-    axes[0, col].imshow(spectrogram.T.numpy(), origin="lower", aspect="auto", cmap="magma",
-                        extent=(0, spectrogram.size(0) * 0.01, 0, 80), vmin=spectrogram.quantile(0.05).item())
+# labels at the centre of each word, tick marks at the word starts
+centres = [(a + b) / 2 for a, b in zip(starts, starts[1:])]
+labels = [w for w, _ in entry["words"]]
+fig, axes = plt.subplots(
+    2,
+    2,
+    figsize=(11, 7),
+    sharex=True,
+    sharey="row",
+    layout="constrained",
+    gridspec_kw={"height_ratios": [1, 3]},
+)
+for col, (title, w) in enumerate(
+    [("all keys", weights_all), ("keys more than 2 frames (120 ms) away", weights_far)]
+):
+    spectrogram_image = axes[0, col].imshow(
+        spectrogram.T.numpy(),
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        extent=(0, spectrogram.size(0) * 0.01, 0, 80),
+        vmin=spectrogram.quantile(0.05).item(),
+    )
     for start, end in [(a0, a1), (b0, b1)]:  # the repeated word, boxed
         axes[0, col].axvspan(start * frame, end * frame, fill=False, edgecolor="white", lw=1.5)
     axes[0, col].set_title(f"log-mel spectrogram and attention weights,\n{title}", fontsize=10)
-    image = axes[1, col].imshow(w.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                                extent=(-frame / 2, seconds - frame / 2, seconds - frame / 2, -frame / 2))
-    axes[1, col].set_xticks(ticks, labels, rotation=90, fontsize=8)
-    axes[1, col].set_yticks(ticks, labels, fontsize=8)
+    weights_image = axes[1, col].imshow(
+        w.numpy(),
+        aspect="auto",
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=(-frame / 2, seconds - frame / 2, seconds - frame / 2, -frame / 2),
+    )
+    axes[1, col].set_xticks(centres, labels, rotation=90, fontsize=8)
+    axes[1, col].set_yticks(centres, labels, fontsize=8)
+    axes[1, col].set_xticks(starts[:-1], minor=True)
+    axes[1, col].set_yticks(starts[:-1], minor=True)
+    axes[0, col].tick_params(axis="x", which="major", length=0)  # word labels: no tick marks
+    axes[1, col].tick_params(which="major", length=0)
+    axes[1, col].tick_params(which="minor", length=4)
     axes[1, col].set_xlabel("key frame (ticks: word starts)")
 axes[0, 0].set_ylabel("mel bin")
 axes[1, 0].set_ylabel("query frame")
-fig.colorbar(image, ax=axes[1, 1], label="weight")
+fig.colorbar(spectrogram_image, ax=axes[0, 1], label="log energy (ln)")
+fig.colorbar(weights_image, ax=axes[1, 1], label="attention weight")
 plt.show()
 
 # %% [markdown]
@@ -473,7 +569,7 @@ plt.show()
 # %%
 #| export
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention: Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)."""
+    """Multi-head attention: heads Attention(Q W_i^Q, K W_i^K, V W_i^V), concatenated, times W^O."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, d_in: int | None = None):
         super().__init__()
@@ -493,19 +589,31 @@ class MultiHeadAttention(nn.Module):
         """(B, h, T, d_k) -> (B, T, h * d_k): the concatenation of the heads."""
         return x.transpose(1, 2).flatten(2)  # (B, T, h * d_k)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (B, T_q, d_in), key and value (B, T_k, d_in), masks True where allowed -> (B, T_q, D), (B, h, T_q, T_k)."""
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, T_q, d_in), key, value (B, T_k, d_in) -> (B, T_q, D), (B, h, T_q, T_k)."""
         mask = _combine_masks(key_mask, attn_mask)  # (B, 1, T_q or 1, T_k) or None
         return self.attend(self.linear_q(query), self.linear_k(key), self.linear_v(value), mask)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heads of projected q (B, T_q, D), k and v (B, T_k, D), then W^O -> (B, T_q, D), (B, h, T_q, T_k)."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads of projected q (B, T_q, D), k, v (B, T_k, D), then W^O -> (B, T_q, D), weights."""
         dropout = self.dropout if self.training else 0.0
-        heads, weights = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v),
-                                                      mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
+        heads, weights = scaled_dot_product_attention(
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+            # (B, h, T_q, d_k), (B, h, T_q, T_k)
+            mask,
+            dropout,
+        )
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
 # %% [markdown]
@@ -514,11 +622,14 @@ class MultiHeadAttention(nn.Module):
 
 # %%
 #| export
-def _combine_masks(key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The key padding mask (B, T_k) and an attention mask (T_q, T_k) or (B, T_q, T_k), as one mask over heads."""
+def _combine_masks(
+    key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Key padding mask (B, T_k) and attention mask (T_q, T_k) or (B, T_q, T_k) as one mask."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T_k)
     if attn_mask is not None:
-        attn_mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T_q, T_k) or (T_q, T_k)
+        # (B, 1, T_q, T_k) or (T_q, T_k)
+        attn_mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
         mask = attn_mask if mask is None else mask & attn_mask  # (B, 1, T_q, T_k)
     return mask
 
@@ -537,25 +648,38 @@ def copy_to_torch(mha: MultiHeadAttention) -> nn.MultiheadAttention:
     """An nn.MultiheadAttention holding the same weights as ours."""
     ref = nn.MultiheadAttention(mha.linear_out.out_features, mha.n_heads, batch_first=True)
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight]))
+        ref.in_proj_weight.copy_(
+            torch.cat([mha.linear_q.weight, mha.linear_k.weight, mha.linear_v.weight])
+        )
         ref.in_proj_bias.copy_(torch.cat([mha.linear_q.bias, mha.linear_k.bias, mha.linear_v.bias]))
         ref.out_proj.load_state_dict(mha.linear_out.state_dict())
     return ref
 
 
 def compare_with_torch_mha(mha, query, key, key_lengths=None, attn_mask=None):
-    """Max abs diffs (output and weights, gradients of inputs and parameters) with nn.MultiheadAttention."""
+    """Max abs diffs from nn.MultiheadAttention: output and weights; gradients of everything."""
     ref = copy_to_torch(mha)
     key_mask = None if key_lengths is None else padding_mask(key_lengths, key.size(1))  # (B, T_k)
     query, key = query.clone().requires_grad_(), key.clone().requires_grad_()
     out, weights = mha(query, key, key, key_mask, attn_mask)  # (B, T_q, D), (B, h, T_q, T_k)
     grads = torch.autograd.grad(out.square().sum(), [query, key] + list(mha.parameters()))
-    out_ref, weights_ref = ref(query, key, key, need_weights=True, average_attn_weights=False,
-                               key_padding_mask=None if key_mask is None else ~key_mask,
-                               attn_mask=None if attn_mask is None else ~attn_mask)
+    out_ref, weights_ref = ref(
+        query,
+        key,
+        key,
+        need_weights=True,
+        average_attn_weights=False,
+        key_padding_mask=None if key_mask is None else ~key_mask,
+        attn_mask=None if attn_mask is None else ~attn_mask,
+    )
     grads_ref = torch.autograd.grad(out_ref.square().sum(), [query, key] + list(ref.parameters()))
-    (W, b), D = grads_ref[2:4], out.size(-1)  # in_proj_weight and in_proj_bias hold W^Q, W^K, W^V stacked
-    grads_ref = list(grads_ref[:2]) + [W[:D], b[:D], W[D:2 * D], b[D:2 * D], W[2 * D:], b[2 * D:]] + list(grads_ref[4:])
+    # in_proj_weight and in_proj_bias hold W^Q, W^K, W^V stacked
+    (W, b), D = grads_ref[2:4], out.size(-1)
+    grads_ref = (
+        list(grads_ref[:2])
+        + [W[:D], b[:D], W[D : 2 * D], b[D : 2 * D], W[2 * D :], b[2 * D :]]
+        + list(grads_ref[4:])
+    )
     return max_diff([out, weights], [out_ref, weights_ref]), max_diff(grads, grads_ref)
 
 
@@ -563,9 +687,12 @@ torch.manual_seed(0)
 mha = MultiHeadAttention(d_model=16, n_heads=4)
 x, memory = torch.randn(3, 7, 16), torch.randn(3, 9, 16)  # (B, T, D), (B, T_k, D)
 lengths = torch.tensor([7, 5, 2])  # (B,)
-cases = {"self, no mask": (x, x, None, None), "self, padding": (x, x, lengths, None),
-         "self, padding & causal": (x, x, lengths, causal_mask(7)),
-         "cross 5 -> 9, padding": (x[:, :5], memory, torch.tensor([9, 6, 3]), None)}
+cases = {
+    "self, no mask": (x, x, None, None),
+    "self, padding": (x, x, lengths, None),
+    "self, padding & causal": (x, x, lengths, causal_mask(7)),
+    "cross 5 -> 9, padding": (x[:, :5], memory, torch.tensor([9, 6, 3]), None),
+}
 worst_forward, worst_backward = 0.0, 0.0
 for name, (query, key, key_lengths, attn_mask) in cases.items():
     forward, backward = compare_with_torch_mha(mha, query, key, key_lengths, attn_mask)
@@ -583,14 +710,26 @@ reference_diffs["nn.MultiheadAttention"] = (worst_forward, worst_backward)
 # %%
 with torch.no_grad():
     y, _ = mha(x, x, x, padding_mask(lengths, 7))  # (B, T, D)
-    self_diff = max_diff([y[b, :n] for b, n in enumerate(lengths.tolist())],
-                         [mha(x[b:b + 1, :n], x[b:b + 1, :n], x[b:b + 1, :n])[0][0] for b, n in enumerate(lengths.tolist())])
+    self_diff = max_diff(
+        [y[b, :n] for b, n in enumerate(lengths.tolist())],
+        [
+            mha(x[b : b + 1, :n], x[b : b + 1, :n], x[b : b + 1, :n])[0][0]
+            for b, n in enumerate(lengths.tolist())
+        ],
+    )
     memory_lengths = torch.tensor([9, 6, 3])  # (B,)
     y, _ = mha(x[:, :5], memory, memory, padding_mask(memory_lengths, 9))  # (B, 5, D)
-    cross_diff = max_diff([y[b] for b in range(3)],
-                          [mha(x[b:b + 1, :5], memory[b:b + 1, :n], memory[b:b + 1, :n])[0][0]
-                           for b, n in enumerate(memory_lengths.tolist())])
-print(f"batched vs alone: max abs diff {self_diff:.0e} (self-attention), {cross_diff:.0e} (cross-attention)")
+    cross_diff = max_diff(
+        [y[b] for b in range(3)],
+        [
+            mha(x[b : b + 1, :5], memory[b : b + 1, :n], memory[b : b + 1, :n])[0][0]
+            for b, n in enumerate(memory_lengths.tolist())
+        ],
+    )
+print(
+    f"batched vs alone: max abs diff {self_diff:.0e} (self-attention), "
+    f"{cross_diff:.0e} (cross-attention)"
+)
 assert self_diff < 1e-6 and cross_diff < 1e-6
 
 # %% [markdown]
@@ -602,10 +741,16 @@ assert self_diff < 1e-6 and cross_diff < 1e-6
 xg = x.clone().requires_grad_()  # (B, T, D)
 y, weights = mha(xg, xg, xg, padding_mask(torch.tensor([7, 0, 2]), 7))  # (B, T, D), (B, h, T, T)
 y.square().sum().backward()
-print("empty sequence: weights all zero:", bool((weights[1] == 0).all()),
-      "| output = the bias b^O:", bool((y[1] == mha.linear_out.bias).all()))
-print("nan in the output, the input gradient or a parameter gradient:",
-      any(t.isnan().any().item() for t in [y, xg.grad] + [p.grad for p in mha.parameters()]))
+print(
+    "empty sequence: weights all zero:",
+    bool((weights[1] == 0).all()),
+    "| output = the bias b^O:",
+    bool((y[1] == mha.linear_out.bias).all()),
+)
+print(
+    "nan in the output, the input gradient or a parameter gradient:",
+    any(t.isnan().any().item() for t in [y, xg.grad] + [p.grad for p in mha.parameters()]),
+)
 assert (weights[1] == 0).all() and not y.isnan().any() and not xg.grad.isnan().any()
 
 # %% [markdown]
@@ -657,24 +802,31 @@ def sinusoidal_positional_encoding(length: int, d_model: int) -> torch.Tensor:
 
 # %%
 pe = sinusoidal_positional_encoding(120, 64)  # (T, D)
-formula = torch.tensor([[math.sin(t / 10000 ** (c / 64)) if c % 2 == 0 else math.cos(t / 10000 ** ((c - 1) / 64))
-                         for c in range(64)] for t in range(120)])  # (T, D)
+formula = torch.tensor(
+    [
+        [
+            math.sin(t / 10000 ** (c / 64)) if c % 2 == 0 else math.cos(t / 10000 ** ((c - 1) / 64))
+            for c in range(64)
+        ]
+        for t in range(120)
+    ]
+)  # (T, D)
 diff = max_diff(pe, formula)
 print(f"positional encoding vs the formula: max abs diff {diff:.0e}")
 assert diff < 1e-6
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), dpi=90)
+# %% mystnb={"figure": {"caption": "Sinusoidal positional encoding of 120 positions at $D = 64$. Left: the encoding, fast channels on the left, slow ones on the right. Middle: four channels as functions of the position. Right: the dot product of the encodings of every two positions, which depends only on their distance.", "name": "fig-ch03-positional-encoding"}, "image": {"alt": "Three panels: a red and blue striped heat map whose stripes widen from left to right; four sine-like curves of decreasing frequency; and a square heat map that is brightest along its diagonal, with bands parallel to it."}}
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
 image = axes[0].imshow(pe.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
-axes[0].set(title="PE (T, D)", xlabel="channel", ylabel="position t")
-fig.colorbar(image, ax=axes[0])
+axes[0].set(title="PE (T, D)", xlabel="channel c", ylabel="position t")
+fig.colorbar(image, ax=axes[0], label=r"PE$_{t,c}$")
 for c in [0, 8, 16, 24]:
-    axes[1].plot(pe[:, c].numpy(), label=f"channel {c}")
+    axes[1].plot(pe[:, c].numpy(), label=f"{c}")
 axes[1].set(title="Some channels", xlabel="position t", ylabel=r"PE$_{t,c}$")
-axes[1].legend(fontsize=7, loc="lower left")
+axes[1].legend(title="channel c", loc="upper left", bbox_to_anchor=(1.01, 1))
 image = axes[2].imshow((pe @ pe.T).numpy(), cmap="viridis")
 axes[2].set(title=r"PE$_t \cdot$ PE$_s$", xlabel="position s", ylabel="position t")
-fig.colorbar(image, ax=axes[2])
-plt.tight_layout()
+fig.colorbar(image, ax=axes[2], label="dot product")
 plt.show()
 
 # %% [markdown]
@@ -709,8 +861,9 @@ def saved_for_backward(fn, *inputs):
 
 
 def attention_memory(T, B=1, h=4, d_k=48):
-    """Bytes of the score tensor, and saved for backward by ours (without, with a mask) and by the fused kernel."""
-    q, k, v = (torch.randn(B, h, T, d_k, requires_grad=True) for _ in range(3))  # (B, h, T, d_k) each
+    """Bytes of the scores, and saved for backward by ours (no mask, mask) and the fused kernel."""
+    # (B, h, T, d_k) each
+    q, k, v = (torch.randn(B, h, T, d_k, requires_grad=True) for _ in range(3))
     mask = padding_mask(torch.full((B,), T))[:, None, None, :]  # (B, 1, 1, T): a key padding mask
     saved = saved_for_backward(lambda: scaled_dot_product_attention(q, k, v)[0])
     saved_masked = saved_for_backward(lambda: scaled_dot_product_attention(q, k, v, mask)[0])
@@ -718,16 +871,22 @@ def attention_memory(T, B=1, h=4, d_k=48):
     return B * h * T * T * 4, saved, saved_masked, fused
 
 
-MB = 2 ** 20
+MB = 2**20
 lengths_T = [64, 128, 256, 512, 1024, 2048, 4096]
 memory = {T: attention_memory(T) for T in lengths_T}
 print("self-attention, B = 1, h = 4, d_k = 48 (the book's encoder: D = 192); memory in MiB")
 print(f"{'':>15}{'score tensor':>14}{'saved for backward':>38}")
 print(f"{'T':>6}{'seconds':>9}{'B*h*T*T*4':>14}{'ours':>10}{'ours, mask':>14}{'fused, mask':>14}")
 for T, (scores, saved, saved_masked, fused) in memory.items():
-    print(f"{T:>6}{T * 0.06:>9.1f}{scores / MB:>14.2f}{saved / MB:>10.2f}{saved_masked / MB:>14.2f}{fused / MB:>14.2f}")
+    print(
+        f"{T:>6}{T * 0.06:>9.1f}{scores / MB:>14.2f}{saved / MB:>10.2f}"
+        f"{saved_masked / MB:>14.2f}{fused / MB:>14.2f}"
+    )
 scores, _, saved_masked, _ = memory[2048]
-print(f"T = 2048 with a mask, 6 layers, batch 32: {6 * 32 * saved_masked / 2 ** 30:.1f} GiB for attention alone")
+print(
+    f"T = 2048 with a mask, 6 layers, batch 32: {6 * 32 * saved_masked / 2**30:.1f} GiB "
+    "for attention alone"
+)
 assert all(saved_masked > 2 * scores for scores, _, saved_masked, _ in memory.values())  # quadratic
 assert memory[2048][3] < memory[2048][0] / 10  # the fused kernel: linear
 
@@ -757,27 +916,40 @@ def time_attention(fn, T, B=1, h=4, d_k=48, repeats=3):
     return min(times)
 
 
-timing = {T: (time_attention(our_sdpa, T), time_attention(F.scaled_dot_product_attention, T)) for T in lengths_T}
+timing = {
+    T: (time_attention(our_sdpa, T), time_attention(F.scaled_dot_product_attention, T))
+    for T in lengths_T
+}
 print(f"{'T':>6}{'ours (ms)':>11}{'fused (ms)':>12}{'ours / fused':>14}")
 for T, (t_ours, t_fused) in timing.items():
     print(f"{T:>6}{t_ours * 1e3:>11.2f}{t_fused * 1e3:>12.2f}{t_ours / t_fused:>14.1f}")
 ratio = timing[4096][0] / timing[2048][0]
 print(f"doubling T from 2048 to 4096 multiplies our time by {ratio:.1f} (quadratic: 4)")
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=90)
-axes[0].loglog(lengths_T, [timing[T][0] * 1e3 for T in lengths_T], "o-", label="ours")
-axes[0].loglog(lengths_T, [timing[T][1] * 1e3 for T in lengths_T], "s-", label="fused (F.sdpa)")
-axes[0].loglog(lengths_T, [timing[4096][0] * 1e3 * (T / 4096) ** 2 for T in lengths_T], "k:", label=r"$\propto T^2$")
-axes[0].set(title="Forward time, CPU", xlabel="sequence length T (frames)", ylabel="ms")
-axes[1].loglog(lengths_T, [memory[T][0] / MB for T in lengths_T], "k:", label=r"score tensor $B h T^2 \cdot 4$")
-axes[1].loglog(lengths_T, [memory[T][1] / MB for T in lengths_T], "o-", label="saved for backward, ours")
-axes[1].loglog(lengths_T, [memory[T][2] / MB for T in lengths_T], "^-", label="saved for backward, ours, mask")
-axes[1].loglog(lengths_T, [memory[T][3] / MB for T in lengths_T], "s-", label="saved for backward, fused, mask")
-axes[1].set(title="Memory", xlabel="sequence length T (frames)", ylabel="MiB")
-for ax in axes:
-    ax.legend(fontsize=8)
-plt.tight_layout()
+# %% mystnb={"figure": {"caption": "Forward time of self-attention on this machine's CPU against the sequence length, for our function and PyTorch's fused kernel, with a $T^2$ line for comparison (log-log axes).", "name": "fig-ch03-attention-time"}, "image": {"alt": "A log-log plot of forward time in milliseconds against sequence length from 64 to 4096 frames, for our function and the fused kernel, with a dotted T squared line for comparison."}}
+fig, ax = plt.subplots(figsize=(7, 3.2))
+ax.loglog(lengths_T, [timing[T][0] * 1e3 for T in lengths_T], "o-", label="ours")
+ax.loglog(lengths_T, [timing[T][1] * 1e3 for T in lengths_T], "s-", label="fused (F.sdpa)")
+ax.loglog(
+    lengths_T,
+    [timing[4096][0] * 1e3 * (T / 4096) ** 2 for T in lengths_T],
+    "k:",
+    label=r"$\propto T^2$",
+)
+ax.set(title="Forward time, CPU", xlabel="sequence length T (frames)", ylabel="forward time (ms)")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+plt.show()
+
+# %% mystnb={"figure": {"caption": "Memory of self-attention against the sequence length (log-log axes): the score tensor and what autograd saves for the backward pass, by our function without and with a mask, and by PyTorch's fused kernel with a mask.", "name": "fig-ch03-attention-memory"}, "image": {"alt": "A log-log plot of MiB against sequence length: the score tensor and our function's saved memory grow as T squared, the masked one highest, while the fused kernel's line grows linearly and ends far below."}}
+fig, ax = plt.subplots(figsize=(7, 3.2))
+ax.loglog(
+    lengths_T, [memory[T][0] / MB for T in lengths_T], "k:", label=r"score tensor $B h T^2 \cdot 4$"
+)
+for i, (marker, name) in enumerate([("o-", "ours"), ("^-", "ours, mask"), ("s-", "fused, mask")]):
+    saved_mib = [memory[T][i + 1] / MB for T in lengths_T]
+    ax.loglog(lengths_T, saved_mib, marker, label=f"saved for backward: {name}")
+ax.set(title="Memory", xlabel="sequence length T (frames)", ylabel="memory (MiB)")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.show()
 
 # %% [markdown]
@@ -845,7 +1017,7 @@ assert all(forward < 1e-5 and backward < 1e-5 for forward, backward in reference
 #    large $\beta$, while the masked share keeps growing? What does $\beta$ correspond
 #    to in a trained model?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 1: permute the frames of a sequence, with and without positional encoding.
 torch.manual_seed(0)
 mha = MultiHeadAttention(d_model=16, n_heads=4).eval()
@@ -855,25 +1027,30 @@ with torch.no_grad():
     y = mha(x, x, x)[0]  # (B, T, D)
     y_perm = mha(x[:, perm], x[:, perm], x[:, perm])[0]  # (B, T, D)
     print("without PE, f(x[perm]) == f(x)[perm]:", torch.allclose(y_perm, y[:, perm], atol=1e-6))
-    x_pe, x_perm_pe = x + sinusoidal_positional_encoding(10, 16), x[:, perm] + sinusoidal_positional_encoding(10, 16)
+    x_pe, x_perm_pe = (
+        x + sinusoidal_positional_encoding(10, 16),
+        x[:, perm] + sinusoidal_positional_encoding(10, 16),
+    )
     y, y_perm = mha(x_pe, x_pe, x_pe)[0], mha(x_perm_pe, x_perm_pe, x_perm_pe)[0]  # (B, T, D) each
     print("with PE,    f(x[perm]) == f(x)[perm]:", torch.allclose(y_perm, y[:, perm], atol=1e-6))
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 2: without the scale the softmax saturates (one key takes all the weight);
 # its gradient w (1 - w) then vanishes, and training through it stalls.
 g = torch.Generator().manual_seed(0)
 print(f"{'d_k':>6}{'largest weight, scaled':>24}{'unscaled':>10}")
 for d_k in [4, 16, 64, 256, 1024]:
-    q, k = torch.randn(200, 1, d_k, generator=g), torch.randn(200, 50, d_k, generator=g)  # (N, 1, d_k), (N, T_k, d_k)
+    # (N, 1, d_k), (N, T_k, d_k)
+    q, k = torch.randn(200, 1, d_k, generator=g), torch.randn(200, 50, d_k, generator=g)
     scores = (q @ k.transpose(-2, -1))[:, 0]  # (N, T_k)
     scaled = (scores / math.sqrt(d_k)).softmax(-1).max(-1).values.mean()  # scalar
     unscaled = scores.softmax(-1).max(-1).values.mean()  # scalar
     print(f"{d_k:>6}{scaled:>24.2f}{unscaled:>10.2f}")
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 3: M_k is block-diagonal, one 2x2 rotation per pair of channels:
-# [sin(a + b), cos(a + b)] = [sin a, cos a] @ [[cos b, -sin b], [sin b, cos b]] with a = w t, b = w k.
+# [sin(a + b), cos(a + b)] = [sin a, cos a] @ [[cos b, -sin b], [sin b, cos b]]
+# with a = w t, b = w k.
 D, k = 64, 5
 omega = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
 M = torch.zeros(D, D, dtype=torch.float64)  # (D, D)
@@ -885,7 +1062,7 @@ pe = sinusoidal_positional_encoding(200, D).double()  # (T, D)
 diff = max_diff(pe[:-k] @ M, pe[k:])
 print(f"PE[t + {k}] vs PE[t] @ M_{k}, t = 0..194: max abs diff < 1e-6: {diff < 1e-6}")
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 4: a larger beta sharpens every row. With all keys, the weight then flows to
 # the diagonal (a frame is most like itself), so the share of the other occurrence
 # shrinks; with the neighbourhood masked, the other occurrence holds the closest frames
@@ -895,6 +1072,7 @@ print(f"{'beta':>6}{'all keys':>10}{'masked':>8}")
 for sharpness in [2.0, 5.0, 10.0, 20.0, 50.0]:
     shares = []
     for mask in [None, far]:
-        _, w = scaled_dot_product_attention(sharpness * math.sqrt(U.size(-1)) * U, U, U, mask)  # (T, T)
+        # (T, T)
+        _, w = scaled_dot_product_attention(sharpness * math.sqrt(U.size(-1)) * U, U, U, mask)
         shares.append(w[a0:a1, b0:b1].sum(-1).mean().item())
     print(f"{sharpness:>6.0f}{shares[0]:>10.0%}{shares[1]:>8.0%}")

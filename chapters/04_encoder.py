@@ -48,7 +48,7 @@
 import itertools
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -56,7 +56,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import paraformer_edu
+from paraformer_edu.display import book_style, print_table
 
+book_style()
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
 
@@ -153,12 +155,14 @@ assert diff < 1e-6
 # %%
 garbage = torch.where(mask[..., None], v, torch.full_like(v, 100.0))  # (B, T, D)
 with torch.no_grad():
-    unmasked = block.conv(F.pad(garbage.transpose(1, 2), block.padding)).transpose(1, 2) + garbage  # (B, T, D)
+    # (B, T, D)
+    unmasked = block.conv(F.pad(garbage.transpose(1, 2), block.padding)).transpose(1, 2) + garbage
     masked = block(garbage, mask)  # (B, T, D)
     clean = block(v, mask)  # (B, T, D)
 changed = lambda m: [t for t in range(13) if not torch.allclose(m[1, t], clean[1, t], atol=1e-5)]
-print("valid frames of utterance 2 changed by the garbage, without masks:", changed(unmasked))
-print("                                                 with masks:   ", changed(masked))
+print("valid frames of utterance 2 changed by the garbage:")
+print("  without masks:", ", ".join(map(str, changed(unmasked))) or "none")
+print("  with masks:   ", ", ".join(map(str, changed(masked))) or "none")
 assert changed(unmasked) == [8, 9, 10, 11, 12] and changed(masked) == []
 
 # %% [markdown]
@@ -171,7 +175,7 @@ assert changed(unmasked) == [8, 9, 10, 11, 12] and changed(masked) == []
 # valid frame enters the memory of the five frames before it (and its own, through the
 # skip connection $v_t$), and nothing reaches the padding.
 
-# %%
+# %% mystnb={"figure": {"caption": "Left: an impulse at frame 40 after one to six stacked FSMN blocks; each block widens the reach by 10 frames, to 61 frames after six. Right: an impulse in the last valid frame of a 61-frame utterance reaches the five frames before it and none of the padding.", "name": "fig-ch04-fsmn-reach"}, "image": {"alt": "Left, a heat map shaped like a triangle that widens downwards from frame 40 over six rows of blocks. Right, a stem plot that is zero everywhere except frames 55 to 60, with the padding after frame 60 shaded grey and flat."}}
 torch.manual_seed(0)
 blocks = [FSMNMemory(d_model=1, kernel_size=11) for _ in range(6)]
 T = 80
@@ -190,19 +194,31 @@ with torch.no_grad():
     at_end = blocks[0](end, short)[0, :, 0]  # (T,)
 
 reach = torch.stack(spread)  # (L, T): |memory| after 1..6 blocks
-fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90)
-axes[0].imshow(reach.log10().clamp(min=-6).masked_fill(reach == 0, float("nan")).numpy(),
-               aspect="auto", cmap="viridis", extent=(-0.5, T - 0.5, 6.5, 0.5))
-axes[0].set(title="Impulse at frame 40 through stacked FSMN blocks\n(colour: log |memory|)", xlabel="frame (60 ms)",
-            ylabel="blocks", xlim=(5, 75))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
+image = axes[0].imshow(
+    reach.log10().clamp(min=-6).masked_fill(reach == 0, float("nan")).numpy(),
+    aspect="auto",
+    cmap="viridis",
+    extent=(-0.5, T - 0.5, 6.5, 0.5),
+)
+fig.colorbar(image, ax=axes[0], label="log10 |memory| (white: 0)")
+axes[0].set(
+    title="Impulse at frame 40 through stacked FSMN blocks",
+    xlabel="frame (60 ms)",
+    ylabel="blocks passed",
+    xlim=(5, 75),
+)
 axes[1].stem(at_end.numpy(), basefmt=" ")
 axes[1].axvspan(60.5, T, color="0.85", label="padding")
-axes[1].set(title="Impulse at the last valid frame (61 frames)", xlabel="frame", ylabel="memory")
-axes[1].legend(fontsize=8)
-plt.tight_layout()
+axes[1].set(
+    title="Impulse at the last valid frame (61 frames)",
+    xlabel="frame (60 ms)",
+    ylabel="memory $m_t$ (one channel)",
+)
+axes[1].legend(loc="upper left")
 plt.show()
 width = [int((s > 0).sum()) for s in spread]
-print("frames reached after 1..6 blocks:", width)
+print_table([["blocks", *range(1, 7)], ["frames reached", *width]])
 print("memory that leaks into the padding:", float(at_end[61:].abs().sum()))
 
 # %% [markdown]
@@ -236,17 +252,25 @@ print("memory that leaks into the padding:", float(at_end[61:].abs().sum()))
 # %%
 #| export
 class SANMAttention(MultiHeadAttention):
-    """SAN-M self-attention: chapter 3's multi-head attention plus the FSMN memory of its values."""
+    """SAN-M self-attention: chapter 3's multi-head attention plus an FSMN memory of V."""
 
-    def __init__(self, d_in: int, d_model: int, n_heads: int, kernel_size: int = 11,
-                 dropout: float = 0.0, attention_dropout: float = 0.0):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int,
+        n_heads: int,
+        kernel_size: int = 11,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+    ):
         super().__init__(d_model, n_heads, attention_dropout, d_in=d_in)
         self.memory = FSMNMemory(d_model, kernel_size, dropout=dropout) if kernel_size > 0 else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SANM(X) for x (B, T, d_in) and the padding mask (B, T) -> (B, T, D) and the weights (B, h, T, T)."""
+        """SANM(X): x (B, T, d_in), padding mask (B, T) -> (B, T, D), weights (B, h, T, T)."""
         v = self.linear_v(x)  # (B, T, D)
-        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])  # (B, T, D)
+        # (B, T, D)
+        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])
         if self.memory is not None:
             y = y + self.memory(v, mask)  # (B, T, D)
         return y, weights
@@ -290,8 +314,15 @@ class FeedForward(nn.Module):
 class SANMEncoderLayer(nn.Module):
     """Pre-LN SAN-M encoder layer; no residual around the attention when d_in != d_model."""
 
-    def __init__(self, d_in: int, d_model: int, n_heads: int, d_ffn: int,
-                 kernel_size: int = 11, dropout: float = 0.1):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int,
+        n_heads: int,
+        d_ffn: int,
+        kernel_size: int = 11,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_in)
         self.self_attn = SANMAttention(d_in, d_model, n_heads, kernel_size, dropout)
@@ -321,8 +352,12 @@ ours = SANMEncoderLayer(d, d, h, f, kernel_size=0, dropout=0.0).eval()
 ref = nn.TransformerEncoderLayer(d, h, f, dropout=0.0, batch_first=True, norm_first=True).eval()
 with torch.no_grad():
     attn = ours.self_attn
-    ref.self_attn.in_proj_weight.copy_(torch.cat([attn.linear_q.weight, attn.linear_k.weight, attn.linear_v.weight]))
-    ref.self_attn.in_proj_bias.copy_(torch.cat([attn.linear_q.bias, attn.linear_k.bias, attn.linear_v.bias]))
+    ref.self_attn.in_proj_weight.copy_(
+        torch.cat([attn.linear_q.weight, attn.linear_k.weight, attn.linear_v.weight])
+    )
+    ref.self_attn.in_proj_bias.copy_(
+        torch.cat([attn.linear_q.bias, attn.linear_k.bias, attn.linear_v.bias])
+    )
     ref.self_attn.out_proj.load_state_dict(attn.linear_out.state_dict())
     ref.linear1.load_state_dict(ours.feed_forward.w_1.state_dict())
     ref.linear2.load_state_dict(ours.feed_forward.w_2.state_dict())
@@ -351,8 +386,8 @@ with torch.no_grad():
 # The encoder takes chapter 1's features, 60 ms low-frame-rate frames of 560 numbers
 # (7 stacked 80-d fbank frames) normalised by the global CMVN. As in FunASR, it scales
 # them by $\sqrt{D}$ and adds sinusoidal positions of the input width. We use chapter
-# 3's `sinusoidal_positional_encoding` (sines and cosines interleaved, positions from
-# 0); FunASR's `SinusoidalPositionEncoder` puts all the sines before all the cosines,
+# 3's `sinusoidal_positional_encoding` (sines and cosines interleaved, positions
+# from 0); FunASR's `SinusoidalPositionEncoder` puts all the sines before all the cosines,
 # uses the frequencies $10000^{-i/(D/2-1)}$ and counts positions from 1, an encoding of
 # the same kind but not the same numbers, so its weights would not fit ours:
 #
@@ -373,7 +408,7 @@ with torch.no_grad():
 #| export
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Sizes of the SAN-M encoder; the defaults are sized for a 2-core CPU (chapter 7's recipe sets the book model's)."""
+    """Sizes of the SAN-M encoder; defaults sized for a 2-core CPU (chapter 7 sets the book's)."""
 
     d_input: int = 560  # LFR features: 7 stacked 80-d fbank frames
     d_model: int = 192
@@ -391,12 +426,20 @@ class SANMEncoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.layers = nn.ModuleList(
-            SANMEncoderLayer(c.d_input if i == 0 else c.d_model, c.d_model, c.n_heads, c.d_ffn,
-                             c.kernel_size, c.dropout) for i in range(c.n_layers))
+            SANMEncoderLayer(
+                c.d_input if i == 0 else c.d_model,
+                c.d_model,
+                c.n_heads,
+                c.d_ffn,
+                c.kernel_size,
+                c.dropout,
+            )
+            for i in range(c.n_layers)
+        )
         self.after_norm = nn.LayerNorm(c.d_model)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, d_model) and lengths."""
+        """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, D) and lengths."""
         mask = torch.arange(x.size(1), device=x.device) < lengths[:, None]  # (B, T)
         x = x.masked_fill(~mask[..., None], 0.0)  # (B, T, d_input): whatever the padding held
         pe = sinusoidal_positional_encoding(x.size(1), x.size(2)).to(x)  # (T, d_input): chapter 3
@@ -411,12 +454,16 @@ class SANMEncoder(nn.Module):
 torch.manual_seed(0)
 config = EncoderConfig()
 encoder = SANMEncoder(config).eval()
-print(config)
+print("EncoderConfig():")
+print_table([asdict(config)])
 x = torch.randn(4, 50, config.d_input)  # (B, T, 560): stands in for chapter 1's features
 lengths = torch.tensor([50, 41, 30, 7])  # (B,)
 with torch.no_grad():
     h, h_lengths = encoder(x, lengths)  # (B, T, D), (B,)
-print("features", tuple(x.shape), "-> h", tuple(h.shape), "lengths", h_lengths.tolist())
+print(
+    f"features {tuple(x.shape)} -> h {tuple(h.shape)}, "
+    f"lengths {', '.join(map(str, h_lengths.tolist()))}"
+)
 
 # %% [markdown]
 # Two properties a padded batch must have, checked on the untrained encoder in
@@ -427,13 +474,16 @@ print("features", tuple(x.shape), "-> h", tuple(h.shape), "lengths", h_lengths.t
 
 # %%
 with torch.no_grad():
-    alone = [encoder(x[b:b + 1, :n], lengths[b:b + 1])[0][0] for b, n in enumerate(lengths.tolist())]
+    alone = [
+        encoder(x[b : b + 1, :n], lengths[b : b + 1])[0][0] for b, n in enumerate(lengths.tolist())
+    ]
     diff = max((h[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(lengths.tolist()))
     print(f"batched vs one at a time: max abs diff {diff:.0e}")
     assert diff < 1e-5
 
     mask = torch.arange(50) < lengths[:, None]  # (B, T)
-    garbage = x.masked_fill(~mask[..., None], 1e4) + 100 * torch.randn_like(x) * ~mask[..., None]  # (B, T, 560)
+    # (B, T, 560)
+    garbage = x.masked_fill(~mask[..., None], 1e4) + 100 * torch.randn_like(x) * ~mask[..., None]
     h_garbage, _ = encoder(garbage, lengths)  # (B, T, D)
     diff = (h_garbage - h).abs().max().item()
     print(f"garbage in the padding: max abs change of the outputs {diff:.0e}")
@@ -502,7 +552,7 @@ def ctc_brute_force(log_probs, target, blank=0):
 torch.manual_seed(0)
 log_probs = torch.randn(7, 4, dtype=torch.float64).log_softmax(-1)  # (T, V)
 brute, n_paths = ctc_brute_force(log_probs, encode("ERROR"))
-print(f"{n_paths} of {4 ** 7} paths collapse to ERROR; -log P = {brute.item():.6f}")
+print(f"{n_paths} of {4**7} paths collapse to ERROR; -log P = {brute.item():.6f}")
 
 # %% [markdown]
 # Enumeration grows as $V^T$; the **forward algorithm** does the same sum in
@@ -554,9 +604,17 @@ def ctc_trellis(log_probs: torch.Tensor, target: torch.Tensor, blank: int = 0) -
 # %%
 alpha = ctc_trellis(log_probs, torch.tensor(encode("ERROR")))  # (T, S)
 forward = -torch.logaddexp(alpha[-1, -1], alpha[-1, -2])  # scalar
-library = F.ctc_loss(log_probs[:, None], torch.tensor([encode("ERROR")]),  # (T, B=1, V) layout
-                     torch.tensor([7]), torch.tensor([5]), reduction="sum")
-print(f"brute force {brute.item():.6f} | forward algorithm {forward.item():.6f} | F.ctc_loss {library.item():.6f}")
+library = F.ctc_loss(
+    log_probs[:, None],
+    torch.tensor([encode("ERROR")]),  # (T, B=1, V) layout
+    torch.tensor([7]),
+    torch.tensor([5]),
+    reduction="sum",
+)
+print(
+    f"brute force {brute.item():.6f} | forward algorithm {forward.item():.6f} | "
+    f"F.ctc_loss {library.item():.6f}"
+)
 diff = max(abs(forward - brute).item(), abs(forward - library).item())
 print(f"max abs diff {diff:.0e}")
 assert diff < 1e-9
@@ -568,8 +626,9 @@ assert diff < 1e-9
 # `_ER_RRR_ORR`: the bright cells follow it, and the cells a valid path can never reach
 # (top right, bottom left) stay empty.
 
-# %%
-counted = ctc_trellis(torch.zeros(7, 4, dtype=torch.float64), torch.tensor(encode("ERROR")))  # (T, S)
+# %% mystnb={"figure": {"caption": "The CTC trellis of `ERROR` over 11 frames whose outputs favour the path `_ER_RRR_ORR`: colour is the log forward variable $\\log \\alpha_t(s)$, white marks states no valid path reaches, and the white line is the favoured path.", "name": "fig-ch04-ctc-trellis"}, "image": {"alt": "A heat map of frames against the 11 states of the extended label sequence; a bright band climbs from bottom left to top right along a white path line, and the top-left and bottom-right corners are empty."}}
+# (T, S)
+counted = ctc_trellis(torch.zeros(7, 4, dtype=torch.float64), torch.tensor(encode("ERROR")))
 n_counted = round(torch.logaddexp(counted[-1, -1], counted[-1, -2]).exp().item())
 print("paths counted by the recursion:", n_counted)
 assert n_counted == n_paths
@@ -580,14 +639,23 @@ logits = 0.5 * torch.randn(11, 4) + 3 * F.one_hot(torch.tensor(path), 4)  # (T, 
 alpha = ctc_trellis(logits.log_softmax(-1), torch.tensor(encode("ERROR")))  # (T, S)
 states = [0, 1, 3, 4, 5, 5, 5, 6, 7, 9, 9]  # where `_ER_RRR_ORR` sits in `_E_R_R_O_R_`
 
-fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
-image = ax.imshow(alpha.T.masked_fill(alpha.T.isinf(), float("nan")).numpy(), origin="lower", cmap="viridis", aspect="auto")
+fig, ax = plt.subplots(figsize=(6, 4))
+image = ax.imshow(
+    alpha.T.masked_fill(alpha.T.isinf(), float("nan")).numpy(),
+    origin="lower",
+    cmap="viridis",
+    aspect="auto",
+)
 ax.plot(range(11), states, "w.-", label="path _ER_RRR_ORR")
 ax.set_yticks(range(11), list("_E_R_R_O_R_"))
 ax.set_xticks(range(11), list("_ER_RRR_ORR"))
-ax.set(xlabel="frame t (the path's symbol)", ylabel="state s of y'", title=r"CTC trellis: $\log \alpha_t(s)$")
-fig.colorbar(image, ax=ax)
-ax.legend(loc="upper left", fontsize=8)
+ax.set(
+    xlabel="frame t (the path's symbol)",
+    ylabel="state s of y'",
+    title=r"CTC trellis: $\log \alpha_t(s)$",
+)
+fig.colorbar(image, ax=ax, label=r"$\log \alpha_t(s)$ (nats; white: unreachable)")
+ax.legend(loc="upper left", facecolor="0.6")  # top left: unreachable states, no data
 plt.show()
 
 # %% [markdown]
@@ -606,24 +674,37 @@ plt.show()
 _LOG_ZERO = -1e30  # log 0 that keeps gradients finite
 
 
-def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-             target_lengths: torch.Tensor, blank: int = 0, reduction: str = "mean") -> torch.Tensor:
+def ctc_loss(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """CTC loss by the forward algorithm in log space; log_probs (B, T, V), targets (B, U)."""
     B, T, V = log_probs.shape
     valid = torch.arange(targets.size(1), device=targets.device) < target_lengths[:, None]  # (B, U)
-    ext = torch.full((B, 2 * targets.size(1) + 1), blank, dtype=torch.long, device=targets.device)  # (B, S)
+    # (B, S)
+    ext = torch.full((B, 2 * targets.size(1) + 1), blank, dtype=torch.long, device=targets.device)
     ext[:, 1::2] = targets.masked_fill(~valid, blank)  # (B, S)
     can_skip = F.pad((ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2]), (2, 0))  # (B, S)
     emit = log_probs.gather(2, ext.unsqueeze(1).expand(B, T, -1))  # (B, T, S)
     alpha = F.pad(emit[:, 0, :2], (0, ext.size(1) - 2), value=_LOG_ZERO)  # (B, S)
     for t in range(1, T):
         step = F.pad(alpha[:, :-1], (1, 0), value=_LOG_ZERO)  # (B, S)
-        skip = F.pad(alpha[:, :-2], (2, 0), value=_LOG_ZERO).masked_fill(~can_skip, _LOG_ZERO)  # (B, S)
+        # (B, S)
+        skip = F.pad(alpha[:, :-2], (2, 0), value=_LOG_ZERO).masked_fill(~can_skip, _LOG_ZERO)
         new = torch.logsumexp(torch.stack([alpha, step, skip]), 0) + emit[:, t]  # (B, S)
         alpha = torch.where((t < input_lengths)[:, None], new, alpha)  # (B, S)
     end = 2 * target_lengths[:, None]  # (B, 1)
     last = alpha.gather(1, end).squeeze(1)  # (B,)
-    before = alpha.gather(1, (end - 1).clamp(min=0)).squeeze(1).masked_fill(target_lengths == 0, _LOG_ZERO)  # (B,)
+    # (B,)
+    before = (
+        alpha.gather(1, (end - 1).clamp(min=0))
+        .squeeze(1)
+        .masked_fill(target_lengths == 0, _LOG_ZERO)
+    )
     loss = -torch.logaddexp(last, before)  # (B,)
     loss = loss.masked_fill(loss > -_LOG_ZERO / 2, math.inf)  # (B,): no valid path
     if reduction == "none":
@@ -648,25 +729,30 @@ def compare_with_torch(seed, B=5, T=40, V=7, U=12, dtype=torch.float64):
     logits = torch.randn(B, T, V, generator=g, dtype=dtype, requires_grad=True)  # (B, T, V)
     input_lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # (B,)
     input_lengths[0] = T
-    target_lengths = torch.randint(0, U + 1, (B,), generator=g).clamp(max=input_lengths // 2)  # (B,)
+    # (B,)
+    target_lengths = torch.randint(0, U + 1, (B,), generator=g).clamp(max=input_lengths // 2)
     targets = torch.randint(1, V, (B, U), generator=g)  # (B, U), padded with random tokens
     targets[1, :4] = torch.tensor([3, 3, 3, 3])  # repeats need blanks between them
     worst = 0.0
     for reduction in ["none", "sum", "mean"]:
         log_probs = logits.log_softmax(-1)  # (B, T, V)
         ours = ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction=reduction)
-        g_ours, = torch.autograd.grad(ours.sum(), logits)  # (B, T, V)
+        (g_ours,) = torch.autograd.grad(ours.sum(), logits)  # (B, T, V)
         log_probs = logits.log_softmax(-1)  # (B, T, V)
-        ref = F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, reduction=reduction)
-        g_ref, = torch.autograd.grad(ref.sum(), logits)  # (B, T, V)
+        ref = F.ctc_loss(
+            log_probs.transpose(0, 1), targets, input_lengths, target_lengths, reduction=reduction
+        )
+        (g_ref,) = torch.autograd.grad(ref.sum(), logits)  # (B, T, V)
         worst = max(worst, (ours - ref).abs().max().item(), (g_ours - g_ref).abs().max().item())
     return worst
 
 
 diff64 = max(compare_with_torch(seed) for seed in range(10))
 diff32 = max(compare_with_torch(seed, dtype=torch.float32) for seed in range(10))
-print(f"10 random batches, 3 reductions, losses and gradients: max abs diff {diff64:.0e} (float64), "
-      f"{diff32:.0e} (float32)")
+print(
+    f"10 random batches, 3 reductions, losses and gradients: max abs diff {diff64:.0e} (float64), "
+    f"{diff32:.0e} (float32)"
+)
 assert diff64 < 1e-10 and diff32 < 1e-4
 
 # %% [markdown]
@@ -697,12 +783,25 @@ class CTCHead(nn.Module):
         """Log-probabilities (B, T, V) for encoder states h (B, T, D)."""
         return self.linear(h).log_softmax(-1)  # (B, T, V)
 
-    def loss(self, h: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        h: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """CTC loss of padded targets (B, U) given encoder states h (B, T, D) and lengths (B,)."""
         log_probs = self(h).transpose(0, 1)  # (T, B, V): the layout F.ctc_loss wants
-        return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=self.blank,
-                          reduction=reduction, zero_infinity=True)
+        return F.ctc_loss(
+            log_probs,
+            targets,
+            lengths,
+            target_lengths,
+            blank=self.blank,
+            reduction=reduction,
+            zero_infinity=True,
+        )
 
 
 # %% [markdown]
@@ -713,8 +812,10 @@ class CTCHead(nn.Module):
 
 # %%
 #| export
-def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
-    """Best path per frame, collapsed: log_probs (B, T, V), lengths (B,) -> token ids per utterance."""
+def ctc_greedy_decode(
+    log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0
+) -> list[list[int]]:
+    """Best symbol per frame, collapsed: log_probs (B, T, V), lengths (B,) -> ids per utterance."""
     best = log_probs.argmax(-1)  # (B, T)
     return [ctc_collapse(best[b, :n].tolist(), blank) for b, n in enumerate(lengths.tolist())]
 
@@ -723,7 +824,7 @@ def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int
 paths = torch.tensor([encode("_ER_RRR_ORR"), encode("OO__RR_E_EE")])  # (B, T)
 frames = F.one_hot(paths, 4).float().log_softmax(-1)  # (B, T, V): each frame favours one symbol
 hypotheses = ctc_greedy_decode(frames, torch.tensor([11, 9]))  # the second: 2 padded frames
-print([decode(ids) for ids in hypotheses])
+print("greedy decoding:", ", ".join(decode(ids) for ids in hypotheses))
 assert [decode(ids) for ids in hypotheses] == ["ERROR", "ORE"]
 
 # %% [markdown]
@@ -747,8 +848,7 @@ dev = SpeechDataset(manifests["dev"], frontend, encode=tokenizer.encode)
 batch = collate([dev[i] for i in range(4)])
 X, X_lengths = batch["features"], batch["feature_lengths"]  # (B, T, 560), (B,)
 Y, Y_lengths = batch["targets"], batch["target_lengths"]  # (B, U), (B,)
-print("features", tuple(X.shape), "lengths", X_lengths.tolist(), "| targets", tuple(Y.shape),
-      "lengths", Y_lengths.tolist(), "| vocabulary", tokenizer.vocab_size)
+print(f"features {tuple(X.shape)}, targets {tuple(Y.shape)}, vocabulary {tokenizer.vocab_size}")
 for text, n, u in zip(batch["texts"], X_lengths.tolist(), Y_lengths.tolist()):
     print(f"{n:>4} frames = {n * frontend.frame_seconds:.2f} s, {u:>2} tokens: {text}")
 
@@ -761,27 +861,49 @@ for text, n, u in zip(batch["texts"], X_lengths.tolist(), Y_lengths.tolist()):
 # untrained encoder's output, which shows little structure yet, and zeros in the
 # padding after the utterance's last frame.
 
-# %%
+# %% mystnb={"figure": {"caption": "The first dev utterance of the batch on the batch's time axis: its 560 input features (seven stacked 80-bin fbank frames, after CMVN) and the 192 channels of the untrained encoder's output, both zero in the padding after the dashed line.", "name": "fig-ch04-real-features"}, "image": {"alt": "Two stacked heat maps sharing a frame axis. Top, 560 feature channels with structure over the first 24 frames and a few black vertical blocks of silence; bottom, 192 output channels with little structure. Both are a flat colour after the dashed line at frame 24."}}
 with torch.no_grad():
     H, H_lengths = encoder(X, X_lengths)  # (B, T, D), (B,)
-    alone = [encoder(X[b:b + 1, :n], X_lengths[b:b + 1])[0][0] for b, n in enumerate(X_lengths.tolist())]
+    alone = [
+        encoder(X[b : b + 1, :n], X_lengths[b : b + 1])[0][0]
+        for b, n in enumerate(X_lengths.tolist())
+    ]
 diff = max((H[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(X_lengths.tolist()))
-print("h", tuple(H.shape), "lengths", H_lengths.tolist())
+print(f"h {tuple(H.shape)}, lengths {', '.join(map(str, H_lengths.tolist()))}")
 print(f"real batch vs one utterance at a time: max abs diff {diff:.0e}")
 assert diff < 1e-4 and torch.equal(H_lengths, X_lengths)
 
 b = 0
-fig, axes = plt.subplots(2, 1, figsize=(9, 5), dpi=90, sharex=True, layout="constrained",
-                         gridspec_kw={"height_ratios": [3, 1.4]})
-for ax, data, title in [(axes[0], X[b], "input: LFR + CMVN features (560)"), (axes[1], H[b], "encoder output h (192)")]:
-    image = ax.imshow(data.T.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=-3, vmax=3,
-                      interpolation="nearest", extent=(-0.5, X.size(1) - 0.5, -0.5, data.size(1) - 0.5))
+fig, axes = plt.subplots(
+    2,
+    1,
+    figsize=(9, 5),
+    sharex=True,
+    layout="constrained",
+    gridspec_kw={"height_ratios": [3, 1.4]},
+)
+for ax, data, title in [
+    (axes[0], X[b], "input: LFR + CMVN features (560)"),
+    (axes[1], H[b], "encoder output h (192)"),
+]:
+    image = ax.imshow(
+        data.T.numpy(),
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        vmin=-3,
+        vmax=3,
+        interpolation="nearest",
+        extent=(-0.5, X.size(1) - 0.5, -0.5, data.size(1) - 0.5),
+    )
     ax.axvline(X_lengths[b].item() - 0.5, color="w", ls="--", lw=1)
     ax.set(title=title, ylabel="channel")
 axes[0].set_yticks([80 * k for k in range(8)])
-axes[1].set_xlabel(f"frame (60 ms); dashed: the end of utterance {b} ({X_lengths[b].item()} frames), "
-                   f"padding after it")
-fig.colorbar(image, ax=axes, shrink=0.8)
+axes[1].set_xlabel(
+    f"frame (60 ms); dashed: the end of utterance {b} ({X_lengths[b].item()} frames), "
+    f"padding after it"
+)
+fig.colorbar(image, ax=axes, shrink=0.8, label="value (unitless, clipped to ±3)")
 plt.show()
 
 # %% [markdown]
@@ -796,11 +918,17 @@ torch.manual_seed(0)
 head = CTCHead(config.d_model, tokenizer.vocab_size, blank=tokenizer.blank_id)
 with torch.no_grad():
     log_probs = head(H)  # (B, T, V)
-    ours = ctc_loss(log_probs, Y, X_lengths, Y_lengths, blank=tokenizer.blank_id, reduction="none")  # (B,)
+    # (B,)
+    ours = ctc_loss(log_probs, Y, X_lengths, Y_lengths, blank=tokenizer.blank_id, reduction="none")
     library = head.loss(H, X_lengths, Y, Y_lengths, reduction="none")  # (B,): F.ctc_loss
 diff = (ours - library).abs().max().item()
-print("CTC loss per utterance, ours:", [round(v) for v in ours.tolist()])
-print(f"ours vs F.ctc_loss on the real batch: max abs diff {diff:.1e} (relative {diff / library.abs().max().item():.0e})")
+relative = diff / library.abs().max().item()
+print_table(
+    zip(range(len(ours)), ours.tolist(), library.tolist()),
+    ["utterance", "CTC loss, ours", "F.ctc_loss"],
+    formats={"CTC loss, ours": ".0f", "F.ctc_loss": ".0f"},
+)
+print(f"ours vs F.ctc_loss on the real batch: max abs diff {diff:.1e} (relative {relative:.0e})")
 assert diff / library.abs().max().item() < 1e-5
 
 # %% [markdown]
@@ -817,10 +945,14 @@ repeats = torch.tensor([sum(p == q for p, q in zip(y[:-1], y[1:])) for y in trai
 U_train = torch.tensor([len(y) for y in train_tokens])  # (N,)
 frames_needed = (U_train + repeats) / train_frames  # (N,): the share of its frames a path needs
 T_median, U_median = int(train_frames.median()), int(U_train.median())
-print(f"{len(train_frames):,} training utterances: median {T_median} frames ({T_median * 0.06:.1f} s), "
-      f"median {U_median} tokens")
-print(f"tokens (+ blanks between repeats) per frame: mean {frames_needed.mean():.2f}, "
-      f"99th percentile {frames_needed.quantile(0.99):.2f}, max {frames_needed.max():.2f}")
+print(
+    f"{len(train_frames):,} training utterances: "
+    f"median {T_median} frames ({T_median * 0.06:.1f} s), median {U_median} tokens"
+)
+print(
+    f"tokens (+ blanks between repeats) per frame: mean {frames_needed.mean():.2f}, "
+    f"99th percentile {frames_needed.quantile(0.99):.2f}, max {frames_needed.max():.2f}"
+)
 assert frames_needed.max() < 1
 
 # %% [markdown]
@@ -849,16 +981,32 @@ vocab_size = tokenizer.vocab_size  # chapter 2's BPE vocabulary, the blank inclu
 encoder = SANMEncoder(EncoderConfig())
 transformer = SANMEncoder(EncoderConfig(kernel_size=0))
 head = CTCHead(EncoderConfig().d_model, vocab_size)
-parts = {"attention Q, K, V, out": "self_attn.linear", "FSMN memory": "memory", "feed-forward": "feed_forward",
-         "LayerNorms": "norm"}
-print(f"{'part':<24}{'layer 0':>10}{'layer 1..5':>12}{'SAN-M':>12}{'Transformer':>13}")
-for part, key in parts.items():
-    print(f"{part:<24}{count_parameters(encoder.layers[0], key):>10,}{count_parameters(encoder.layers[1], key):>12,}"
-          f"{count_parameters(encoder, key):>12,}{count_parameters(transformer, key):>13,}")
-print(f"{'CTC head (V=' + str(vocab_size) + ')':<24}{'':>10}{'':>12}{count_parameters(head):>12,}{count_parameters(head):>13,}")
-total, total_t = count_parameters(encoder) + count_parameters(head), count_parameters(transformer) + count_parameters(head)
-print(f"{'total':<24}{count_parameters(encoder.layers[0]):>10,}{count_parameters(encoder.layers[1]):>12,}"
-      f"{total:>12,}{total_t:>13,}")
+parts = {
+    "attention Q, K, V, out": "self_attn.linear",
+    "FSMN memory": "memory",
+    "feed-forward": "feed_forward",
+    "LayerNorms": "norm",
+}
+rows = [
+    [
+        part,
+        count_parameters(encoder.layers[0], key),
+        count_parameters(encoder.layers[1], key),
+        count_parameters(encoder, key),
+        count_parameters(transformer, key),
+    ]
+    for part, key in parts.items()
+]
+n_head = count_parameters(head)
+rows.append([f"CTC head (V={vocab_size})", None, None, n_head, n_head])
+total, total_t = (
+    count_parameters(encoder) + count_parameters(head),
+    count_parameters(transformer) + count_parameters(head),
+)
+layer_totals = [count_parameters(encoder.layers[0]), count_parameters(encoder.layers[1])]
+rows.append(["total", *layer_totals, total, total_t])
+headers = ["part", "layer 0", "layer 1..5", "SAN-M", "Transformer"]
+print_table(rows, headers, formats={h: "," for h in headers[1:]})
 print(f"the memory blocks add {count_parameters(encoder, 'memory') / total_t:.2%} to the model")
 
 # %% [markdown]
@@ -874,7 +1022,7 @@ print(f"the memory blocks add {count_parameters(encoder, 'memory') / total_t:.2%
 
 # %%
 def time_forward(model, T, B=1, repeats=5, x=None):
-    """Best wall time (s) of a few forward passes over B utterances of T frames (random unless x is given)."""
+    """Best wall time (s) of a few forward passes on B utterances of T frames (random unless x)."""
     x = torch.randn(B, T, model.config.d_input) if x is None else x  # (B, T, 560)
     lengths = torch.full((x.size(0),), x.size(1))  # (B,)
     times = []
@@ -891,39 +1039,60 @@ def time_forward(model, T, B=1, repeats=5, x=None):
 # NBVAL_IGNORE_OUTPUT
 torch.manual_seed(0)
 frames = [25, 50, 100, 200, 400, 800]
-models = {"SAN-M": SANMEncoder(EncoderConfig()).eval(), "Transformer": SANMEncoder(EncoderConfig(kernel_size=0)).eval()}
+models = {
+    "SAN-M": SANMEncoder(EncoderConfig()).eval(),
+    "Transformer": SANMEncoder(EncoderConfig(kernel_size=0)).eval(),
+}
 for model in models.values():
     time_forward(model, 100)  # warm-up: the first calls pay for memory allocation
 seconds = {name: [] for name in models}
 for T in frames:
     for name, model in models.items():  # alternate, so both see the same machine state
         seconds[name].append(time_forward(model, T))
-print(f"{'frames':>7}{'audio (s)':>10}{'SAN-M (ms)':>12}{'Transformer (ms)':>18}{'SAN-M RTF':>11}")
-for i, T in enumerate(frames):
-    print(f"{T:>7}{T * 0.06:>10.1f}{1000 * seconds['SAN-M'][i]:>12.1f}{1000 * seconds['Transformer'][i]:>18.1f}"
-          f"{seconds['SAN-M'][i] / (T * 0.06):>11.4f}")
+headers = ["frames", "audio (s)", "SAN-M (ms)", "Transformer (ms)", "SAN-M RTF"]
+print_table(
+    [
+        [T, T * 0.06, 1000 * sanm, 1000 * plain, sanm / (T * 0.06)]
+        for T, sanm, plain in zip(frames, seconds["SAN-M"], seconds["Transformer"])
+    ],
+    headers,
+    formats=dict(zip(headers[1:], [".1f", ".1f", ".1f", ".4f"])),
+)
 real = [dev[i]["features"] for i in range(0, len(dev), 10)]  # (T_b, 560): 30 dev utterances
 real_frames = [x.size(0) for x in real]
 real_seconds = [time_forward(models["SAN-M"], x.size(0), x=x[None], repeats=3) for x in real]
 rtf = sum(real_seconds) / (sum(real_frames) * 0.06)
-print(f"{len(real)} dev utterances of {min(real_frames)}-{max(real_frames)} frames, one at a time: "
-      f"{1000 * sum(real_seconds) / len(real):.1f} ms each on average, real-time factor {rtf:.4f}")
+print(
+    f"{len(real)} dev utterances of {min(real_frames)}-{max(real_frames)} frames, one at a time:\n"
+    f"  {1000 * sum(real_seconds) / len(real):.1f} ms each on average, real-time factor {rtf:.4f}"
+)
 
-# %%
+# %% mystnb={"figure": {"caption": "Forward time of the untrained encoder on one utterance against its length, on a log-log scale: SAN-M and Transformer layers, a line linear in the length through the 3 s point, and the dev set's real utterances. Timings vary between runs and machines.", "name": "fig-ch04-forward-time"}, "image": {"alt": "A log-log plot of forward time in milliseconds against audio length from 1.5 to 48 seconds. Two rising curves stay close to the dotted linear line up to about 12 seconds and bend upwards beyond; crosses for dev utterances cluster between 1 and 4 seconds."}}
 # NBVAL_IGNORE_OUTPUT
-fig, ax = plt.subplots(figsize=(6, 3.5), dpi=90)
+fig, ax = plt.subplots(figsize=(6, 3.5))
 audio = [T * 0.06 for T in frames]
 for name, times in seconds.items():
     ax.plot(audio, [1000 * t for t in times], "o-", label=name)
 linear = [1000 * seconds["SAN-M"][1] * a / audio[1] for a in audio]
 ax.plot(audio, linear, "k:", label="linear in T (from 3 s)")
-ax.plot([T * 0.06 for T in real_frames], [1000 * t for t in real_seconds], "x", color="C0", alpha=0.6,
-        label="SAN-M, dev utterances")
-ax.set(xscale="log", yscale="log", xlabel="audio length (s)", ylabel="forward time (ms)",
-       title="Encoder forward time, batch 1, CPU")
+ax.plot(
+    [T * 0.06 for T in real_frames],
+    [1000 * t for t in real_seconds],
+    "x",
+    color="C0",
+    alpha=0.6,
+    label="SAN-M, dev utterances",
+)
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="audio length (s)",
+    ylabel="forward time (ms)",
+    title="Encoder forward time, batch 1, CPU",
+)
 ax.set_xticks(audio, [f"{a:g}" for a in audio])
 ax.minorticks_off()
-ax.legend(fontsize=8)
+ax.legend(loc="lower right")  # the long, slow inputs sit top right
 plt.show()
 
 # %% [markdown]
@@ -942,7 +1111,8 @@ def time_training_step(config, vocab_size, B=16, T=60, U=30, repeats=3):
     model, head = SANMEncoder(config).train(), CTCHead(config.d_model, vocab_size)
     optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
     x, lengths = torch.randn(B, T, config.d_input), torch.full((B,), T)  # (B, T, 560), (B,)
-    targets, target_lengths = torch.randint(1, vocab_size, (B, U)), torch.full((B,), U)  # (B, U), (B,)
+    # (B, U), (B,)
+    targets, target_lengths = torch.randint(1, vocab_size, (B, U)), torch.full((B,), U)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -958,15 +1128,22 @@ def time_training_step(config, vocab_size, B=16, T=60, U=30, repeats=3):
 # %%
 # NBVAL_IGNORE_OUTPUT
 torch.manual_seed(0)
-sizes = {"small: 6 x 144": EncoderConfig(d_model=144, d_ffn=576),
-         "default: 6 x 192": EncoderConfig(),
-         "default, no dropout": EncoderConfig(dropout=0.0),
-         "larger: 8 x 256": EncoderConfig(d_model=256, d_ffn=1024, n_layers=8)}
-print(f"{'encoder':<20}{'parameters':>12}{'step (ms)':>11}{'utterances/s':>14}")
+sizes = {
+    "small: 6 x 144": EncoderConfig(d_model=144, d_ffn=576),
+    "default: 6 x 192": EncoderConfig(),
+    "default, no dropout": EncoderConfig(dropout=0.0),
+    "larger: 8 x 256": EncoderConfig(d_model=256, d_ffn=1024, n_layers=8),
+}
+rows = []
 for name, cfg in sizes.items():
     step = time_training_step(cfg, vocab_size, T=T_median, U=U_median)
     n = count_parameters(SANMEncoder(cfg)) + cfg.d_model * vocab_size + vocab_size
-    print(f"{name:<20}{n:>12,}{1000 * step:>11.0f}{16 / step:>14.0f}")
+    rows.append([name, n, 1000 * step, 16 / step])
+print_table(
+    rows,
+    ["encoder", "parameters", "step (ms)", "utterances/s"],
+    formats={"parameters": ",", "step (ms)": ".0f", "utterances/s": ".0f"},
+)
 
 # %% [markdown]
 # ## Summary
@@ -1010,7 +1187,7 @@ for name, cfg in sizes.items():
 #    alignment that forced aligners use. Find it for the trellis example above: which
 #    path is it, and what does it collapse to?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 def ctc_viterbi(log_probs, target, blank=0):
     """Most likely path through the CTC trellis, as the state index s of y' at every frame."""
     ext = extend_with_blanks(target, blank)  # (S,)
@@ -1022,7 +1199,8 @@ def ctc_viterbi(log_probs, target, blank=0):
     score[0, :2] = emit[0, :2]
     for t in range(1, len(emit)):
         step = F.pad(score[t - 1, :-1], (1, 0), value=-math.inf)  # (S,)
-        skip = F.pad(score[t - 1, :-2], (2, 0), value=-math.inf).masked_fill(~can_skip, -math.inf)  # (S,)
+        # (S,)
+        skip = F.pad(score[t - 1, :-2], (2, 0), value=-math.inf).masked_fill(~can_skip, -math.inf)
         best, back[t] = torch.stack([score[t - 1], step, skip]).max(0)  # (S,), (S,)
         score[t] = best + emit[t]  # (S,)
     s = len(ext) - 1 if score[-1, -1] >= score[-1, -2] else len(ext) - 2
@@ -1045,14 +1223,16 @@ assert best_states == states and decode(ctc_collapse(best_path)) == "ERROR"
 #    check with an impulse at frame 40 which frames' memories it reaches. Is the
 #    encoder then causal?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 causal = FSMNMemory(d_model=1, kernel_size=11, shift=5)  # window: 10 frames back, 0 ahead
 print("padding (left, right):", causal.padding)
 impulse = torch.zeros(1, 80, 1)  # (B, T, D)
 impulse[0, 40] = 1.0
 with torch.no_grad():
-    reached = causal(impulse, torch.ones(1, 80, dtype=torch.bool))[0, :, 0].nonzero().flatten().tolist()
-print("frames whose memory holds frame 40:", reached)
+    reached = (
+        causal(impulse, torch.ones(1, 80, dtype=torch.bool))[0, :, 0].nonzero().flatten().tolist()
+    )
+print("frames whose memory holds frame 40:", ", ".join(map(str, reached)))
 assert reached == list(range(40, 51))
 # Frames 40..50 remember frame 40, no earlier frame does: the memory is causal. The
 # encoder is not: its self-attention still sees the whole utterance. A streaming
@@ -1066,9 +1246,9 @@ assert reached == list(range(40, 51))
 #    for `ERROR` and a few random targets. At 60 ms per frame, what is the highest token
 #    rate CTC can follow? English runs about 16 characters per second (spaces included).
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 def min_frames(target):
-    """Fewest frames a CTC path for target needs: one per token, one blank per adjacent repeat."""
+    """Fewest frames a CTC path for target needs: one per token, a blank per adjacent repeat."""
     return len(target) + sum(a == b for a, b in zip(target[:-1], target[1:]))
 
 

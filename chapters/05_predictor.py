@@ -63,7 +63,9 @@ import torch.nn.functional as F
 from torch_cif import cif_function
 
 import paraformer_edu
+from paraformer_edu.display import book_style, print_table
 
+book_style()
 torch.manual_seed(0)
 print("paraformer_edu", paraformer_edu.__version__)
 
@@ -101,7 +103,7 @@ alpha_example = torch.tensor([0.3, 0.5, 0.4, 0.9, 0.1, 0.2, 0.5, 0.7])  # (T,)
 
 
 def cif_trace(alpha, beta=1.0):
-    """Rows (t, alpha_t, a_{t-1}, a_{t-1} + alpha_t, fired token, alpha_t1, alpha_t2) of the loop."""
+    """The loop's rows: t, alpha_t, a_{t-1}, a_{t-1} + alpha_t, token fired, alpha_t1, alpha_t2."""
     rows, a, token = [], 0.0, 0
     for t, w in enumerate(alpha.tolist()):
         if a + w >= beta:
@@ -113,11 +115,15 @@ def cif_trace(alpha, beta=1.0):
     return rows
 
 
-print(f"{'t':>2} {'alpha_t':>8} {'a_(t-1)':>8} {'a+alpha':>8}  {'fires':<8} {'alpha_t1':>9} {'alpha_t2':>9}")
-for t, w, before, after, token, part, rest in cif_trace(alpha_example):
-    fired = f"token {token}" if token is not None else ""
-    tail = f"{part:>9.1f} {rest:>9.1f}" if token is not None else ""
-    print(f"{t:>2} {w:>8.1f} {before:>8.1f} {after:>8.1f}  {fired:<8} {tail}")
+headers = ["t", "alpha_t", "a_(t-1)", "a+alpha", "fires", "alpha_t1", "alpha_t2"]
+print_table(
+    [
+        (t, w, before, after, None if token is None else f"token {token}", part, rest)
+        for t, w, before, after, token, part, rest in cif_trace(alpha_example)
+    ],
+    headers,
+    formats={h: ".1f" for h in headers if h.startswith("a")},
+)
 print(f"sum of alpha = {alpha_example.sum():.1f}: 3 tokens fired, 0.6 left over at the end")
 
 # %% [markdown]
@@ -127,7 +133,7 @@ print(f"sum of alpha = {alpha_example.sum():.1f}: 3 tokens fired, 0.6 left over 
 # $\beta$ at each fire, and the running sum $\sum_{s \le t} \alpha_s$ fires each time it
 # crosses a whole number.
 
-# %%
+# %% mystnb={"figure": {"caption": "Integrate and fire on the eight example weights. Left: the weights, the accumulator before and after each frame, and the three fires where it reaches $\\beta = 1$. Right: the same fires are where the running sum of the weights crosses 1, 2 and 3.", "name": "fig-ch05-cif"}, "image": {"alt": "Left, bars of eight frame weights with an orange step line for the accumulator and red triangles above frames 2, 3 and 7 where it passes the dotted line at 1. Right, a rising line of the running sum with red triangles at frames 2, 3 and 7 where it crosses the dotted lines at 1, 2 and 3."}}
 a_plus, a_after, a = [], [], 0.0
 for w in alpha_example.tolist():
     a_plus.append(a + w)  # a_{t-1} + alpha_t: fires when it reaches beta = 1
@@ -135,21 +141,30 @@ for w in alpha_example.tolist():
     a_after.append(a)
 fire_frames = [row[0] for row in cif_trace(alpha_example) if row[4] is not None]
 t = torch.arange(len(alpha_example))  # (T,)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), dpi=90)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
 axes[0].bar(t, alpha_example, color="C0", alpha=0.5, label=r"$\alpha_t$")
 axes[0].plot(t, a_plus, "o", color="C1", label=r"$a_{t-1} + \alpha_t$")
 axes[0].step(t, a_after, where="mid", color="C1", lw=1, label="accumulator after firing")
 axes[0].plot(fire_frames, [a_plus[f] for f in fire_frames], "rv", markersize=9, label="fire")
 axes[0].axhline(1.0, color="0.5", ls=":", lw=1)
-axes[0].set(xlabel="frame t", title=r"Integrate and fire ($\beta = 1$)", ylim=(0, 2.1))
-axes[0].legend(fontsize=8, loc="upper left", ncol=2)
+axes[0].set(
+    xlabel="frame t",
+    ylabel="weight (tokens)",
+    title=r"Integrate and fire ($\beta = 1$)",
+    ylim=(0, 2.1),
+)
+axes[0].legend(loc="upper left", ncol=2)
 axes[1].plot(t, alpha_example.cumsum(0), "o-", color="C2", label=r"$\sum_{s \leq t} \alpha_s$")
 for k in (1, 2, 3):
     axes[1].axhline(k, color="0.5", ls=":", lw=1)
 axes[1].plot(fire_frames, alpha_example.cumsum(0)[fire_frames], "rv", markersize=9, label="fire")
-axes[1].set(xlabel="frame t", title="The same fires: the running sum crosses 1, 2, 3", yticks=[0, 1, 2, 3])
-axes[1].legend(fontsize=8, loc="upper left")
-plt.tight_layout()
+axes[1].set(
+    xlabel="frame t",
+    ylabel="running sum (tokens)",
+    title="The same fires: the running sum crosses 1, 2, 3",
+    yticks=[0, 1, 2, 3],
+)
+axes[1].legend(loc="upper left")
 plt.show()
 
 # %% [markdown]
@@ -177,7 +192,7 @@ import torch.nn.functional as F
 # %%
 #| export
 def integrate_and_fire(h: torch.Tensor, alpha: torch.Tensor, beta: float = 1.0):
-    """The paper's loop for one utterance: h (T, D), alpha (T,) -> embeddings, fire frames, leftover c, a."""
+    """The paper's loop, one utterance: h (T, D), alpha (T,) -> embeddings, fires, leftover c, a."""
     alpha = alpha.double()  # (T,): accumulate in float64
     a = alpha.new_zeros(())  # weight integrated into the current token
     c = h.new_zeros(h.size(1))  # (D,): its embedding so far
@@ -200,10 +215,14 @@ def integrate_and_fire(h: torch.Tensor, alpha: torch.Tensor, beta: float = 1.0):
 
 # %%
 embeddings, fires, c, a = integrate_and_fire(torch.eye(8), alpha_example)
-print("fire frames:", fires)
-for k, e in enumerate(embeddings):
-    print(f"token {k}: weights {[round(x, 2) for x in e.tolist()]}, sum {e.sum():.2f}")
-print(f"left over: weights {[round(x, 2) for x in c.tolist()]}, a = {a:.2f}")
+print("fire frames:", ", ".join(map(str, fires)))
+print("weight each token took from each frame t:")
+print_table(
+    [[f"token {k}", *e.tolist(), e.sum().item()] for k, e in enumerate(embeddings)]
+    + [["left over", *c.tolist(), float(a)]],
+    ["", *[f"t={t}" for t in range(8)], "sum"],
+    formats={j: ".2f" for j in range(1, 10)},
+)
 assert fires == [2, 3, 7] and all(abs(e.sum() - 1.0) < 1e-6 for e in embeddings)
 
 # %% [markdown]
@@ -225,16 +244,33 @@ assert fires == [2, 3, 7] and all(abs(e.sum() - 1.0) < 1e-6 for e in embeddings)
 def _pad_tokens(tokens: list, h: torch.Tensor):
     """Stack per-utterance (embeddings, fires) lists into (B, N, D), (B,), (B, N) tensors."""
     N = max([len(e) for e, _ in tokens], default=0)
-    embeds = torch.stack([F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
-                          for e, _ in tokens]) if tokens else h.new_zeros(0, N, h.size(2))  # (B, N, D)
-    fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(len(tokens), N)
+    embeds = (
+        torch.stack(
+            [
+                F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
+                # (B, N, D)
+                for e, _ in tokens
+            ]
+        )
+        if tokens
+        else h.new_zeros(0, N, h.size(2))
+    )
+    fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(
+        len(tokens), N
+    )
     counts = torch.tensor([len(e) for e, _ in tokens], dtype=torch.long, device=h.device)  # (B,)
     return embeds, counts, fires.to(h.device)
 
 
-def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-             tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Reference CIF, a loop over frames: h (B, T, D), alphas (B, T) -> embeds (B, N, D), N (B,), fires (B, N)."""
+def cif_loop(
+    h: torch.Tensor,
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Reference CIF (a loop): h (B, T, D), alphas (B, T) -> embeds (B, N, D), N (B,), fires."""
     B, T, D = h.shape
     lengths = torch.full((B,), T) if lengths is None else lengths
     tokens = []
@@ -269,10 +305,10 @@ def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None
 # C_t = \frac{1}{\beta} \sum_{s \le t} \alpha_s, \qquad C_0 = 0 .
 # $$
 #
-# Frame $t$ covers the interval $[C_{t-1}, C_t]$ of that axis, token $k$ (counting from
-# 0) the interval $[k, k+1]$. The weight frame $t$ gives token $k$ is $\beta$ times the
-# length of their overlap, and the token fires at the first frame where $C_t$ reaches
-# $k+1$:
+# Frame $t$ covers the interval $[C_{t-1}, C_t]$ of that axis, token $k$ (counting
+# from 0) the interval $[k, k+1]$. The weight frame $t$ gives token $k$ is $\beta$ times
+# the length of their overlap, and the token fires at the first frame where $C_t$
+# reaches $k+1$:
 #
 # $$
 # w_{k,t} = \beta \max\!\big(0,\ \min(C_t, k+1) - \max(C_{t-1}, k)\big), \qquad
@@ -287,7 +323,7 @@ def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None
 
 # %%
 def cif_weights_dense(alpha, beta=1.0):
-    """The dense CIF weight matrix W (K, T) of one utterance, K = ceil(sum(alpha) / beta) tokens."""
+    """The dense CIF weights W (K, T) of one utterance, K = ceil(sum(alpha) / beta) tokens."""
     C = F.pad(alpha.double().cumsum(0) / beta, (1, 0))  # (T + 1,): C_0 = 0, ..., C_T
     k = torch.arange(math.ceil(C[-1].item()), dtype=torch.float64)[:, None]  # (K, 1)
     overlap = torch.minimum(C[1:], k + 1) - torch.maximum(C[:-1], k)  # (K, T)
@@ -295,7 +331,11 @@ def cif_weights_dense(alpha, beta=1.0):
 
 
 W = cif_weights_dense(alpha_example)  # (K, T)
-print(W.numpy().round(2))
+print_table(
+    [[f"token {k}", *row] for k, row in enumerate(W.tolist())],
+    ["", *[f"t={t}" for t in range(W.size(1))]],
+    formats={j: ".2f" for j in range(1, W.size(1) + 1)},
+)
 diff = max_abs_diff(W[:3].float(), torch.stack(embeddings))
 print(f"max abs diff, dense W vs the loop: {diff:.1e}")
 assert diff < 1e-6
@@ -319,11 +359,18 @@ assert diff < 1e-6
 
 # %%
 #| export
-def cif_count(alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-              tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Running token count C (B, T + 1), float64, C[:, t] = sum(alphas[:, :t]) / beta, and token counts N (B,)."""
+def cif_count(
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Running count C (B, T + 1), float64, C[:, t] = sum(alphas[:, :t]) / beta; counts N (B,)."""
     B, T = alphas.shape
-    lengths = torch.full((B,), T, device=alphas.device) if lengths is None else lengths.to(alphas.device)
+    lengths = (
+        torch.full((B,), T, device=alphas.device) if lengths is None else lengths.to(alphas.device)
+    )
     valid = torch.arange(T, device=alphas.device) < lengths[:, None]  # (B, T)
     S = F.pad(alphas.masked_fill(~valid, 0.0).double().cumsum(1), (1, 0))  # (B, T + 1)
     total = S[:, -1:]  # (B, 1)
@@ -337,19 +384,21 @@ def cif_count(alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: f
 
 
 def _frame_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, beta: float) -> torch.Tensor:
-    """Each frame's first piece, from C_{t-1} to the end of its token, summed per token: (B, K, D)."""
+    """Each frame's first piece, from C_{t-1} to its token's end, summed per token: (B, K, D)."""
     B, T, D = h.shape
     K = int(N.max())
     j = C[:, :-1].floor()  # (B, T): the token each frame starts in
     w = (torch.minimum(C[:, 1:], j + 1) - C[:, :-1]) * beta  # (B, T): its weight there
     row = torch.arange(B, device=h.device)[:, None]  # (B, 1)
-    index = torch.where(j < N[:, None], row * K + j.long(), B * K).flatten()  # (B*T,): B*K = discard
+    # (B*T,): B*K = discard
+    index = torch.where(j < N[:, None], row * K + j.long(), B * K).flatten()
     pieces = (w.to(h.dtype)[..., None] * h).flatten(0, 1)  # (B*T, D)
     return h.new_zeros(B * K + 1, D).index_add(0, index, pieces)[:-1].view(B, K, D)  # (B, K, D)
 
 
-def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: torch.Tensor,
-                     beta: float) -> torch.Tensor:
+def _boundary_pieces(
+    h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Each token's piece that starts at its boundary k, inside frame fires[k - 1]: (B, K, D)."""
     B, T, D = h.shape
     K = fires.size(1)
@@ -367,11 +416,19 @@ def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: t
 
 # %%
 #| export
-def cif(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-        tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N (B,), fires (B, N)."""
+def cif(
+    h: torch.Tensor,
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N, fires."""
     B, T, D = h.shape
-    lengths = torch.full((B,), T, device=h.device) if lengths is None else lengths.to(h.device).long()
+    lengths = (
+        torch.full((B,), T, device=h.device) if lengths is None else lengths.to(h.device).long()
+    )
     C, N = cif_count(alphas, lengths, beta, tail_threshold, target_lengths)  # (B, T + 1), (B,)
     K = int(N.max()) if B else 0
     if K == 0:
@@ -404,7 +461,7 @@ def random_batch(B=6, T=40, D=8, scale=0.8, seed=0):
 
 
 def compare(fn_a, fn_b, h, alphas, lengths, **kw):
-    """Max abs diffs (embeddings, gradients) of two CIFs on one batch; asserts equal counts and fire frames."""
+    """Max abs diffs (embeddings, gradients) of two CIFs; asserts equal counts and fire frames."""
     results = []
     for fn in (fn_a, fn_b):
         hh, aa = h.clone().requires_grad_(), alphas.clone().requires_grad_()  # (B, T, D), (B, T)
@@ -426,8 +483,8 @@ for beta, scale in [(1.0, 0.8), (0.7, 0.9), (0.5, 1.0)]:
         for kw in (dict(), dict(tail_threshold=0.45 * beta), dict(target_lengths=targets)):
             e, g = compare(cif_loop, cif, h, alphas, lengths, beta=beta, **kw)
             worst_e, worst_g = max(worst_e, e), max(worst_g, g)
-print(f"loop vs vectorised, 27 batches: same counts and fire frames; "
-      f"max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
+print("loop vs vectorised, 27 batches: same counts and fire frames;")
+print(f"  max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
 assert worst_e < 1e-5 and worst_g < 1e-5
 
 # %% [markdown]
@@ -458,15 +515,19 @@ assert worst_e < 1e-5 and worst_g < 1e-5
 
 # %%
 def cif_torch_cif(h, alphas, lengths, beta=1.0, tail_threshold=0.0, target_lengths=None):
-    """torch-cif's cif_function with our conventions: embeds (B, N, D), N (B,), fires (B, N) or None."""
+    """torch-cif's cif_function with our conventions: embeds (B, N, D), N (B,), fires None."""
     padding = torch.arange(h.size(1)) >= lengths[:, None]  # (B, T): True = padding
     if target_lengths is not None:
-        out = cif_function(h, alphas, beta=beta, padding_mask=padding, target_lengths=target_lengths, eps=0.0)
+        out = cif_function(
+            h, alphas, beta=beta, padding_mask=padding, target_lengths=target_lengths, eps=0.0
+        )
         return out["cif_out"][0], out["cif_lengths"][0], None
-    tail = beta - tail_threshold if tail_threshold > 0 else math.inf  # it compares the leftover itself
+    # it compares the leftover itself
+    tail = beta - tail_threshold if tail_threshold > 0 else math.inf
     out = cif_function(h, alphas, beta=beta, tail_thres=tail, padding_mask=padding)
     embeds, N = out["cif_out"][0], out["cif_lengths"][0]  # (B, N, D), (B,)
-    r = out["tail_weights"][0].detach()  # (B,): leftover weight of the unfinished token (a constant, as in torch-cif)
+    # (B,): leftover weight of the unfinished token (a constant, as in torch-cif)
+    r = out["tail_weights"][0].detach()
     extended = (N > 0) & (r >= tail)  # (B,): utterances whose last token is the rescaled tail
     undo = torch.ones(embeds.shape[:2], dtype=embeds.dtype)  # (B, N)
     undo[extended, N[extended] - 1] = (r[extended] / beta).to(embeds.dtype)
@@ -483,8 +544,8 @@ for beta, scale in [(1.0, 0.8), (0.5, 1.0)]:
         for kw in (dict(), dict(tail_threshold=0.45 * beta), dict(target_lengths=targets)):
             e, g = compare(cif, cif_torch_cif, h, alphas, lengths, beta=beta, **kw)
             worst_e, worst_g = max(worst_e, e), max(worst_g, g)
-print(f"vectorised vs torch-cif, 18 batches of 200 frames: same counts; "
-      f"max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
+print("vectorised vs torch-cif, 18 batches of 200 frames: same counts;")
+print(f"  max abs diff {worst_e:.0e} (embeddings), {worst_g:.0e} (gradients)")
 assert worst_e < 1e-4 and worst_g < 1e-4
 
 # %% [markdown]
@@ -498,7 +559,10 @@ assert worst_e < 1e-4 and worst_g < 1e-4
 
 # %%
 g = torch.Generator().manual_seed(0)
-h_long, alphas_long = torch.randn(1, 20_000, 4, generator=g), torch.rand(1, 20_000, generator=g) * 0.8
+h_long, alphas_long = (
+    torch.randn(1, 20_000, 4, generator=g),
+    torch.rand(1, 20_000, generator=g) * 0.8,
+)
 lengths_long = torch.tensor([20_000])
 e_loop, n_loop, f_loop = cif_loop(h_long, alphas_long, lengths_long)
 e_vec, n_vec, f_vec = cif(h_long, alphas_long, lengths_long)
@@ -506,10 +570,13 @@ e_tc, n_tc, _ = cif_torch_cif(h_long, alphas_long, lengths_long)
 C32 = F.pad(alphas_long[0].cumsum(0), (1, 0))  # (T + 1,): the running sum in float32
 f32 = torch.nonzero(C32[1:].floor() > C32[:-1].floor()).flatten()  # fire frames it implies
 print(f"tokens: loop {n_loop.item()}, vectorised {n_vec.item()}, torch-cif {n_tc.item()}")
-print(f"loop vs vectorised: same fire frames {torch.equal(f_loop, f_vec)}, "
-      f"max abs diff {max_abs_diff(e_loop, e_vec):.1e}")
+print(
+    f"loop vs vectorised: same fire frames {torch.equal(f_loop, f_vec)}, "
+    f"max abs diff {max_abs_diff(e_loop, e_vec):.1e}"
+)
 print(f"loop vs torch-cif: max abs diff {max_abs_diff(e_loop, e_tc):.1e}")
-print(f"a float32 running sum puts {(f32 != f_loop[0]).sum().item()} of {len(f32)} fires on another frame")
+moved = (f32 != f_loop[0]).sum().item()
+print(f"a float32 running sum puts {moved} of {len(f32)} fires on another frame")
 assert torch.equal(f_loop, f_vec) and max_abs_diff(e_loop, e_vec) < 1e-5
 
 # %% [markdown]
@@ -545,11 +612,12 @@ class CifOutput(NamedTuple):
     embeds: torch.Tensor  # (B, N, D) acoustic embeddings E_ac, zero past each count
     token_lengths: torch.Tensor  # (B,) number of tokens N
     alphas: torch.Tensor  # (B, T) weights before any scaling: their sum is the predicted length
-    fires: torch.Tensor  # (B, N) frame where each token fired (lengths[b]: the tail frame), -1 past N
+    # (B, N) frame where each token fired (lengths[b]: the tail frame), -1 past N
+    fires: torch.Tensor
 
 
 class CifPredictor(nn.Module):
-    """Paraformer's predictor: weights alpha from encoder states, then continuous integrate-and-fire."""
+    """Paraformer's predictor: weights alpha from encoder states, then integrate-and-fire."""
 
     def __init__(self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45):
         super().__init__()
@@ -560,13 +628,15 @@ class CifPredictor(nn.Module):
     def weights(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The weights alpha (B, T) of encoder states h (B, T, D); 0 on padding."""
         valid = torch.arange(h.size(1), device=h.device) < lengths[:, None]  # (B, T)
-        x = h.masked_fill(~valid[..., None], 0.0).transpose(1, 2)  # (B, D, T): Conv1d wants channels first
+        # (B, D, T): Conv1d wants channels first
+        x = h.masked_fill(~valid[..., None], 0.0).transpose(1, 2)
         x = torch.relu(self.conv(x)).transpose(1, 2)  # (B, T, D)
         return torch.sigmoid(self.linear(x)).squeeze(-1).masked_fill(~valid, 0.0)  # (B, T)
 
-    def forward(self, h: torch.Tensor, lengths: torch.Tensor,
-                target_lengths: torch.Tensor | None = None) -> CifOutput:
-        """Integrate h (B, T, D) into tokens: |y| of them if target_lengths (B,) is given, else the tail rule."""
+    def forward(
+        self, h: torch.Tensor, lengths: torch.Tensor, target_lengths: torch.Tensor | None = None
+    ) -> CifOutput:
+        """Integrate h (B, T, D) into tokens: |y| given target_lengths (B,), else the tail rule."""
         alphas = self.weights(h, lengths)  # (B, T)
         tail = 0.0 if target_lengths is not None else self.tail_threshold
         embeds, token_lengths, fires = cif(h, alphas, lengths, self.beta, tail, target_lengths)
@@ -578,8 +648,11 @@ torch.manual_seed(0)
 predictor = CifPredictor(d_model=192)
 h, lengths = torch.randn(3, 50, 192), torch.tensor([50, 31, 12])  # (B, T, D), (B,)
 out = predictor(h, lengths)
-print("parameters:", sum(p.numel() for p in predictor.parameters()))
-print("alphas", tuple(out.alphas.shape), "-> embeds", tuple(out.embeds.shape), "tokens", out.token_lengths.tolist())
+print(f"parameters: {sum(p.numel() for p in predictor.parameters()):,}")
+print(
+    f"alphas {tuple(out.alphas.shape)} -> embeds {tuple(out.embeds.shape)}, "
+    f"tokens {', '.join(map(str, out.token_lengths.tolist()))}"
+)
 alone = predictor.weights(h[2:, :12], lengths[2:])  # (1, 12): the short utterance without padding
 diff = max_abs_diff(alone, out.alphas[2:, :12])
 print(f"weights of the short utterance, alone vs in the batch: max abs diff {diff:.1e}")
@@ -616,10 +689,13 @@ targets_many = torch.randint(20, 120, (1000,), generator=g)  # (B,)
 scale = (targets_many / alphas_many.double().sum(1)).float()  # (B,): exact sum, then float32
 scaled = alphas_many * scale[:, None]  # (B, T), float32
 _, n_naive = cif_count(scaled)  # counts a CIF without target would produce
-print(f"scaled in float32, then counted: {(n_naive < targets_many).float().mean():.1%} of 1000 utterances "
-      f"fire one token too few")
+print(
+    f"scaled in float32, then counted: {(n_naive < targets_many).float().mean():.1%} "
+    f"of 1000 utterances fire one token too few"
+)
 C, n_exact = cif_count(alphas_many, target_lengths=targets_many)
-print(f"cif_count with target_lengths: C ends at |y| exactly for all: {torch.equal(C[:, -1], targets_many.double())}")
+exact = torch.equal(C[:, -1], targets_many.double())
+print(f"cif_count with target_lengths: C ends at |y| exactly for all: {exact}")
 assert torch.equal(n_exact, targets_many) and torch.equal(C[:, -1], targets_many.double())
 
 # %% [markdown]
@@ -640,9 +716,16 @@ h_small = torch.eye(3)[None]  # (B, T, D): h_t = unit vectors, so embeddings sho
 alphas_small = torch.tensor([[0.5, 0.2, 0.3]])  # (B, T): sums to 1
 for name, fn in [("loop", cif_loop), ("vectorised", cif)]:
     e, n, f = fn(h_small, alphas_small, target_lengths=torch.tensor([4]))
-    print(f"{name:>10}: {n.item()} tokens fired at frames {f[0].tolist()}; weights per token:")
-    print(e[0].numpy().round(3))
-e_tc, n_tc, _ = cif_torch_cif(h_small, alphas_small, torch.tensor([3]), target_lengths=torch.tensor([4]))
+    fired = ", ".join(map(str, f[0].tolist()))
+    print(f"{name}: {n.item()} tokens fired at frames {fired}; weights per token:")
+    print_table(
+        [[f"token {k}", *row] for k, row in enumerate(e[0].tolist())],
+        ["", "t=0", "t=1", "t=2"],
+        formats={j: ".3f" for j in (1, 2, 3)},
+    )
+e_tc, n_tc, _ = cif_torch_cif(
+    h_small, alphas_small, torch.tensor([3]), target_lengths=torch.tensor([4])
+)
 print(f"torch-cif: max abs diff to the vectorised version {max_abs_diff(e_tc, e):.1e}")
 assert torch.equal(f[0], torch.tensor([0, 1, 2, 2])) and max_abs_diff(e_tc, e) < 1e-6
 
@@ -658,7 +741,7 @@ assert torch.equal(f[0], torch.tensor([0, 1, 2, 2])) and max_abs_diff(e_tc, e) <
 # %%
 #| export
 def quantity_loss(alphas: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """The quantity (MAE) loss: mean over the batch of |sum_t alpha_t - |y||, on unscaled alphas (B, T)."""
+    """The quantity (MAE) loss: batch mean of |sum_t alpha_t - |y||, on unscaled alphas (B, T)."""
     return (alphas.sum(1) - target_lengths.to(alphas.dtype)).abs().mean()
 
 
@@ -668,7 +751,11 @@ loss = quantity_loss(alphas_q, torch.tensor([2, 1]))
 loss.backward()
 ref = F.l1_loss(alphas_q.detach().sum(1), torch.tensor([2.0, 1.0]))
 print(f"quantity loss {loss.item():.2f} (F.l1_loss: {ref.item():.2f}); gradient per frame:")
-print(alphas_q.grad.numpy())
+print_table(
+    [[f"utterance {b}", *row] for b, row in enumerate(alphas_q.grad.tolist())],
+    ["", *[f"t={t}" for t in range(alphas_q.size(1))]],
+    formats={j: "+.2f" for j in range(1, alphas_q.size(1) + 1)},
+)
 assert abs(loss.item() - ref.item()) < 1e-6
 
 # %% [markdown]
@@ -700,20 +787,33 @@ def edge_alphas(total, T=6):
     return torch.full((1, T), total / T, dtype=torch.float64)  # (B, T)
 
 
-cases = {"all zero": torch.zeros(1, 6), "one frame, 0.7": torch.tensor([[0.7]]),
-         "one frame, 0.5": torch.tensor([[0.5]]), "sum 2.999999": edge_alphas(2.999999),
-         "sum 3.000001": edge_alphas(3.000001), "sum 3.549": edge_alphas(3.549), "sum 3.551": edge_alphas(3.551)}
-print(f"{'weights':<16}{'no tail':>8}{'tail 0.45':>10}{'torch-cif':>10}  fire frames with tail")
+cases = {
+    "all zero": torch.zeros(1, 6),
+    "one frame, 0.7": torch.tensor([[0.7]]),
+    "one frame, 0.5": torch.tensor([[0.5]]),
+    "sum 2.999999": edge_alphas(2.999999),
+    "sum 3.000001": edge_alphas(3.000001),
+    "sum 3.549": edge_alphas(3.549),
+    "sum 3.551": edge_alphas(3.551),
+}
+rows = []
 for name, al in cases.items():
-    hh, L = torch.randn(1, al.size(1), 4, dtype=al.dtype), torch.tensor([al.size(1)])  # (B, T, D), (B,)
+    # (B, T, D), (B,)
+    hh, L = torch.randn(1, al.size(1), 4, dtype=al.dtype), torch.tensor([al.size(1)])
     n0 = cif(hh, al, L)[1].item()
     e1, n1, f1 = cif(hh, al, L, tail_threshold=0.45)
     e2, n2, f2 = cif_loop(hh, al, L, tail_threshold=0.45)
     n3 = cif_torch_cif(hh, al.float(), L, tail_threshold=0.45)[1].item()
     assert n1.item() == n2.item() == n3 and torch.equal(f1, f2) and max_abs_diff(e1, e2) < 1e-6
-    print(f"{name:<16}{n0:>8}{n1.item():>10}{n3:>10}  {f1[0].tolist()}")
-e_pad, n_pad, f_pad = cif(torch.randn(2, 5, 4), torch.rand(2, 5), torch.tensor([5, 0]), tail_threshold=0.45)
-print(f"padding only (length 0) in a batch: {n_pad[1].item()} tokens, fires {f_pad[1].tolist()}")
+    rows.append([name, n0, n1.item(), n3, ", ".join(map(str, f1[0].tolist())) or "none"])
+print_table(rows, ["weights", "no tail", "tail 0.45", "torch-cif", "fire frames with tail"])
+e_pad, n_pad, f_pad = cif(
+    torch.randn(2, 5, 4), torch.rand(2, 5), torch.tensor([5, 0]), tail_threshold=0.45
+)
+print(
+    f"padding only (length 0) in a batch: {n_pad[1].item()} tokens, "
+    f"fires {', '.join(map(str, f_pad[1].tolist()))}"
+)
 assert n_pad[1] == 0 and (e_pad[1] == 0).all()
 
 # %% [markdown]
@@ -749,19 +849,28 @@ assert n_pad[1] == 0 and (e_pad[1] == 0).all()
 
 # %%
 #| export
-def cif_timestamps(fires: torch.Tensor, token_lengths: torch.Tensor, lengths: torch.Tensor,
-                   frame_shift: float = 0.06) -> list[list[tuple[float, float]]]:
-    """(start, end) in seconds of each token, from fire frames (B, N), counts (B,) and frame counts (B,)."""
+def cif_timestamps(
+    fires: torch.Tensor,
+    token_lengths: torch.Tensor,
+    lengths: torch.Tensor,
+    frame_shift: float = 0.06,
+) -> list[list[tuple[float, float]]]:
+    """(start, end) in seconds of each token, from fire frames (B, N), counts N and lengths."""
     if fires.is_floating_point():
         raise TypeError("cif_timestamps takes fire frames (integers), not weights")
-    f = torch.minimum(fires, lengths[:, None].to(fires) - 1)  # (B, N): the tail frame is the last one
+    # (B, N): the tail frame is the last one
+    f = torch.minimum(fires, lengths[:, None].to(fires) - 1)
     previous = F.pad(f[:, :-1] + 1, (1, 0))  # (B, N): the frame after the previous fire, 0 first
     start = torch.minimum(previous, f)  # (B, N): tokens fired in one frame share it
     stamps = []
     for b in range(fires.size(0)):
         n = int(token_lengths[b])
-        stamps.append([(round(s * frame_shift, 3), round((e + 1) * frame_shift, 3))
-                       for s, e in zip(start[b, :n].tolist(), f[b, :n].tolist())])
+        stamps.append(
+            [
+                (round(s * frame_shift, 3), round((e + 1) * frame_shift, 3))
+                for s, e in zip(start[b, :n].tolist(), f[b, :n].tolist())
+            ]
+        )
     return stamps
 
 
@@ -773,12 +882,15 @@ def cif_timestamps(fires: torch.Tensor, token_lengths: torch.Tensor, lengths: to
 # %%
 alphas_ts = torch.zeros(2, 20)  # (B, T)
 alphas_ts[0, [3, 9, 15]] = 1.0
-alphas_ts[1, [2, 5, 6, 7]] = torch.tensor([0.9, 0.3, 0.9, 0.6])  # sums 2.7: tokens at 5, 6 and the tail
+# sums 2.7: tokens at 5, 6 and the tail
+alphas_ts[1, [2, 5, 6, 7]] = torch.tensor([0.9, 0.3, 0.9, 0.6])
 lengths_ts = torch.tensor([20, 8])
 _, n_ts, f_ts = cif(torch.randn(2, 20, 4), alphas_ts, lengths_ts, tail_threshold=0.45)
 stamps = cif_timestamps(f_ts, n_ts, lengths_ts)
 for b in range(2):
-    print(f"fire frames {f_ts[b, :n_ts[b]].tolist()} -> {stamps[b]}")
+    frames_b = ", ".join(map(str, f_ts[b, : n_ts[b]].tolist()))
+    spans = ", ".join(f"{start:.2f}-{end:.2f}" for start, end in stamps[b])
+    print(f"fire frames {frames_b} -> {spans} s")
 assert stamps[0] == [(0.0, 0.24), (0.24, 0.6), (0.6, 0.96)]
 assert stamps[1] == [(0.0, 0.36), (0.36, 0.42), (0.42, 0.48)]
 
@@ -815,7 +927,8 @@ from paraformer_edu.tokenizer import default_tokenizer
 
 manifests = build_corpus()  # {split: manifest}: synthesised once (1-2 min), then cached
 tokenizer = default_tokenizer(manifests["train"])  # chapter 2: BPE on the training transcripts
-frontend = Frontend.fit(manifests["train"], max_utterances=1000)  # CMVN of the first 1,000 utterances
+# CMVN of the first 1,000 utterances
+frontend = Frontend.fit(manifests["train"], max_utterances=1000)
 train_set = SpeechDataset(manifests["train"], frontend, tokenizer.encode)
 dev_set = SpeechDataset(manifests["dev"], frontend, tokenizer.encode)
 train_items = [train_set[i] for i in range(1000)]  # dicts: features (T_b, 560), targets (U_b,), ...
@@ -826,10 +939,14 @@ X_dev, Y_dev = [it["features"] for it in dev_items], [it["targets"] for it in de
 T_dev = torch.tensor([len(x) for x in X_dev])  # (N,)
 U_dev = torch.tensor([len(y) for y in Y_dev])  # (N,)
 hours = sum(e["duration"] for e in train_entries) / 3600
-print(f"train: {len(X_train)} utterances, {hours:.2f} h, {sum(len(x) for x in X_train):,} frames, "
-      f"{sum(len(y) for y in Y_train):,} tokens")
-print(f"dev: {len(X_dev)} utterances, tokens per utterance {U_dev.min()}-{U_dev.max()}, "
-      f"tokens per frame mean {(U_dev / T_dev).mean():.2f}, max {(U_dev / T_dev).max():.2f}")
+print(
+    f"train: {len(X_train)} utterances, {hours:.2f} h, {sum(len(x) for x in X_train):,} frames, "
+    f"{sum(len(y) for y in Y_train):,} tokens"
+)
+print(
+    f"dev: {len(X_dev)} utterances, tokens per utterance {U_dev.min()}-{U_dev.max()}, "
+    f"tokens per frame mean {(U_dev / T_dev).mean():.2f}, max {(U_dev / T_dev).max():.2f}"
+)
 
 # %% [markdown]
 # Two helpers: the weights $\alpha$ of the dev set (in evaluation mode, batches of 50),
@@ -845,7 +962,7 @@ def predict_alphas(encoder, predictor, items, batch_size=50):
     T_max, chunks = max(len(it["features"]) for it in items), []
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
-            batch = collate(items[i:i + batch_size])  # features (B, T, 560), feature_lengths (B,)
+            batch = collate(items[i : i + batch_size])  # features (B, T, 560), feature_lengths (B,)
             h, h_lengths = encoder(batch["features"], batch["feature_lengths"])  # (B, T, D), (B,)
             alphas = predictor.weights(h, h_lengths)  # (B, T)
             chunks.append(F.pad(alphas, (0, T_max - alphas.size(1))))  # (B, T_max)
@@ -856,9 +973,12 @@ def length_errors(predicted, true):
     """Statistics of predicted lengths (N,) against true token counts (N,)."""
     error = predicted.double() - true  # (N,)
     count = torch.floor(predicted.double() + 0.45)  # (N,): the count at inference (tail rule)
-    return {"mean error": error.mean().item(), "mean abs error": error.abs().mean().item(),
-            "relative abs error": (error.abs() / true).mean().item(),
-            "exact count": (count == true).double().mean().item()}
+    return {
+        "mean error": error.mean().item(),
+        "mean abs error": error.abs().mean().item(),
+        "relative abs error": (error.abs() / true).mean().item(),
+        "exact count": (count == true).double().mean().item(),
+    }
 
 # %% [markdown]
 # The model: an encoder of 4 layers of width 144 (chapter 4's SAN-M layers; less than half
@@ -875,14 +995,18 @@ encoder = SANMEncoder(config)
 ctc_head = CTCHead(config.d_model, tokenizer.vocab_size, blank=tokenizer.blank_id)
 predictor = CifPredictor(config.d_model)
 n_parameters = sum(p.numel() for m in (encoder, ctc_head, predictor) for p in m.parameters())
-print(f"parameters: {n_parameters:,} (predictor {sum(p.numel() for p in predictor.parameters()):,})")
+print(
+    f"parameters: {n_parameters:,} (predictor {sum(p.numel() for p in predictor.parameters()):,})"
+)
 
 alphas_before = predict_alphas(encoder, predictor, dev_items)  # (N, T_max)
 lengths_before = alphas_before.sum(1)  # (N,)
 rate = sum(len(y) for y in Y_train) / sum(len(x) for x in X_train)  # tokens per frame in training
 lengths_baseline = rate * T_dev  # (N,)
-print(f"untrained: mean alpha {(lengths_before / T_dev).mean():.2f} per frame; "
-      f"training set: {rate:.2f} tokens per frame")
+print(
+    f"untrained: mean alpha {(lengths_before / T_dev).mean():.2f} per frame; "
+    f"training set: {rate:.2f} tokens per frame"
+)
 
 # %% [markdown]
 # **Training.** Adam with a peak learning rate of $2 \cdot 10^{-3}$, warmed up over 50
@@ -899,7 +1023,9 @@ print(f"untrained: mean alpha {(lengths_before / T_dev).mean():.2f} per frame; "
 steps, peak_lr, warmup = 500, 2e-3, 50
 parameters = [*encoder.parameters(), *ctc_head.parameters(), *predictor.parameters()]
 optimizer = torch.optim.Adam(parameters, lr=peak_lr)
-schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1 - s / steps))
+schedule = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, lambda s: min((s + 1) / warmup, 1 - s / steps)
+)
 sampler = BucketBatchSampler([len(x) for x in X_train], max_frames=1200, seed=0)
 encoder.train(), predictor.train()
 step, epoch, start = 0, 0, time.perf_counter()
@@ -922,37 +1048,60 @@ while step < steps:
         schedule.step()
         step += 1
         if step % 100 == 0:
-            print(f"step {step:>3} (epoch {epoch}): CTC {loss_ctc.item():.2f}, quantity {loss_mae.item():.2f}, "
-                  f"{time.perf_counter() - start:.0f} s")
+            print(
+                f"step {step:>3} (epoch {epoch}): CTC {loss_ctc.item():.2f}, "
+                f"quantity {loss_mae.item():.2f}, {time.perf_counter() - start:.0f} s"
+            )
     epoch += 1
 alphas_after = predict_alphas(encoder, predictor, dev_items)  # (N, T_max)
 lengths_after = alphas_after.sum(1)  # (N,)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-rows = {"untrained": length_errors(lengths_before, U_dev),
-        "average rate (baseline)": length_errors(lengths_baseline, U_dev),
-        "trained (500 steps)": length_errors(lengths_after, U_dev)}
+rows = {
+    "untrained": length_errors(lengths_before, U_dev),
+    "average rate (baseline)": length_errors(lengths_baseline, U_dev),
+    "trained (500 steps)": length_errors(lengths_after, U_dev),
+}
 print(f"{len(U_dev)} dev utterances, {U_dev.double().mean():.1f} tokens on average")
-print(f"{'predicted length':<25}{'mean error':>11}{'mean abs error':>16}{'relative':>10}{'exact count':>13}")
-for name, r in rows.items():
-    print(f"{name:<25}{r['mean error']:>+11.2f}{r['mean abs error']:>16.2f}{r['relative abs error']:>10.1%}"
-          f"{r['exact count']:>13.1%}")
+print_table(
+    [{"predicted length": name, **r} for name, r in rows.items()],
+    formats={
+        "mean error": "+.2f",
+        "mean abs error": ".2f",
+        "relative abs error": ".1%",
+        "exact count": ".1%",
+    },
+)
 before, baseline, after = (rows[k]["mean abs error"] for k in rows)
-print(f"mean abs error: trained / untrained {after / before:.2f}, trained / baseline {after / baseline:.2f}")
-assert after < 0.85 * before and after < 0.92 * baseline and abs(rows["trained (500 steps)"]["mean error"]) < 1.5
+print(
+    f"mean abs error: trained / untrained {after / before:.2f}, "
+    f"trained / baseline {after / baseline:.2f}"
+)
+assert (
+    after < 0.85 * before
+    and after < 0.92 * baseline
+    and abs(rows["trained (500 steps)"]["mean error"]) < 1.5
+)
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=90, sharex=True, sharey=True, layout="constrained")
+# %% mystnb={"figure": {"caption": "Predicted against true token counts of the 300 dev utterances, before (left) and after (right) 500 training steps, with the average-rate baseline in grey; the dotted diagonal is a perfect count.", "name": "fig-ch05-lengths"}, "image": {"alt": "Two scatter plots of predicted length against the true number of tokens, both clustered along the dotted diagonal; the blue predictor points lie a little below it in the left panel and centred on it in the right panel."}}
+fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, sharey=True, layout="constrained")
 top = int(U_dev.max()) + 5
-for ax, predicted, title in [(axes[0], lengths_before, "untrained"), (axes[1], lengths_after, "trained, 500 steps")]:
+for ax, predicted, title in [
+    (axes[0], lengths_before, "untrained"),
+    (axes[1], lengths_after, "trained, 500 steps"),
+]:
     ax.plot(U_dev, lengths_baseline, ".", color="0.7", label="average rate x frames (baseline)")
     ax.plot(U_dev, predicted, ".", color="C0", label=r"predictor, $\sum_t \alpha_t$")
     ax.plot([0, top], [0, top], "k:", lw=1)
-    ax.set(title=f"{title}: mean abs error {length_errors(predicted, U_dev)['mean abs error']:.1f}",
-           xlabel="true number of tokens |y|", xlim=(0, top), ylim=(0, top))
-axes[0].set_ylabel("predicted length")
-axes[0].legend(fontsize=8, loc="upper left")
+    ax.set(
+        title=f"{title}: mean abs error {length_errors(predicted, U_dev)['mean abs error']:.1f}",
+        xlabel="true number of tokens |y|",
+        xlim=(0, top),
+        ylim=(0, top),
+    )
+axes[0].set_ylabel("predicted length (tokens)")
+axes[0].legend(loc="upper left")  # above the diagonal: no data
 plt.show()
 
 # %% [markdown]
@@ -966,9 +1115,9 @@ plt.show()
 # under the baseline (about 1.9 tokens, 12%; 0.88 times the baseline's error): it has
 # begun to hear how much text there is, not only how long the audio lasts. It is still
 # far from the exact count that a decoder needs (the last column: right in fewer than
-# one utterance in five). In our prototype the quantity loss reached
-# 0.84 tokens only after 20 minutes of full Paraformer training: the count learns slowly,
-# and its errors become whole inserted or deleted tokens.
+# one utterance in five). In our prototype the quantity loss reached 0.84 tokens only
+# after 20 minutes of full Paraformer training: the count learns slowly, and its errors
+# become whole inserted or deleted tokens.
 #
 # **Timestamps on known audio.** espeak reports when each word starts, so the corpus
 # carries true word times (chapter 1). Word-initial BPE tokens (those starting with
@@ -984,10 +1133,15 @@ from paraformer_edu.tokenizer import WORD_BOUNDARY
 
 def word_start_errors(alphas, lengths):
     """|start - espeak's start| (s) of every dev word whose tokens line up, from CIF fire frames."""
-    _, n, fires = cif(alphas.new_zeros(*alphas.shape, 1), alphas, lengths, target_lengths=U_dev)  # (N,), (N, U)
+    # (N,), (N, U)
+    _, n, fires = cif(alphas.new_zeros(*alphas.shape, 1), alphas, lengths, target_lengths=U_dev)
     errors = []
     for entry, y, stamps in zip(dev_entries, Y_dev, cif_timestamps(fires, n, lengths)):
-        starts = [start for (start, _), t in zip(stamps, y.tolist()) if tokenizer.tokens[t].startswith(WORD_BOUNDARY)]
+        starts = [
+            start
+            for (start, _), t in zip(stamps, y.tolist())
+            if tokenizer.tokens[t].startswith(WORD_BOUNDARY)
+        ]
         words = [start for _, start in entry["words"]]
         if len(starts) == len(words):
             errors += [abs(a - b) for a, b in zip(starts, words)]
@@ -997,8 +1151,10 @@ def word_start_errors(alphas, lengths):
 valid_dev = (torch.arange(alphas_after.size(1)) < T_dev[:, None]).float()  # (N, T_max)
 trained_errors = word_start_errors(alphas_after, T_dev)  # (W,)
 even_errors = word_start_errors(valid_dev, T_dev)  # (W,)
-print(f"{len(trained_errors):,} words: start time off by {1000 * trained_errors.mean():.0f} ms on average "
-      f"(trained weights), {1000 * even_errors.mean():.0f} ms (even weights)")
+print(
+    f"{len(trained_errors):,} words: start time off by {1000 * trained_errors.mean():.0f} ms "
+    f"on average (trained weights), {1000 * even_errors.mean():.0f} ms (even weights)"
+)
 assert len(trained_errors) > 1000 and trained_errors.mean() < 0.2
 
 # %% [markdown]
@@ -1010,20 +1166,27 @@ assert len(trained_errors) > 1000 and trained_errors.mean() < 0.2
 # march along at an almost even pace. Where the tokens go is learned from the decoder's
 # loss, which needs the right token in the right embedding: chapter 6.
 
-# %%
+# %% mystnb={"figure": {"caption": "The trained predictor's weights on the first dev utterance, its fires (red) and espeak's word starts (dotted): the weights are nearly flat and the fires march along at an almost even pace.", "name": "fig-ch05-timestamps"}, "image": {"alt": "Bars of frame weights between about 0.3 and 0.6 over 1.4 seconds, red triangles at nearly even intervals above them, and dotted vertical lines labelled with the words That, was, narrow and escape."}}
 i = 0
 entry, T_i = dev_entries[i], int(T_dev[i])
-_, n_i, fires_i = cif(torch.zeros(1, T_i, 1), alphas_after[i:i + 1, :T_i], T_dev[i:i + 1], tail_threshold=0.45)
+_, n_i, fires_i = cif(
+    torch.zeros(1, T_i, 1), alphas_after[i : i + 1, :T_i], T_dev[i : i + 1], tail_threshold=0.45
+)
 seconds = torch.arange(T_i) * 0.06  # (T,)
-fig, ax = plt.subplots(figsize=(10, 3), dpi=90, layout="constrained")
+fig, ax = plt.subplots(figsize=(10, 3), layout="constrained")
 ax.bar(seconds + 0.03, alphas_after[i, :T_i], width=0.05, color="C0", label=r"$\alpha_t$ (trained)")
-ax.plot(0.06 * fires_i[0, :n_i[0]] + 0.03, [1.02] * int(n_i[0]), "rv", markersize=5, label="fire")
+ax.plot(0.06 * fires_i[0, : n_i[0]] + 0.03, [1.02] * int(n_i[0]), "rv", markersize=5, label="fire")
 for word, start in entry["words"]:
     ax.axvline(start, color="0.4", ls=":", lw=1)
     ax.text(start + 0.01, 1.1, word, fontsize=8, rotation=30)
-ax.set(xlabel="time (s); dotted: espeak's word starts", ylim=(0, 1.35), xlim=(0, T_i * 0.06),
-       title=f"{n_i[0].item()} tokens predicted, {len(Y_dev[i])} in the transcript")
-ax.legend(fontsize=8, loc="lower right")
+ax.set(
+    xlabel="time (s); dotted: espeak's word starts",
+    ylabel=r"weight $\alpha_t$ (tokens)",
+    ylim=(0, 1.35),
+    xlim=(0, T_i * 0.06),
+    title=f"{n_i[0].item()} tokens predicted, {len(Y_dev[i])} in the transcript",
+)
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.show()
 
 # %% [markdown]
@@ -1049,7 +1212,7 @@ def best_time(fn, repeats=5):
 
 
 def time_cif(fn, B, T, D=192, training=False):
-    """Best time (ms) of one CIF call on B random utterances of T frames: inference, or training with backward."""
+    """Best time (ms) of one CIF call on B random utterances of T frames (training: + backward)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, D, generator=g).requires_grad_(training)  # (B, T, D)
     alphas = (torch.rand(B, T, generator=g) * 0.8).requires_grad_(training)  # (B, T)
@@ -1061,6 +1224,7 @@ def time_cif(fn, B, T, D=192, training=False):
         else:
             with torch.no_grad():
                 fn(h, alphas, lengths, tail_threshold=0.45)
+
     return best_time(run, repeats=2 if fn is cif_loop else (20 if B * T <= 1000 else 5))
 
 
@@ -1069,26 +1233,40 @@ def time_cif(fn, B, T, D=192, training=False):
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 sizes = [(1, 100), (16, 500)]
 fns = {"loop": cif_loop, "vectorised": cif, "torch-cif": cif_torch_cif}
-timings = {(name, size, tr): time_cif(fn, *size, training=tr)
-           for size in sizes for tr in (False, True) for name, fn in fns.items()}
-print(f"{'B x T':>9} {'pass':<9}{'loop (ms)':>11}{'vectorised (ms)':>17}{'torch-cif (ms)':>16}"
-      f"{'loop / vec':>12}{'torch-cif / vec':>17}")
-for (B, T) in sizes:
+timings = {
+    (name, size, tr): time_cif(fn, *size, training=tr)
+    for size in sizes
+    for tr in (False, True)
+    for name, fn in fns.items()
+}
+rows = []
+for B, T in sizes:
     for tr in (False, True):
         lp, vec, tc = (timings[(name, (B, T), tr)] for name in fns)
-        print(f"{f'{B} x {T}':>9} {'fwd+bwd' if tr else 'forward':<9}{lp:>11.1f}{vec:>17.2f}{tc:>16.2f}"
-              f"{lp / vec:>12.0f}{tc / vec:>17.1f}")
+        rows.append([f"{B} x {T}", "fwd+bwd" if tr else "forward", lp, vec, tc, lp / vec, tc / vec])
+headers = ["B x T", "pass", "loop (ms)", "vectorised (ms)", "torch-cif (ms)"]
+headers += ["loop / vec", "torch-cif / vec"]
+print_table(rows, headers, formats=dict(zip(headers[2:], [".1f", ".2f", ".2f", ".0f", ".1f"])))
 
-# %%
+# %% mystnb={"figure": {"caption": "Time of one CIF call on CPU for the loop, the vectorised version and torch-cif, at inference and in training, on one utterance of 100 frames and on 16 of 500 (log scale). Timings vary between runs and machines.", "name": "fig-ch05-speed"}, "image": {"alt": "Grouped bars on a log scale for four cases. The loop bar is the tallest in every group, up to about a second for 16 by 500 in training; the vectorised and torch-cif bars stay between a fraction of a millisecond and about ten milliseconds."}}
 # NBVAL_IGNORE_OUTPUT
-fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
-labels = [f"{B}x{T}\n{'training, fwd+bwd' if tr else 'inference, fwd'}" for (B, T) in sizes for tr in (False, True)]
+fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
+labels = [
+    f"{B}x{T}\n{'training, fwd+bwd' if tr else 'inference, fwd'}"
+    for (B, T) in sizes
+    for tr in (False, True)
+]
 for i, name in enumerate(fns):
     values = [timings[(name, size, tr)] for size in sizes for tr in (False, True)]
     ax.bar([x + 0.27 * (i - 1) for x in range(len(labels))], values, width=0.27, label=name)
 ax.set_xticks(range(len(labels)), labels)
-ax.set(yscale="log", ylabel="time (ms, log scale)", title="CIF on CPU, D = 192")
-ax.legend(fontsize=8)
+ax.set(
+    yscale="log",
+    xlabel="batch (B x T frames) and pass",
+    ylabel="time (ms, log scale)",
+    title="CIF on CPU, D = 192",
+)
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.show()
 
 # %% [markdown]
@@ -1141,14 +1319,16 @@ plt.show()
 #    to the next, and check that the tokens are those of the whole utterance. Which
 #    token can you not emit before the last chunk arrives?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 def integrate_and_fire_chunks(h, alpha, chunk, beta=1.0):
-    """integrate_and_fire over chunks of frames, carrying the partial token (c, a) across chunks."""
+    """integrate_and_fire over chunks of frames, carrying the partial token (c, a) across."""
     embeddings, fires, c, a = [], [], h.new_zeros(h.size(1)), 0.0
     for start in range(0, h.size(0), chunk):
         # prepend the carried partial token as a pseudo-frame of weight a and vector c / a
-        hc = torch.cat([(c / a if a > 0 else c)[None], h[start:start + chunk]])  # (1 + chunk, D)
-        ac = torch.cat([torch.tensor([float(a)], dtype=torch.float64), alpha[start:start + chunk].double()])
+        hc = torch.cat([(c / a if a > 0 else c)[None], h[start : start + chunk]])  # (1 + chunk, D)
+        ac = torch.cat(
+            [torch.tensor([float(a)], dtype=torch.float64), alpha[start : start + chunk].double()]
+        )
         e, f, c, a = integrate_and_fire(hc, ac, beta)
         embeddings += e
         fires += [start + t - 1 for t in f]  # pseudo-frame is index 0
@@ -1163,7 +1343,9 @@ for chunk in (7, 10, 16):
     parts = integrate_and_fire_chunks(h_s, alpha_s, chunk)
     diff = max_abs_diff(torch.stack(whole[0]), torch.stack(parts[0]))
     assert parts[1] == whole[1] and diff < 1e-5
-    print(f"chunks of {chunk:>2}: {len(parts[0])} tokens, same fire frames, max abs diff {diff:.0e}")
+    print(
+        f"chunks of {chunk:>2}: {len(parts[0])} tokens, same fire frames, max abs diff {diff:.0e}"
+    )
 # The leftover of the last chunk is the tail: whether it becomes a token (r >= 0.55)
 # is only known once the audio has ended.
 
@@ -1174,14 +1356,25 @@ for chunk in (7, 10, 16):
 #    more tokens than the utterance has frames, as English characters at 60 ms often do
 #    (chapter 2)? Check your answer with `cif_count` and `cif`.
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 T_max = 10
-almost_one = torch.full((1, T_max), 1 - 1e-6, dtype=torch.float64)  # (B, T): the largest sigmoid weights
-print("most tokens from", T_max, "frames: no tail", cif_count(almost_one)[1].item(),
-      "| tail", cif_count(almost_one, tail_threshold=0.45)[1].item())
+# (B, T): the largest sigmoid weights
+almost_one = torch.full((1, T_max), 1 - 1e-6, dtype=torch.float64)
+print(
+    "most tokens from",
+    T_max,
+    "frames: no tail",
+    cif_count(almost_one)[1].item(),
+    "| tail",
+    cif_count(almost_one, tail_threshold=0.45)[1].item(),
+)
 e, n, f = cif(torch.randn(1, T_max, 4), torch.rand(1, T_max), target_lengths=torch.tensor([15]))
-print("15 targets on 10 frames: tokens", n.item(), "fire frames", f[0].tolist())
-assert cif_count(almost_one)[1].item() == T_max - 1 and cif_count(almost_one, tail_threshold=0.45)[1].item() == T_max
+fired = ", ".join(map(str, f[0].tolist()))
+print(f"15 targets on 10 frames: {n.item()} tokens, fire frames {fired}")
+assert (
+    cif_count(almost_one)[1].item() == T_max - 1
+    and cif_count(almost_one, tail_threshold=0.45)[1].item() == T_max
+)
 # At inference, at most one token per frame: T - 1 without the tail (the sum stays below T),
 # T with it. In training the scaled weights average 1.5 per frame and some frames fire
 # twice: the decoder gets 15 embeddings, but the predictor is asked for a rate it can never
@@ -1195,10 +1388,13 @@ assert cif_count(almost_one)[1].item() == T_max - 1 and cif_count(almost_one, ta
 #    $0.05$ (keep the fire frame as the end). Apply it to the second constructed
 #    utterance above.
 
-# %% tags=["hide-input"]
-def cif_timestamps_trimmed(alphas, fires, token_lengths, lengths, frame_shift=0.06, min_weight=0.05):
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+def cif_timestamps_trimmed(
+    alphas, fires, token_lengths, lengths, frame_shift=0.06, min_weight=0.05
+):
     """Like cif_timestamps, but each token starts at its first frame with alpha >= min_weight."""
-    spans = cif_timestamps(fires, token_lengths, lengths, frame_shift=1.0)  # (first frame, end frame)
+    # (first frame, end frame)
+    spans = cif_timestamps(fires, token_lengths, lengths, frame_shift=1.0)
     stamps = []
     for b, row in enumerate(spans):
         stamps.append([])
@@ -1210,5 +1406,5 @@ def cif_timestamps_trimmed(alphas, fires, token_lengths, lengths, frame_shift=0.
 
 
 trimmed = cif_timestamps_trimmed(alphas_ts, f_ts, n_ts, lengths_ts)
-print(trimmed[1])
+print(", ".join(f"{start:.2f}-{end:.2f}" for start, end in trimmed[1]), "s")
 assert trimmed[1] == [(0.12, 0.36), (0.36, 0.42), (0.42, 0.48)]

@@ -65,18 +65,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
 from torchaudio.functional import edit_distance
 
 import paraformer_edu
 from paraformer_edu.attention import MultiHeadAttention, causal_mask, padding_mask
 from paraformer_edu.corpus import build_corpus
 from paraformer_edu.dataset import SpeechDataset, collate
+from paraformer_edu.display import book_style, print_table
 from paraformer_edu.encoder import EncoderConfig, SANMEncoder, count_parameters
 from paraformer_edu.features import Frontend
 from paraformer_edu.predictor import CifPredictor
 from paraformer_edu.tokenizer import default_tokenizer
 
+book_style()
 torch.manual_seed(0)
 torch.set_num_threads(2)
 print("paraformer_edu", paraformer_edu.__version__)
@@ -97,10 +98,13 @@ dev = SpeechDataset(manifests["dev"], frontend, encode=tokenizer.encode)
 batch = collate([dev[i] for i in range(6)])
 X, X_lengths = batch["features"], batch["feature_lengths"]  # (B, T, 560), (B,)
 Y, Y_lengths = batch["targets"], batch["target_lengths"]  # (B, N), (B,)
-print("features", tuple(X.shape), "frames", X_lengths.tolist())
-print("targets ", tuple(Y.shape), "tokens", Y_lengths.tolist())
+print(f"features {tuple(X.shape)}, targets {tuple(Y.shape)}")
+print_table(
+    zip(range(len(X)), X_lengths.tolist(), Y_lengths.tolist(), batch["texts"]),
+    ["utterance", "frames", "tokens", "text"],
+)
 for text, ids in zip(batch["texts"][:2], Y):
-    print(f"{text!r}\n  -> {[tokenizer.tokens[i] for i in ids[:12].tolist()]} ...")
+    print(f"{text!r}\n  -> {' '.join(tokenizer.tokens[i] for i in ids[:12].tolist())} ...")
 
 # %% [markdown]
 # A freshly initialised encoder and predictor give us $H$ and, with the weights scaled
@@ -113,8 +117,12 @@ encoder = SANMEncoder(EncoderConfig()).eval()
 predictor = CifPredictor(encoder.config.d_model).eval()
 with torch.no_grad():
     H, H_lengths = encoder(X, X_lengths)  # (B, T, D), (B,)
-    E_ac, N, alphas, fires = predictor(H, H_lengths, target_lengths=Y_lengths)  # (B, N, D), (B,), (B, T), (B, N)
-print("H", tuple(H.shape), "| E_ac", tuple(E_ac.shape), "| tokens per utterance", N.tolist())
+    # (B, N, D), (B,), (B, T), (B, N)
+    E_ac, N, alphas, fires = predictor(H, H_lengths, target_lengths=Y_lengths)
+print(
+    f"H {tuple(H.shape)} | E_ac {tuple(E_ac.shape)} | "
+    f"tokens per utterance {', '.join(map(str, N.tolist()))}"
+)
 assert torch.equal(N, Y_lengths)
 
 # %% [markdown]
@@ -170,19 +178,29 @@ from paraformer_edu.encoder import FeedForward
 # %%
 #| export
 class DecoderLayer(nn.Module):
-    """Pre-LN decoder layer: self-attention over the tokens (no causal mask), cross-attention to H, FFN."""
+    """Pre-LN decoder layer: self-attention (no causal mask), cross-attention to H, FFN."""
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float = 0.1):
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.norm1, self.norm2, self.norm3 = (
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+        )
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
         self.src_attn = MultiHeadAttention(d_model, n_heads, dropout)
         self.feed_forward = FeedForward(d_model, d_ffn, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor, h: torch.Tensor, h_mask: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) with its mask (B, N), encoder output h (B, T, D) with its mask (B, T) -> (B, N, D)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor,
+        h: torch.Tensor,
+        h_mask: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, D) and mask (B, N), encoder output h (B, T, D) and mask (B, T) -> (B, N, D)."""
         y = self.norm1(x)  # (B, N, D)
         x = x + self.dropout(self.self_attn(y, y, y, token_mask, attn_mask)[0])  # (B, N, D)
         x = x + self.dropout(self.src_attn(self.norm2(x), h, h, h_mask)[0])  # (B, N, D)
@@ -195,19 +213,34 @@ class DecoderLayer(nn.Module):
 # %%
 #| export
 class ParaformerDecoder(nn.Module):
-    """The parallel decoder: L decoder layers over the acoustic embeddings, LayerNorm, Linear to V."""
+    """The parallel decoder: L layers over the acoustic embeddings, LayerNorm, Linear to V."""
 
-    def __init__(self, vocab_size: int, d_model: int = 192, n_layers: int = 2, n_heads: int = 4,
-                 d_ffn: int = 768, dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 192,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ffn: int = 768,
+        dropout: float = 0.1,
+    ):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ffn, dropout) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, n_heads, d_ffn, dropout) for _ in range(n_layers)
+        )
         self.after_norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab_size)
         self.embed = nn.Embedding(vocab_size, d_model)  # E_y: target embeddings for the GLM sampler
 
-    def forward(self, E: torch.Tensor, token_lengths: torch.Tensor, h: torch.Tensor, h_lengths: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, N, V) of the token embeddings E (B, N, D) given the encoder output h (B, T, D)."""
+    def forward(
+        self,
+        E: torch.Tensor,
+        token_lengths: torch.Tensor,
+        h: torch.Tensor,
+        h_lengths: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, N, V) of token embeddings E (B, N, D) given the encoder output h (B, T, D)."""
         token_mask = padding_mask(token_lengths, E.size(1))  # (B, N)
         h_mask = padding_mask(h_lengths, h.size(1))  # (B, T)
         x = E  # (B, N, D)
@@ -226,15 +259,21 @@ class ParaformerDecoder(nn.Module):
 # %%
 def copy_attention(ours, theirs):
     """Copy a MultiHeadAttention's weights into a torch.nn.MultiheadAttention."""
-    theirs.in_proj_weight.copy_(torch.cat([ours.linear_q.weight, ours.linear_k.weight, ours.linear_v.weight]))
-    theirs.in_proj_bias.copy_(torch.cat([ours.linear_q.bias, ours.linear_k.bias, ours.linear_v.bias]))
+    theirs.in_proj_weight.copy_(
+        torch.cat([ours.linear_q.weight, ours.linear_k.weight, ours.linear_v.weight])
+    )
+    theirs.in_proj_bias.copy_(
+        torch.cat([ours.linear_q.bias, ours.linear_k.bias, ours.linear_v.bias])
+    )
     theirs.out_proj.load_state_dict(ours.linear_out.state_dict())
 
 
 torch.manual_seed(0)
 D = encoder.config.d_model
 layer = DecoderLayer(D, n_heads=4, d_ffn=4 * D, dropout=0.0).eval()
-reference = nn.TransformerDecoderLayer(D, 4, 4 * D, dropout=0.0, batch_first=True, norm_first=True).eval()
+reference = nn.TransformerDecoderLayer(
+    D, 4, 4 * D, dropout=0.0, batch_first=True, norm_first=True
+).eval()
 with torch.no_grad():
     copy_attention(layer.self_attn, reference.self_attn)
     copy_attention(layer.src_attn, reference.multihead_attn)
@@ -242,11 +281,16 @@ with torch.no_grad():
     reference.linear2.load_state_dict(layer.feed_forward.w_2.state_dict())
     for i in (1, 2, 3):
         getattr(reference, f"norm{i}").load_state_dict(getattr(layer, f"norm{i}").state_dict())
-    token_mask, h_mask = padding_mask(N, E_ac.size(1)), padding_mask(H_lengths, H.size(1))  # (B, N), (B, T)
+    # (B, N), (B, T)
+    token_mask, h_mask = padding_mask(N, E_ac.size(1)), padding_mask(H_lengths, H.size(1))
     ours = layer(E_ac, token_mask, H, h_mask)  # (B, N, D)
-    theirs = reference(E_ac, H, tgt_key_padding_mask=~token_mask, memory_key_padding_mask=~h_mask)  # (B, N, D)
+    # (B, N, D)
+    theirs = reference(E_ac, H, tgt_key_padding_mask=~token_mask, memory_key_padding_mask=~h_mask)
 diff = (ours - theirs)[token_mask].abs().max().item()
-print(f"DecoderLayer vs torch.nn.TransformerDecoderLayer (real batch, valid tokens): max abs diff {diff:.1e}")
+print(
+    "DecoderLayer vs torch.nn.TransformerDecoderLayer (real batch, valid tokens): "
+    f"max abs diff {diff:.1e}"
+)
 assert diff < 1e-5
 
 # %% [markdown]
@@ -264,14 +308,20 @@ assert diff < 1e-5
 attn = layer.src_attn
 with torch.no_grad():
     q = layer.norm2(E_ac)  # (B, N, D): any queries will do
-    heads = F.scaled_dot_product_attention(attn.split_heads(attn.linear_q(q)), attn.split_heads(attn.linear_k(H)),
-                                           attn.split_heads(attn.linear_v(H)),
-                                           attn_mask=h_mask[:, None, None, :])  # (B, h, N, d_k)
+    heads = F.scaled_dot_product_attention(
+        attn.split_heads(attn.linear_q(q)),
+        attn.split_heads(attn.linear_k(H)),
+        attn.split_heads(attn.linear_v(H)),
+        attn_mask=h_mask[:, None, None, :],
+    )  # (B, h, N, d_k)
     by_hand = attn.linear_out(attn.merge_heads(heads))  # (B, N, D)
     ours, weights = attn(q, H, H, h_mask)  # (B, N, D), (B, h, N, T)
 diff = (by_hand - ours).abs().max().item()
 print(f"cross-attention vs F.scaled_dot_product_attention: max abs diff {diff:.1e}")
-print("attention weight on padded frames:", weights.masked_select(~h_mask[:, None, None, :]).abs().max().item())
+print(
+    "attention weight on padded frames:",
+    weights.masked_select(~h_mask[:, None, None, :]).abs().max().item(),
+)
 assert diff < 1e-5 and weights.masked_select(~h_mask[:, None, None, :]).abs().max() == 0
 
 # %% [markdown]
@@ -285,12 +335,20 @@ torch.manual_seed(0)
 decoder = ParaformerDecoder(tokenizer.vocab_size, D).eval()
 with torch.no_grad():
     logits = decoder(E_ac, N, H, H_lengths)  # (B, N, V)
-    alone = [decoder(E_ac[b:b + 1, :n], N[b:b + 1], H[b:b + 1, :t], H_lengths[b:b + 1])[0]  # (n, V)
-             for b, (n, t) in enumerate(zip(N.tolist(), H_lengths.tolist()))]
-    diff_alone = max((logits[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(N.tolist()))
+    alone = [
+        decoder(E_ac[b : b + 1, :n], N[b : b + 1], H[b : b + 1, :t], H_lengths[b : b + 1])[
+            0
+        ]  # (n, V)
+        for b, (n, t) in enumerate(zip(N.tolist(), H_lengths.tolist()))
+    ]
+    diff_alone = max(
+        (logits[b, :n] - alone[b]).abs().max().item() for b, n in enumerate(N.tolist())
+    )
     E_garbage = torch.where(token_mask[..., None], E_ac, 1e3 * torch.randn_like(E_ac))  # (B, N, D)
     H_garbage = torch.where(h_mask[..., None], H, 1e3 * torch.randn_like(H))  # (B, T, D)
-    diff_garbage = (decoder(E_garbage, N, H_garbage, H_lengths) - logits)[token_mask].abs().max().item()
+    diff_garbage = (
+        (decoder(E_garbage, N, H_garbage, H_lengths) - logits)[token_mask].abs().max().item()
+    )
 print("logits", tuple(logits.shape))
 print(f"batched vs one utterance at a time: max abs diff {diff_alone:.1e}")
 print(f"garbage in the padded tokens and frames: max abs change of valid logits {diff_garbage:.1e}")
@@ -306,31 +364,41 @@ assert diff_alone < 1e-5 and diff_garbage < 1e-5
 
 # %%
 def logit_change(decoder, E, N, H, H_lengths, b, i, attn_mask=None):
-    """|change| of every token's logits of utterance b when the input of token i is perturbed: (N_b,)."""
+    """Max |change| of each token's logits of utterance b when token i's input moves: (N_b,)."""
     g = torch.Generator().manual_seed(1)
     E2 = E.clone()  # (B, N, D)
     E2[b, i] += torch.randn(E.size(2), generator=g)  # (D,)
     with torch.no_grad():
-        before = decoder(E, N, H, H_lengths, attn_mask)[b, :N[b]]  # (N_b, V)
-        after = decoder(E2, N, H, H_lengths, attn_mask)[b, :N[b]]  # (N_b, V)
+        before = decoder(E, N, H, H_lengths, attn_mask)[b, : N[b]]  # (N_b, V)
+        after = decoder(E2, N, H, H_lengths, attn_mask)[b, : N[b]]  # (N_b, V)
     return (after - before).abs().amax(-1)  # (N_b,)
 
 
 change = logit_change(decoder, E_ac, N, H, H_lengths, b=0, i=5)  # (N_b,)
-change_causal = logit_change(decoder, E_ac, N, H, H_lengths, b=0, i=5, attn_mask=causal_mask(E_ac.size(1)))
-print(f"no mask:     tokens whose logits moved: {int((change > 1e-6).sum())} of {len(change)}, "
-      f"smallest move {change.min():.2f}")
+change_causal = logit_change(
+    decoder, E_ac, N, H, H_lengths, b=0, i=5, attn_mask=causal_mask(E_ac.size(1))
+)
+print(
+    f"no mask:     tokens whose logits moved: {int((change > 1e-6).sum())} of {len(change)}, "
+    f"smallest move {change.min():.2f}"
+)
 print(f"causal mask: tokens 0-4 moved by at most {change_causal[:5].max():.1e}")
 assert (change > 1e-3).all() and change_causal[:5].max() == 0
 
-fig, ax = plt.subplots(figsize=(8, 2.6), dpi=90)
+# %% mystnb={"figure": {"caption": "How much each token's logits move when the input of token 5 is perturbed, in the untrained decoder: without a causal mask every token moves; with one, tokens 0 to 4 do not move at all.", "name": "fig-ch06-no-causal-mask"}, "image": {"alt": "Paired bars per token position 0 to 12 on a log scale. Blue bars, no mask, are present at every position, about 0.05 except a tall bar at token 5. Orange bars, causal mask, are missing at tokens 0 to 4 and similar to the blue ones from token 5 on."}}
+fig, ax = plt.subplots(figsize=(8, 2.6))
 positions = torch.arange(len(change))  # (N_b,)
 ax.bar(positions - 0.2, change, width=0.4, label="no mask (Paraformer)")
 ax.bar(positions + 0.2, change_causal, width=0.4, label="causal mask (autoregressive)")
 ax.axvline(5, color="0.5", ls=":", lw=1)
-ax.set(yscale="log", ylim=(1e-3, None), xlabel="token i", ylabel="max |change of logits|",
-       title="Perturbing the input of token 5 (utterance 0, untrained decoder)")
-ax.legend(fontsize=8)
+ax.set(
+    yscale="log",
+    ylim=(1e-3, None),
+    xlabel="token i",
+    ylabel="max |change of logits|",
+    title="Perturbing the input of token 5 (utterance 0, untrained decoder)",
+)
+ax.legend(loc="upper right")  # above the short bars: no data
 plt.show()
 
 # %% [markdown]
@@ -386,9 +454,14 @@ assert diff < 1e-5
 
 # %%
 #| export
-def glm_positions(errors: torch.Tensor, token_lengths: torch.Tensor, lam: float, max_length: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask (B, N) of floor(lam * errors[b]) positions of utterance b, uniform among its first token_lengths[b]."""
+def glm_positions(
+    errors: torch.Tensor,
+    token_lengths: torch.Tensor,
+    lam: float,
+    max_length: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mask (B, N) of floor(lam * errors[b]) positions, uniform among the token_lengths[b] valid."""
     valid = padding_mask(token_lengths, max_length)  # (B, N)
     k = torch.floor(lam * errors.double()).long().clamp(max=token_lengths)  # (B,)
     device = generator.device if generator is not None else valid.device
@@ -407,10 +480,17 @@ class GlmSample(NamedTuple):
     first_logits: torch.Tensor  # (B, N, V) the first pass (no gradient)
 
 
-def glm_sample(decoder: nn.Module, E_ac: torch.Tensor, token_lengths: torch.Tensor, h: torch.Tensor,
-               h_lengths: torch.Tensor, targets: torch.Tensor, lam: float,
-               generator: torch.Generator | None = None) -> GlmSample:
-    """The glancing sampler: a first decoder pass without gradients, then floor(lam * errors) target embeddings."""
+def glm_sample(
+    decoder: nn.Module,
+    E_ac: torch.Tensor,
+    token_lengths: torch.Tensor,
+    h: torch.Tensor,
+    h_lengths: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float,
+    generator: torch.Generator | None = None,
+) -> GlmSample:
+    """The glancing sampler: a first pass without gradients, then floor(lam * errors) targets."""
     valid = padding_mask(token_lengths, E_ac.size(1))  # (B, N)
     with torch.no_grad():
         first_logits = decoder(E_ac, token_lengths, h, h_lengths)  # (B, N, V)
@@ -429,12 +509,16 @@ def glm_sample(decoder: nn.Module, E_ac: torch.Tensor, token_lengths: torch.Tens
 
 # %%
 lam = 0.4
-targets = Y[:, :E_ac.size(1)]  # (B, N)
+targets = Y[:, : E_ac.size(1)]  # (B, N)
 sample = glm_sample(decoder, E_ac, N, H, H_lengths, targets, lam, torch.Generator().manual_seed(0))
 k = sample.replaced.sum(1)  # (B,)
-print(f"{'utterance':>9}{'|y|':>5}{'errors d':>10}{'floor(0.4 d)':>14}{'replaced':>10}")
-for b in range(len(N)):
-    print(f"{b:>9}{N[b]:>5}{sample.errors[b]:>10}{math.floor(lam * sample.errors[b]):>14}{k[b]:>10}")
+print_table(
+    [
+        [b, n, d, math.floor(lam * d), k_b]
+        for b, (n, d, k_b) in enumerate(zip(N.tolist(), sample.errors.tolist(), k.tolist()))
+    ],
+    ["utterance", "|y|", "errors d", "floor(0.4 d)", "replaced"],
+)
 assert k.tolist() == [math.floor(lam * d) for d in sample.errors.tolist()]
 assert not sample.replaced[~token_mask].any()
 
@@ -446,13 +530,26 @@ assert not sample.replaced[~token_mask].any()
 
 # %%
 chosen = sample.replaced[0].nonzero().squeeze(1)  # (k_0,)
-print("utterance 0, chosen positions:", chosen.tolist())
-print("their target tokens:          ", [tokenizer.tokens[i] for i in targets[0, chosen].tolist()])
+print("utterance 0:")
+print_table(
+    [
+        ["chosen position", *chosen.tolist()],
+        ["target token", *[tokenizer.tokens[i] for i in targets[0, chosen].tolist()]],
+    ]
+)
 E_y = decoder.embed(targets)  # (B, N, D)
 diff_replaced = (sample.embeds - E_y)[sample.replaced].abs().max().item()
 diff_kept = (sample.embeds - E_ac)[~sample.replaced].abs().max().item()
-print(f"E_s vs E_y at the chosen positions: max abs diff {diff_replaced:.1e}; vs E_ac elsewhere: {diff_kept:.1e}")
-print("first pass requires grad:", sample.first_logits.requires_grad, "| E_s requires grad:", sample.embeds.requires_grad)
+print(
+    f"E_s vs E_y at the chosen positions: max abs diff {diff_replaced:.1e}; "
+    f"vs E_ac elsewhere: {diff_kept:.1e}"
+)
+print(
+    "first pass requires grad:",
+    sample.first_logits.requires_grad,
+    "| E_s requires grad:",
+    sample.embeds.requires_grad,
+)
 assert diff_replaced == 0 and diff_kept == 0
 assert not sample.first_logits.requires_grad and sample.embeds.requires_grad
 
@@ -461,25 +558,35 @@ assert not sample.first_logits.requires_grad and sample.embeds.requires_grad
 # Crosses mark the first pass's errors, blue cells the positions whose acoustic
 # embedding was replaced, grey the padding.
 
-# %%
+# %% mystnb={"figure": {"caption": "The GLM sampler's decisions on the real batch with the untrained decoder and $\\lambda = 0.4$: one row per utterance, one cell per token position. Blue cells had their acoustic embedding replaced by the target token's embedding, crosses mark the first pass's errors, grey is padding.", "name": "fig-ch06-glm-grid"}, "image": {"alt": "A grid of six rows of token positions. Nearly every valid cell carries a red cross; about two in five valid cells are blue, scattered along each row; the rows end in grey padding at different lengths."}}
 def plot_glm(sample, targets, token_lengths, title, ax):
-    """Grid of the sampler's decisions: errors (x), replaced (blue), kept (white), padding (grey)."""
+    """Grid of the sampler's decisions: errors (x), replaced (blue), kept (white), padding."""
     valid = padding_mask(token_lengths, sample.replaced.size(1))  # (B, N)
     grid = torch.where(valid, sample.replaced.long(), 2)  # (B, N): 0 kept, 1 replaced, 2 padding
     wrong = (sample.first_logits.argmax(-1) != targets) & valid  # (B, N)
     colours = ["white", "tab:blue", "0.85"]
-    ax.imshow(grid.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        grid.numpy(),
+        cmap=ListedColormap(colours),
+        vmin=-0.5,
+        vmax=2.5,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    colorbar = ax.figure.colorbar(image, ax=ax, ticks=[0, 1, 2], label="decoder input")
+    colorbar.ax.set_yticklabels([r"kept: $E_{ac,i}$", r"replaced: $E_y[y_i]$", "padding"])
+    colorbar.outline.set_edgecolor("0.5")
     rows, cols = wrong.nonzero(as_tuple=True)
     ax.plot(cols, rows, "x", color="C3", markersize=4, label="first pass wrong")
-    handles = [Patch(facecolor=c, edgecolor="0.5", label=name) for c, name in
-               zip(colours, [r"kept: $E_{ac,i}$", r"replaced: $E_y[y_i]$", "padding"])]
     ax.set_xticks(range(0, grid.size(1), 5))
     ax.set(xlabel="token position i", ylabel="utterance", title=title)
-    ax.legend(handles=[*handles, *ax.get_legend_handles_labels()[0]], fontsize=8, loc="lower right", ncol=2)
+    ax.figure.legend(loc="outside lower right")  # below the axes, clear of the grid
 
 
-fig, ax = plt.subplots(figsize=(9, 2.8), dpi=90)
-plot_glm(sample, targets, N, rf"GLM sampler on the real batch, untrained decoder, $\lambda$ = {lam}", ax)
+fig, ax = plt.subplots(figsize=(9, 3.2), layout="constrained")
+plot_glm(
+    sample, targets, N, rf"GLM sampler on the real batch, untrained decoder, $\lambda$ = {lam}", ax
+)
 plt.show()
 
 # %% [markdown]
@@ -489,8 +596,11 @@ plt.show()
 # %%
 for ratio in (0.0, 1.0):
     s = glm_sample(decoder, E_ac, N, H, H_lengths, targets, ratio, torch.Generator().manual_seed(0))
-    print(f"lambda = {ratio}: replaced {s.replaced.sum(1).tolist()}, errors {s.errors.tolist()}, "
-          f"E_s == E_ac: {torch.equal(s.embeds, E_ac)}")
+    print(f"lambda = {ratio}: E_s == E_ac: {torch.equal(s.embeds, E_ac)}")
+    print_table(
+        [["errors d", *s.errors.tolist()], ["replaced", *s.replaced.sum(1).tolist()]],
+        ["utterance", *range(len(N))],
+    )
     assert torch.equal(s.replaced.sum(1), torch.floor(ratio * s.errors).long())
 assert torch.equal(glm_sample(decoder, E_ac, N, H, H_lengths, targets, 0.0).embeds, E_ac)
 
@@ -549,16 +659,28 @@ from paraformer_edu.predictor import CifPredictor, cif_timestamps, quantity_loss
 
 # %%
 #| export model
-def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
-                         smoothing: float = 0.1) -> torch.Tensor:
-    """Cross-entropy with label smoothing, averaged over the valid tokens of logits (B, N, V), targets (B, N)."""
+def label_smoothing_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor,
+    smoothing: float = 0.1,
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy, mean over valid tokens of logits (B, N, V), targets (B, N)."""
     valid = padding_mask(target_lengths, logits.size(1))  # (B, N)
-    losses = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100),
-                             ignore_index=-100, label_smoothing=smoothing, reduction="none")  # (B, N)
+    losses = F.cross_entropy(
+        logits.transpose(1, 2),
+        targets.masked_fill(~valid, -100),
+        # (B, N)
+        ignore_index=-100,
+        label_smoothing=smoothing,
+        reduction="none",
+    )
     return losses.sum() / valid.sum().clamp(min=1)
 
 
-def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
     """Share of the valid tokens whose argmax is the target."""
     valid = padding_mask(target_lengths, logits.size(1))  # (B, N)
     return ((logits.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
@@ -572,7 +694,10 @@ smooth = -log_p.mean(-1)  # (B, N): -(1/V) sum_v log p(v)
 by_formula = ((1 - eps) * nll + eps * smooth)[token_mask].mean()  # scalar
 ours = label_smoothing_loss(logits, targets, N, eps)
 diff = (ours - by_formula).abs().item()
-print(f"label-smoothed CE {ours:.4f} (ln V = {math.log(V):.4f}); vs the formula: max abs diff {diff:.1e}")
+print(
+    f"label-smoothed CE {ours:.4f} (ln V = {math.log(V):.4f}); "
+    f"vs the formula: max abs diff {diff:.1e}"
+)
 assert diff < 1e-5
 
 # %% [markdown]
@@ -610,7 +735,7 @@ assert diff < 1e-5
 #| export model
 @dataclass(frozen=True)
 class ParaformerConfig:
-    """Sizes, loss weights and GLM ratio of the whole model; chapter 7's recipe sets the book model's."""
+    """Sizes, loss weights and GLM ratio of the whole model; chapter 7 sets the book model's."""
 
     encoder: EncoderConfig = EncoderConfig()
     vocab_size: int = 200  # chapter 2's BPE tokenizer, special tokens included
@@ -639,11 +764,12 @@ class Hypothesis(NamedTuple):
 
 
 class Inference(NamedTuple):
-    """Everything one inference pass computed: encoder states, the predictor's output, the decoder's tokens."""
+    """What one inference pass computed: encoder states, predictor output, decoder tokens."""
 
     h: torch.Tensor  # (B, T, D) encoder output
     h_lengths: torch.Tensor  # (B,)
-    cif: tuple  # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    cif: tuple
     token_ids: torch.Tensor  # (B, N) the decoder's argmax, valid up to cif.token_lengths
     log_probs: torch.Tensor  # (B, N, V) the decoder's log-probabilities (chapter 9 searches them)
 
@@ -651,7 +777,7 @@ class Inference(NamedTuple):
 # %%
 #| export model
 class Paraformer(nn.Module):
-    """Paraformer: SAN-M encoder + CTC head, CIF predictor, parallel decoder with the GLM sampler."""
+    """Paraformer: SAN-M encoder + CTC head, CIF predictor, parallel decoder, GLM sampler."""
 
     def __init__(self, config: ParaformerConfig = ParaformerConfig()):
         super().__init__()
@@ -660,27 +786,48 @@ class Paraformer(nn.Module):
         self.encoder = SANMEncoder(c.encoder)
         self.ctc = CTCHead(d, c.vocab_size)
         self.predictor = CifPredictor(d, c.beta, c.tail_threshold)
-        self.decoder = ParaformerDecoder(c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn,
-                                         c.decoder_dropout)
+        self.decoder = ParaformerDecoder(
+            c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
+        )
 
-    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, targets: torch.Tensor,
-                target_lengths: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Training pass on features (B, T, F) and targets (B, U): the total loss, its parts and statistics."""
+    def forward(
+        self,
+        features: torch.Tensor,
+        feature_lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """Training pass on features (B, T, F), targets (B, U): the loss, its parts, statistics."""
         c = self.config
         h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
         cif = self.predictor(h, h_lengths, target_lengths)  # embeds (B, N, D) with N = max |y|
-        targets = targets[:, :cif.embeds.size(1)]  # (B, N)
+        targets = targets[:, : cif.embeds.size(1)]  # (B, N)
         E, first_logits, replaced = cif.embeds, None, None  # (B, N, D)
         if c.glm_lambda > 0:
-            E, replaced, _, first_logits = glm_sample(self.decoder, E, target_lengths, h, h_lengths, targets,
-                                                      c.glm_lambda, generator)  # (B, N, D)
+            E, replaced, _, first_logits = glm_sample(
+                self.decoder, E, target_lengths, h, h_lengths, targets, c.glm_lambda, generator
+            )  # (B, N, D)
         logits = self.decoder(E, target_lengths, h, h_lengths)  # (B, N, V)
         loss_ce = label_smoothing_loss(logits, targets, target_lengths, c.label_smoothing)
         loss_quantity = quantity_loss(cif.alphas, target_lengths)
-        loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths) if c.ctc_weight > 0 else loss_ce.new_zeros(())
-        loss = (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc + c.quantity_weight * loss_quantity
-        return {"loss": loss, "loss_ce": loss_ce, "loss_quantity": loss_quantity, "loss_ctc": loss_ctc,
-                **self._statistics(logits, first_logits, replaced, targets, target_lengths, cif.alphas)}
+        loss_ctc = (
+            self.ctc.loss(h, h_lengths, targets, target_lengths)
+            if c.ctc_weight > 0
+            else loss_ce.new_zeros(())
+        )
+        loss = (
+            (1 - c.ctc_weight) * loss_ce
+            + c.ctc_weight * loss_ctc
+            + c.quantity_weight * loss_quantity
+        )
+        return {
+            "loss": loss,
+            "loss_ce": loss_ce,
+            "loss_quantity": loss_quantity,
+            "loss_ctc": loss_ctc,
+            **self._statistics(logits, first_logits, replaced, targets, target_lengths, cif.alphas),
+        }
 # %% [markdown]
 # The inference pass comes next. A class this size is easier to read in steps, so
 # the chapter adds the rest of `Paraformer`'s methods in cells of their own, in the
@@ -694,7 +841,7 @@ class Paraformer(nn.Module):
 
 # %%
 def add_to_class(cls):
-    """Attach the decorated function to cls as a method; its name keeps what it meant before (or None)."""
+    """Attach the decorated function to cls as a method; its name keeps its old value (or None)."""
     name = lambda method: getattr(method, "__func__", method).__name__  # noqa: E731
     return lambda method: setattr(cls, name(method), method) or globals().get(name(method))
 
@@ -708,14 +855,16 @@ def add_to_class(cls):
 @add_to_class(Paraformer)
 @staticmethod
 def _statistics(logits, first_logits, replaced, targets, target_lengths, alphas) -> dict:
-    """Accuracies of both passes, share of tokens replaced, predicted and true lengths (no gradients)."""
+    """Accuracies of both passes, share of tokens replaced, predicted and true lengths."""
     n_tokens = target_lengths.sum().clamp(min=1)
     first = logits if first_logits is None else first_logits  # (B, N, V)
-    return {"accuracy": token_accuracy(logits.detach(), targets, target_lengths),
-            "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
-            "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
-            "length_predicted": alphas.detach().sum(1).mean(),
-            "length_target": target_lengths.float().mean()}
+    return {
+        "accuracy": token_accuracy(logits.detach(), targets, target_lengths),
+        "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
+        "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
+        "length_predicted": alphas.detach().sum(1).mean(),
+        "length_target": target_lengths.float().mean(),
+    }
 
 
 # %%
@@ -723,7 +872,7 @@ def _statistics(logits, first_logits, replaced, targets, target_lengths, alphas)
 @add_to_class(Paraformer)
 @torch.no_grad()
 def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Inference:
-    """The inference pass on features (B, T, F) in evaluation mode: encoder, predictor (tail rule), decoder."""
+    """Inference on features (B, T, F), evaluation mode: encoder, predictor (tail rule), decoder."""
     was_training = self.training
     self.eval()
     try:
@@ -732,13 +881,17 @@ def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Infere
         if cif.embeds.size(1) == 0:  # no utterance fired a token
             log_probs = h.new_zeros(h.size(0), 0, self.config.vocab_size)  # (B, 0, V)
         else:
-            log_probs = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).log_softmax(-1)  # (B, N, V)
+            # (B, N, V)
+            log_probs = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).log_softmax(-1)
     finally:
         self.train(was_training)
     return Inference(h, h_lengths, cif, log_probs.argmax(-1), log_probs)
 
+
 @add_to_class(Paraformer)
-def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor, search=None) -> list[Hypothesis]:
+def recognize(
+    self, features: torch.Tensor, feature_lengths: torch.Tensor, search=None
+) -> list[Hypothesis]:
     """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds.
 
     search: None takes the decoder's argmax at every position; chapter 9's beam search is a
@@ -747,8 +900,13 @@ def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor, searc
     out = self.infer(features, feature_lengths)
     n_tokens = out.cif.token_lengths  # (B,)
     stamps = cif_timestamps(out.cif.fires, n_tokens, out.h_lengths, self.config.frame_shift)
-    ids = search(out) if search is not None else [out.token_ids[b, :n].tolist() for b, n in enumerate(n_tokens.tolist())]
+    ids = (
+        search(out)
+        if search is not None
+        else [out.token_ids[b, :n].tolist() for b, n in enumerate(n_tokens.tolist())]
+    )
     return [Hypothesis(list(ids[b]), stamps[b]) for b in range(len(ids))]
+
 
 @add_to_class(Paraformer)
 def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:
@@ -769,11 +927,18 @@ def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, toke
 torch.manual_seed(0)
 config = ParaformerConfig(vocab_size=tokenizer.vocab_size)
 model = Paraformer(config)
-parts = {"encoder": model.encoder, "  of which layer 0 (560 -> 192)": model.encoder.layers[0],
-         "CTC head": model.ctc, "predictor (CIF)": model.predictor, "decoder": model.decoder,
-         "  of which the layers": model.decoder.layers, "  of which output LN + Linear to V":
-         nn.ModuleList([model.decoder.after_norm, model.decoder.output]),
-         "  of which E_y (GLM only)": model.decoder.embed}
+parts = {
+    "encoder": model.encoder,
+    "  of which layer 0 (560 -> 192)": model.encoder.layers[0],
+    "CTC head": model.ctc,
+    "predictor (CIF)": model.predictor,
+    "decoder": model.decoder,
+    "  of which the layers": model.decoder.layers,
+    "  of which output LN + Linear to V": nn.ModuleList(
+        [model.decoder.after_norm, model.decoder.output]
+    ),
+    "  of which E_y (GLM only)": model.decoder.embed,
+}
 total = count_parameters(model)
 for name, module in parts.items():
     n = count_parameters(module)
@@ -800,9 +965,13 @@ for key, value in out.items():
     print(f"{key:<20}{value.item():>8.3f}")
 assert all(torch.isfinite(value) for value in out.values())
 out["loss"].backward()
-no_grad = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-print(f"parameters with a gradient: {sum(p.grad is not None for p in model.parameters())} tensors of "
-      f"{len(list(model.parameters()))}; without: {no_grad}")
+no_grad = [
+    name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0
+]
+print(
+    f"parameters with a gradient: {sum(p.grad is not None for p in model.parameters())} tensors of "
+    f"{len(list(model.parameters()))}; without: {', '.join(no_grad) or 'none'}"
+)
 assert no_grad == []
 model.zero_grad()
 
@@ -817,8 +986,13 @@ model.zero_grad()
 torch.manual_seed(0)
 hyps = model.recognize(X, X_lengths)
 for b, hyp in enumerate(hyps[:2]):
-    print(f"utterance {b}: {X_lengths[b]} frames, {len(hyp.token_ids)} tokens (target {Y_lengths[b]})")
-    pieces = [f"{tokenizer.tokens[i]}@{start:.2f}-{end:.2f}" for i, (start, end) in zip(hyp.token_ids, hyp.timestamps)]
+    print(
+        f"utterance {b}: {X_lengths[b]} frames, {len(hyp.token_ids)} tokens (target {Y_lengths[b]})"
+    )
+    pieces = [
+        f"{tokenizer.tokens[i]}@{start:.2f}-{end:.2f}"
+        for i, (start, end) in zip(hyp.token_ids, hyp.timestamps)
+    ]
     print("  ", " ".join(pieces[:6]), "...")
     print("  ", repr(hyp.text(tokenizer)[:70]))
 assert all(len(h.token_ids) == len(h.timestamps) for h in hyps)
@@ -833,7 +1007,10 @@ assert all(hyp.timestamps[-1][1] <= 0.06 * int(n) + 1e-9 for hyp, n in zip(hyps,
 
 # %%
 with torch.no_grad():
-    one_by_one = [model.recognize(X[b:b + 1, :n], X_lengths[b:b + 1])[0] for b, n in enumerate(X_lengths.tolist())]
+    one_by_one = [
+        model.recognize(X[b : b + 1, :n], X_lengths[b : b + 1])[0]
+        for b, n in enumerate(X_lengths.tolist())
+    ]
 same = [a == b for a, b in zip(hyps, one_by_one)]
 print("utterances recognised the same alone as in the batch:", f"{sum(same)} of {len(same)}")
 assert all(same)
@@ -850,7 +1027,7 @@ assert all(same)
 short = X[:2].clone()  # (B, T, 560)
 short_lengths = torch.tensor([1, int(X_lengths[1])])  # (B,): a 60 ms utterance, then a normal one
 mixed = model.recognize(short, short_lengths)
-print("1 frame + normal, in a batch:", [len(h.token_ids) for h in mixed], "tokens")
+print("1 frame + normal, in a batch:", " and ".join(str(len(h.token_ids)) for h in mixed), "tokens")
 alone = model.recognize(short[:1, :1], short_lengths[:1])
 print("1 frame alone:", alone)
 with torch.no_grad():
@@ -889,10 +1066,16 @@ def overfit(model, batch, steps=50, lr=1e-3):
 
 
 torch.manual_seed(0)
-memorise = replace(config, encoder=replace(config.encoder, dropout=0.0), decoder_dropout=0.0, label_smoothing=0.0)
+memorise = replace(
+    config, encoder=replace(config.encoder, dropout=0.0), decoder_dropout=0.0, label_smoothing=0.0
+)
 few = torch.tensor([2, 3, 4])  # three utterances of the batch
-small = (X[few, :int(X_lengths[few].max())], X_lengths[few],  # (3, T, 560), (3,)
-         Y[few, :int(Y_lengths[few].max())], Y_lengths[few])  # (3, U), (3,)
+small = (
+    X[few, : int(X_lengths[few].max())],
+    X_lengths[few],  # (3, T, 560), (3,)
+    Y[few, : int(Y_lengths[few].max())],
+    Y_lengths[few],
+)  # (3, U), (3,)
 learner = Paraformer(memorise)
 start = time.perf_counter()
 history = overfit(learner, small)
@@ -910,28 +1093,50 @@ print(f"{len(history)} steps in {seconds:.0f} s")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-for step in (0, 9, 19, 29, 49):
-    row = history[step]
-    print(f"step {step + 1:>2}: loss {row['loss']:6.2f} | CE {row['loss_ce']:5.2f} | quantity {row['loss_quantity']:5.2f} "
-          f"| CTC {row['loss_ctc']:5.2f} | accuracy first pass {row['accuracy_first_pass']:.2f}")
+keys = ["loss", "loss_ce", "loss_quantity", "loss_ctc", "accuracy_first_pass"]
+print_table(
+    [[step + 1, *[history[step][key] for key in keys]] for step in (0, 9, 19, 29, 49)],
+    ["step", "loss", "CE", "quantity", "CTC", "accuracy first pass"],
+    formats={h: ".2f" for h in ["loss", "CE", "quantity", "CTC", "accuracy first pass"]},
+)
 factor = history[0]["loss"] / history[-1]["loss"]
 factor_ce = history[0]["loss_ce"] / history[-1]["loss_ce"]
-print(f"the loss fell by a factor of more than 5: {factor > 5}; the decoder's CE by more than 20: {factor_ce > 20}")
+print(
+    f"the loss fell by a factor of more than 5: {factor > 5}; "
+    f"the decoder's CE by more than 20: {factor_ce > 20}"
+)
 print(f"first pass right on every token at the end: {history[-1]['accuracy_first_pass'] == 1.0}")
 assert factor > 5 and factor_ce > 20 and history[-1]["accuracy_first_pass"] == 1.0
 
+# %% mystnb={"figure": {"caption": "Overfitting three utterances for 50 steps. Left: the total loss and its three parts (log scale). Right: the decoder's first-pass accuracy rises to 1 while the share of tokens the GLM sampler replaces falls from about 0.4 to 0.", "name": "fig-ch06-overfit"}, "image": {"alt": "Left, four falling loss curves on a log scale over 50 steps, the quantity loss the most jagged and CTC the slowest. Right, an accuracy curve rising from near 0 to 1 and a replaced-share curve falling from about 0.36 to 0."}}
+# NBVAL_IGNORE_OUTPUT
 steps = range(1, len(history) + 1)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=90)
-for key, label in [("loss", "total"), ("loss_ce", "CE (decoder)"), ("loss_quantity", "quantity (predictor)"),
-                   ("loss_ctc", "CTC (encoder)")]:
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
+for key, label in [
+    ("loss", "total"),
+    ("loss_ce", "CE (decoder)"),
+    ("loss_quantity", "quantity (predictor)"),
+    ("loss_ctc", "CTC (encoder)"),
+]:
     axes[0].plot(steps, [row[key] for row in history], label=label)
-axes[0].set(yscale="log", xlabel="step", ylabel="loss", title="Overfitting 3 utterances")
-axes[0].legend(fontsize=8)
+axes[0].set(
+    yscale="log",
+    xlabel="training step",
+    ylabel="loss (log scale)",
+    title="Overfitting 3 utterances",
+)
+axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 axes[1].plot(steps, [row["accuracy_first_pass"] for row in history], label="first-pass accuracy")
-axes[1].plot(steps, [row["glm_replaced"] for row in history], label="share of tokens replaced by GLM")
-axes[1].set(xlabel="step", ylim=(-0.03, 1.03), title="The sampler's help fades as the decoder learns")
-axes[1].legend(fontsize=8)
-plt.tight_layout()
+axes[1].plot(
+    steps, [row["glm_replaced"] for row in history], label="share of tokens replaced by GLM"
+)
+axes[1].set(
+    xlabel="training step",
+    ylabel="share of valid tokens",
+    ylim=(-0.03, 1.03),
+    title="The sampler's help fades as the decoder learns",
+)
+axes[1].legend(loc="upper left")  # top left: no data before step 35
 plt.show()
 
 # %% [markdown]
@@ -969,10 +1174,26 @@ assert cer < 0.2
 with torch.no_grad():
     h, h_len = learner.encoder(small[0], small[1])  # (B, T, D)
     cif = learner.predictor(h, h_len, small[3])  # embeds (B, N, D)
-    trained = glm_sample(learner.decoder, cif.embeds, small[3], h, h_len, small[2], lam,
-                         torch.Generator().manual_seed(0))
-print("tokens", small[3].tolist(), "| errors", trained.errors.tolist(), "| replaced", trained.replaced.sum(1).tolist(),
-      "| replaced before training", sample.replaced[few].sum(1).tolist())
+    trained = glm_sample(
+        learner.decoder,
+        cif.embeds,
+        small[3],
+        h,
+        h_len,
+        small[2],
+        lam,
+        torch.Generator().manual_seed(0),
+    )
+print_table(
+    zip(
+        few.tolist(),
+        small[3].tolist(),
+        trained.errors.tolist(),
+        trained.replaced.sum(1).tolist(),
+        sample.replaced[few].sum(1).tolist(),
+    ),
+    ["utterance", "tokens", "errors", "replaced", "replaced before training"],
+)
 assert trained.replaced.sum() == 0 and sample.replaced[few].sum() > 0
 
 # %% [markdown]
@@ -1015,7 +1236,7 @@ assert trained.replaced.sum() == 0 and sample.replaced[few].sum() > 0
 #    and compare its parameter count with `DecoderLayer`'s. Is it still free of a causal
 #    mask? How far can a change of token 5 reach in one layer?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 from paraformer_edu.encoder import FeedForward, FSMNMemory
 
 
@@ -1024,7 +1245,11 @@ class SANMDecoderLayer(nn.Module):
 
     def __init__(self, d_model, n_heads, d_ffn, kernel_size=11):
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.norm1, self.norm2, self.norm3 = (
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+        )
         self.memory = FSMNMemory(d_model, kernel_size)
         self.src_attn = MultiHeadAttention(d_model, n_heads)
         self.feed_forward = FeedForward(d_model, d_ffn)
@@ -1040,17 +1265,33 @@ torch.manual_seed(0)
 sanm_layer = SANMDecoderLayer(D, 4, 4 * D).eval()
 with torch.no_grad():
     out_batch = sanm_layer(E_ac, token_mask, H, h_mask)  # (B, N, D)
-    diff = max((out_batch[b, :n] - sanm_layer(E_ac[b:b + 1, :n], token_mask[b:b + 1, :n], H[b:b + 1],
-                                              h_mask[b:b + 1])[0]).abs().max().item() for b, n in enumerate(N.tolist()))
+    diff = max(
+        (
+            out_batch[b, :n]
+            - sanm_layer(
+                E_ac[b : b + 1, :n], token_mask[b : b + 1, :n], H[b : b + 1], h_mask[b : b + 1]
+            )[0]
+        )
+        .abs()
+        .max()
+        .item()
+        for b, n in enumerate(N.tolist())
+    )
     E2 = E_ac.clone()  # (B, N, D)
     E2[0, 5] += torch.randn(D, generator=torch.Generator().manual_seed(1))  # (D,)
-    moved = (sanm_layer(E2, token_mask, H, h_mask) - out_batch)[0, :N[0]].abs().amax(-1) > 1e-6  # (N_0,)
+    # (N_0,)
+    moved = (sanm_layer(E2, token_mask, H, h_mask) - out_batch)[0, : N[0]].abs().amax(-1) > 1e-6
 print(f"SAN-M decoder layer, batched vs alone: max abs diff {diff:.1e}")
-print(f"parameters: SAN-M layer {count_parameters(sanm_layer):,} vs DecoderLayer {count_parameters(layer):,}")
-print("tokens moved by a change of token 5:", moved.nonzero().squeeze(1).tolist())
+print(
+    f"parameters: SAN-M layer {count_parameters(sanm_layer):,} "
+    f"vs DecoderLayer {count_parameters(layer):,}"
+)
+moved_tokens = moved.nonzero().squeeze(1).tolist()
+print("tokens moved by a change of token 5:", ", ".join(map(str, moved_tokens)))
 assert diff < 1e-5 and moved.nonzero().squeeze(1).tolist() == list(range(0, 11))
-# The memory replaces the attention's 4 D^2 + 4 D weights by 11 D: 146,112 fewer per layer. No causal mask:
-# the kernel is symmetric, 5 tokens each side, so token 5 reaches tokens 0-10 in one layer, more with depth.
+# The memory replaces the attention's 4 D^2 + 4 D weights by 11 D: 146,112 fewer per layer.
+# No causal mask: the kernel is symmetric, 5 tokens each side, so token 5 reaches tokens
+# 0-10 in one layer, more with depth.
 
 # %% [markdown]
 # 2. **Floor or round?** FunASR truncates $\lambda d$; one could round it, or round up.
@@ -1058,16 +1299,19 @@ assert diff < 1e-5 and moved.nonzero().squeeze(1).tolist() == list(range(0, 11))
 #    Which rule never replaces anything once the model makes one or two errors, and
 #    which one always shows at least one token to a model that makes any error?
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 d = torch.arange(11)  # (11,)
-rules = {"floor (FunASR)": torch.floor(0.4 * d), "round": torch.round(0.4 * d), "ceil": torch.ceil(0.4 * d)}
-print("d      ", d.tolist())
-for name, k in rules.items():
-    print(f"{name:<15}", k.long().tolist())
+rules = {
+    "floor (FunASR)": torch.floor(0.4 * d),
+    "round": torch.round(0.4 * d),
+    "ceil": torch.ceil(0.4 * d),
+}
+print_table([[name, *k.long().tolist()] for name, k in rules.items()], ["d", *d.tolist()])
 assert rules["floor (FunASR)"][:3].tolist() == [0, 0, 0] and (rules["ceil"][1:] >= 1).all()
-# Floor shows nothing for d <= 2, so a nearly right utterance trains as at inference; ceil always shows at
-# least one target token when there is an error. The difference only matters for short or nearly right
-# utterances; with BPE targets of 10-40 tokens early in training, d is large and the rules barely differ.
+# Floor shows nothing for d <= 2, so a nearly right utterance trains as at inference; ceil
+# always shows at least one target token when there is an error. The difference only
+# matters for short or nearly right utterances; with BPE targets of 10-40 tokens early in
+# training, d is large and the rules barely differ.
 
 # %% [markdown]
 # 3. **Word timestamps.** A `Hypothesis` has a time span per BPE token; a word starts
@@ -1075,7 +1319,7 @@ assert rules["floor (FunASR)"][:3].tolist() == [0, 0, 0] and (rules["ceil"][1:] 
 #    hypothesis into words with the start of their first token and the end of their
 #    last, and apply it to a hypothesis of the overfitted model.
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # NBVAL_IGNORE_OUTPUT
 def word_timestamps(hyp, tokenizer):
     """(word, start, end) for each word of a hypothesis, from its token timestamps."""

@@ -50,7 +50,8 @@
 # %%
 #| default_exp language_model
 # In Colab, clone the repository first (this chapter loads the book's model, models/):
-# # !git clone -q --depth 1 https://github.com/paraformer-edu/paraformer-edu && pip install -q -e "./paraformer-edu[book]"
+# # !git clone -q --depth 1 https://github.com/paraformer-edu/paraformer-edu
+# # !pip install -q -e "./paraformer-edu[book]"
 # # %cd paraformer-edu
 # %matplotlib inline
 import hashlib
@@ -59,6 +60,7 @@ import math
 import os
 import random
 import re
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -69,15 +71,25 @@ import torch
 import torch.nn.functional as F
 
 import paraformer_edu
-from paraformer_edu.corpus import (build_corpus, cache_dir, clean_example, corpus_config, sentence_splits,
-                                   sentence_words, wordnet_dir, wordnet_sentences)
+from paraformer_edu.corpus import (
+    build_corpus,
+    cache_dir,
+    clean_example,
+    corpus_config,
+    sentence_splits,
+    sentence_words,
+    wordnet_dir,
+    wordnet_sentences,
+)
 from paraformer_edu.dataset import SpeechDataset
+from paraformer_edu.display import book_style, listen, print_table
 from paraformer_edu.encoder import ctc_collapse, ctc_greedy_decode
 from paraformer_edu.metrics import cer
 from paraformer_edu.model import Inference
 from paraformer_edu.tokenizer import EOS_ID, SOS_ID
 from paraformer_edu.training import evaluate
 
+book_style()
 torch.manual_seed(0)
 torch.set_num_threads(2)
 print("paraformer_edu", paraformer_edu.__version__)
@@ -89,13 +101,28 @@ print("paraformer_edu", paraformer_edu.__version__)
 
 # %%
 ROOT = Path(paraformer_edu.__file__).resolve().parent.parent
-CHECKPOINT = Path(os.environ.get("PARAFORMER_EDU_CHECKPOINT", ROOT / "models" / "paraformer-book" / "model.pt"))
+CHECKPOINT = Path(
+    os.environ.get("PARAFORMER_EDU_CHECKPOINT", ROOT / "models" / "paraformer-book" / "model.pt")
+)
 recognizer = paraformer_edu.load_model(CHECKPOINT)
-model, tokenizer, frontend, config = recognizer.model, recognizer.tokenizer, recognizer.frontend, recognizer.config
+model, tokenizer, frontend, config = (
+    recognizer.model,
+    recognizer.tokenizer,
+    recognizer.frontend,
+    recognizer.config,
+)
 manifests = build_corpus(corpus_config(config.data.corpus), splits=("dev", "test", "test-voices"))
-datasets = {split: SpeechDataset(path, frontend, tokenizer.encode) for split, path in manifests.items()}
-print("checkpoint:", CHECKPOINT.relative_to(ROOT) if CHECKPOINT.is_relative_to(ROOT) else CHECKPOINT)
-print("corpus:", config.data.corpus, {split: len(ds) for split, ds in datasets.items()})
+datasets = {
+    split: SpeechDataset(path, frontend, tokenizer.encode) for split, path in manifests.items()
+}
+print(
+    "checkpoint:", CHECKPOINT.relative_to(ROOT) if CHECKPOINT.is_relative_to(ROOT) else CHECKPOINT
+)
+print(
+    f"corpus: {config.data.corpus};",
+    ", ".join(f"{split} {len(ds)}" for split, ds in datasets.items()),
+    "utterances",
+)
 print("vocabulary:", tokenizer.vocab_size, "tokens")
 
 # %% [markdown]
@@ -125,8 +152,14 @@ from pathlib import Path
 
 import torch
 
-from paraformer_edu.corpus import (cache_dir, clean_example, sentence_splits, sentence_words, wordnet_dir,
-                                   wordnet_sentences)
+from paraformer_edu.corpus import (
+    cache_dir,
+    clean_example,
+    sentence_splits,
+    sentence_words,
+    wordnet_dir,
+    wordnet_sentences,
+)
 from paraformer_edu.tokenizer import EOS_ID, SOS_ID
 
 # %%
@@ -135,13 +168,15 @@ _QUOTED = re.compile(r'"[^"]*"')  # an example sentence inside a WordNet gloss
 
 
 def wordnet_glosses() -> list[str]:
-    """WordNet 3.0's definitions as sentences (quoted examples removed), each once, in the order of the files."""
+    """WordNet 3.0's glosses as sentences (quoted examples removed), each once, in file order."""
     folder, glosses = wordnet_dir(), {}
     for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
         for line in (folder / name).read_text(encoding="utf-8").splitlines():
             if not line.startswith("  "):  # the licence header
                 for part in _QUOTED.sub("", line.partition(" | ")[2]).split(";"):
-                    if (sentence := clean_example(part.strip(), min_words=3, max_words=30)) is not None:
+                    if (
+                        sentence := clean_example(part.strip(), min_words=3, max_words=30)
+                    ) is not None:
                         glosses.setdefault(sentence, None)
     return list(glosses)
 
@@ -157,10 +192,12 @@ HELD_OUT = ("dev", "test", "test-voices")
 
 
 def lm_sentences() -> list[str]:
-    """The LM's text: WordNet's training example sentences and its glosses, without any held-out sentence."""
+    """The LM's text: WordNet's training examples and its glosses, without any held-out sentence."""
     splits = sentence_splits(wordnet_sentences())
     held_out = {tuple(sentence_words(s)) for split in HELD_OUT for s in splits[split]}
-    return splits["train"] + [g for g in wordnet_glosses() if tuple(sentence_words(g)) not in held_out]
+    return splits["train"] + [
+        g for g in wordnet_glosses() if tuple(sentence_words(g)) not in held_out
+    ]
 
 
 # %%
@@ -169,12 +206,15 @@ texts = lm_sentences()
 splits = sentence_splits(wordnet_sentences())
 held_out = {tuple(sentence_words(s)) for split in HELD_OUT for s in splits[split]}
 n_words = sum(len(sentence_words(s)) for s in texts)
-print(f"glosses: {len(glosses):,}; LM sentences: {len(texts):,} ({len(splits['train']):,} examples + "
-      f"{len(texts) - len(splits['train']):,} glosses), {n_words:,} words")
+print(
+    f"glosses: {len(glosses):,}; LM sentences: {len(texts):,} ({len(splits['train']):,} examples + "
+    f"{len(texts) - len(splits['train']):,} glosses), {n_words:,} words"
+)
 print("glosses removed as held-out sentences:", len(glosses) - (len(texts) - len(splits["train"])))
-assert not any(tuple(sentence_words(s)) in held_out for s in texts)  # no held-out sentence in the LM's text
+# no held-out sentence in the LM's text
+assert not any(tuple(sentence_words(s)) in held_out for s in texts)
 for s in random.Random(0).sample(glosses, 4):
-    print("  ", s)
+    print(textwrap.fill(s, 100, initial_indent=" " * 3, subsequent_indent=" " * 5))
 
 # %% [markdown]
 # Against the speech: the model's training set holds the same training examples,
@@ -189,7 +229,7 @@ for s in random.Random(0).sample(glosses, 4):
 sequences = [tokenizer.encode(s) for s in texts]
 n_tokens = sum(map(len, sequences))
 print(f"{n_tokens:,} tokens, {n_tokens / n_words:.2f} per word")
-print(texts[0], "->", sequences[0][:12], "...")
+print(texts[0], "->", " ".join(map(str, sequences[0][:12])), "...")
 
 # %% [markdown]
 # ## Counting n-grams with tensors
@@ -215,22 +255,34 @@ def ngram_codes(windows: torch.Tensor, V: int) -> torch.Tensor:
     return (windows * powers).sum(1)  # (M,)
 
 
-def count_ngrams(sequences: list[list[int]], k: int, V: int, sos: int = SOS_ID, eos: int = EOS_ID,
-                 pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted codes (G,) of the distinct k-grams of the padded sequences and their counts (G,); none ends in <s>."""
+def count_ngrams(
+    sequences: list[list[int]],
+    k: int,
+    V: int,
+    sos: int = SOS_ID,
+    eos: int = EOS_ID,
+    pad: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted codes (G,) of the distinct k-grams (none ends in <s>) and their counts (G,)."""
     pad = k - 1 if pad is None else pad
     padded = [[sos] * pad + list(s) + [eos] for s in sequences]
     flat = torch.tensor([t for s in padded for t in s], dtype=torch.int64)  # (L,)
-    sentence = torch.repeat_interleave(torch.arange(len(padded)), torch.tensor([len(s) for s in padded]))  # (L,)
+    # (L,)
+    sentence = torch.repeat_interleave(
+        torch.arange(len(padded)), torch.tensor([len(s) for s in padded])
+    )
     windows = flat.unfold(0, k, 1)  # (L - k + 1, k)
-    keep = (sentence[:len(windows)] == sentence[k - 1:]) & (windows[:, -1] != sos)  # (L - k + 1,)
+    keep = (sentence[: len(windows)] == sentence[k - 1 :]) & (windows[:, -1] != sos)  # (L - k + 1,)
     return torch.unique(ngram_codes(windows[keep], V), return_counts=True)  # (G,), (G,)
 
 
 # %%
 toy = [[4, 5, 6], [4, 5, 7]]
 codes, counts = count_ngrams(toy, 2, V=10)
-print([(divmod(c, 10), n) for c, n in zip(codes.tolist(), counts.tolist())])
+print_table(
+    [(c, str(divmod(c, 10)), n) for c, n in zip(codes.tolist(), counts.tolist())],
+    ["code", "bigram", "count"],
+)
 
 # %% [markdown]
 # Two sentences, ids `4 5 6` and `4 5 7`, padded with one `<s>` (id 1) and `</s>`
@@ -267,12 +319,19 @@ print([(divmod(c, 10), n) for c, n in zip(codes.tolist(), counts.tolist())])
 class NGramLM:
     """An interpolated Kneser-Ney n-gram language model over token ids (the recursion of NLTK's)."""
 
-    def __init__(self, vocab_size: int, order: int = 5, discount: float = 0.75, sos: int = SOS_ID,
-                 eos: int = EOS_ID):
+    def __init__(
+        self,
+        vocab_size: int,
+        order: int = 5,
+        discount: float = 0.75,
+        sos: int = SOS_ID,
+        eos: int = EOS_ID,
+    ):
         if order < 2:
             raise ValueError(f"order must be at least 2 (a bigram model), not {order}")
         self.V, self.order, self.D, self.sos, self.eos = vocab_size, order, discount, sos, eos
-        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> sorted codes (G,), counts (G,)
+        # k -> sorted codes (G,), counts (G,)
+        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def fit(self, sequences: list[list[int]]) -> "NGramLM":
@@ -280,10 +339,14 @@ class NGramLM:
         n, V = self.order, self.V
         if any(t < 0 or t >= V for s in sequences for t in s):
             raise ValueError(f"token ids must lie in 0..{V - 1}")
-        raw = {k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)}
+        raw = {
+            k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)
+        }
         self.counts = {n: raw[n]}  # raw counts at the top
-        for k in range(1, n):  # below: continuation counts, the distinct tokens seen before each k-gram
-            self.counts[k] = torch.unique(raw[k + 1][0] % V ** k, return_counts=True)  # (k+1)-grams' last k tokens
+        # below: continuation counts, the distinct tokens seen before each k-gram
+        for k in range(1, n):
+            # (k+1)-grams' last k tokens
+            self.counts[k] = torch.unique(raw[k + 1][0] % V**k, return_counts=True)
         self._cache.clear()
         return self
 
@@ -296,7 +359,7 @@ class NGramLM:
 
 # %%
 def add_to_class(cls):
-    """Attach the decorated function to cls as a method; its name keeps what it meant before (or None)."""
+    """Attach the decorated function to cls as a method; its name keeps its old value (or None)."""
     name = lambda method: getattr(method, "__func__", method).__name__  # noqa: E731
     return lambda method: setattr(cls, name(method), method) or globals().get(name(method))
 
@@ -305,20 +368,26 @@ def add_to_class(cls):
 #| export
 @add_to_class(NGramLM)
 def probs(self, context) -> torch.Tensor:
-    """P(w | context) for every token w (V,), float64; the context is the ids so far (padded with <s>)."""
-    context = ((self.sos,) * (self.order - 1) + tuple(context))[-(self.order - 1):]
+    """P(w | context) for every token w (V,), float64; context: the ids so far (<s>-padded)."""
+    context = ((self.sos,) * (self.order - 1) + tuple(context))[-(self.order - 1) :]
     if (cached := self._cache.get(context)) is not None:
         return cached
     codes, counts = self.counts[1]
-    p = torch.zeros(self.V, dtype=torch.float64).index_put_((codes,), counts.double() / counts.sum())  # (V,)
+    # (V,)
+    p = torch.zeros(self.V, dtype=torch.float64).index_put_(
+        (codes,), counts.double() / counts.sum()
+    )
     for k in range(2, self.order + 1):
-        u = ngram_codes(torch.tensor([context[len(context) - (k - 1):]]), self.V).item() * self.V  # first code
+        # first code
+        u = ngram_codes(torch.tensor([context[len(context) - (k - 1) :]]), self.V).item() * self.V
         codes, counts = self.counts[k]
         lo, hi = torch.searchsorted(codes, torch.tensor([u, u + self.V])).tolist()
         if hi == lo:
             continue  # unseen context: gamma = 1
         c = counts[lo:hi].double()  # (m,) counts of the m tokens seen after the context
-        alpha = torch.zeros(self.V, dtype=torch.float64).index_put_((codes[lo:hi] - u,), (c - self.D).clamp(min=0))
+        alpha = torch.zeros(self.V, dtype=torch.float64).index_put_(
+            (codes[lo:hi] - u,), (c - self.D).clamp(min=0)
+        )
         p = alpha / c.sum() + self.D * (hi - lo) / c.sum() * p  # (V,)
     if len(self._cache) > 500_000:
         self._cache.clear()
@@ -340,9 +409,12 @@ def log_probs(self, context) -> torch.Tensor:
 # %%
 toy_lm = NGramLM(10, order=3).fit(toy)
 p = toy_lm.probs([4, 5])
-print("P(. | 4 5):", [round(x, 3) for x in p.tolist()])
 q = toy_lm.probs([9, 5])  # (9, 5) never seen: the bigram level after 5 decides
-print("P(. | 9 5):", [round(x, 3) for x in q.tolist()])
+print_table(
+    [("P(w | 4 5)", *p.tolist()), ("P(w | 9 5)", *q.tolist())],
+    ["w:", *map(str, range(10))],
+    {j: ".3f" for j in range(1, 11)},
+)
 print("sums:", p.sum().item(), q.sum().item())
 assert p[6] == p[7] > 0.25 and q[6] == q[7] > q[4] > q[0] == q[1] == 0
 assert abs(p.sum().item() - 1) < 1e-12 and abs(q.sum().item() - 1) < 1e-12
@@ -366,10 +438,20 @@ small = sequences[:300]  # NLTK's lower orders scan all its n-grams per query: k
 ours = NGramLM(tokenizer.vocab_size, order=order, discount=0.75).fit(small)
 nltk_lm = KneserNeyInterpolated(order, discount=0.75)
 padded = [[SOS_ID] * (order - 1) + s + [EOS_ID] for s in small]
-nltk_lm.fit([[g for g in everygrams([names[t] for t in s], max_len=order) if g[-1] != names[SOS_ID]]
-             for s in padded], vocabulary_text=names)
-queries = [(tuple(s[i - order + 1:i]), s[i]) for s in padded[:60] for i in range(order - 1, len(s))]
-diff = max(abs(ours.probs(u)[w].item() - nltk_lm.score(names[w], [names[t] for t in u])) for u, w in queries)
+nltk_lm.fit(
+    [
+        [g for g in everygrams([names[t] for t in s], max_len=order) if g[-1] != names[SOS_ID]]
+        for s in padded
+    ],
+    vocabulary_text=names,
+)
+queries = [
+    (tuple(s[i - order + 1 : i]), s[i]) for s in padded[:60] for i in range(order - 1, len(s))
+]
+diff = max(
+    abs(ours.probs(u)[w].item() - nltk_lm.score(names[w], [names[t] for t in u]))
+    for u, w in queries
+)
 print(f"{len(queries)} probabilities, max |ours - NLTK| = {diff:.1e}")
 assert len(queries) > 1000 and diff < 1e-12
 
@@ -396,19 +478,22 @@ def score(self, tokens) -> float:
 
 @add_to_class(NGramLM)
 def perplexity(self, sequences) -> float:
-    """exp of the mean negative log-probability per token (end symbols included) of the sequences."""
+    """exp of the mean negative log-probability per token (end symbols included) of sequences."""
     log_p = sum(self.score(s) for s in sequences)
     return math.exp(-log_p / sum(len(s) + 1 for s in sequences))
 
 
 # %%
-dev_sequences = [tokenizer.encode(s) for s in splits["dev"][:500]]  # 500 sentences the LM never read
+# 500 sentences the LM never read
+dev_sequences = [tokenizer.encode(s) for s in splits["dev"][:500]]
 perplexities, models = {}, {}
 for n in (2, 3, 4, 5):
     models[n] = NGramLM(tokenizer.vocab_size, order=n).fit(sequences)
     perplexities[n] = models[n].perplexity(dev_sequences)
-    print(f"order {n}: {sum(len(c[0]) for c in models[n].counts.values()):>9,} n-grams, dev perplexity "
-          f"{perplexities[n]:6.2f} per token")
+    print(
+        f"order {n}: {sum(len(c[0]) for c in models[n].counts.values()):>9,} n-grams, "
+        f"dev perplexity {perplexities[n]:6.2f} per token"
+    )
 assert perplexities[5] < perplexities[4] < perplexities[3] < perplexities[2]  # longer contexts help
 
 # %% [markdown]
@@ -463,8 +548,13 @@ def _vocab_digest(tokenizer) -> str:
 @add_to_class(NGramLM)
 def save(self, path, tokenizer) -> None:
     """Write the counts, order, discount and the tokenizer's fingerprint to path (atomically)."""
-    payload = {"order": self.order, "discount": self.D, "vocab_size": self.V, "vocab": _vocab_digest(tokenizer),
-               "counts": {str(k): [codes, counts] for k, (codes, counts) in self.counts.items()}}
+    payload = {
+        "order": self.order,
+        "discount": self.D,
+        "vocab_size": self.V,
+        "vocab": _vocab_digest(tokenizer),
+        "counts": {str(k): [codes, counts] for k, (codes, counts) in self.counts.items()},
+    }
     tmp = Path(path).with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -475,9 +565,14 @@ def save(self, path, tokenizer) -> None:
 def load(cls, path, tokenizer) -> "NGramLM":
     """The model saved at path; ValueError if it was counted on another vocabulary."""
     payload = torch.load(path, weights_only=True)
-    if payload["vocab"] != _vocab_digest(tokenizer) or payload["vocab_size"] != tokenizer.vocab_size:
-        raise ValueError(f"{path} was counted on another vocabulary than this tokenizer's: build it again with "
-                         "book_language_model(tokenizer)")
+    if (
+        payload["vocab"] != _vocab_digest(tokenizer)
+        or payload["vocab_size"] != tokenizer.vocab_size
+    ):
+        raise ValueError(
+            f"{path} was counted on another vocabulary than this tokenizer's: build it again with "
+            "book_language_model(tokenizer)"
+        )
     lm = cls(payload["vocab_size"], payload["order"], payload["discount"])
     lm.counts = {int(k): (codes, counts) for k, (codes, counts) in payload["counts"].items()}
     return lm
@@ -541,9 +636,10 @@ class Beam(NamedTuple):
     score: float
 
 
-def paraformer_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0,
-                           beam: int = 4) -> list[Beam]:
-    """The beam's hypotheses, best first, for the decoder's log-probabilities (N, V) of one utterance."""
+def paraformer_beam_search(
+    log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0, beam: int = 4
+) -> list[Beam]:
+    """The beam's hypotheses, best first, for one utterance's decoder log-probabilities (N, V)."""
     beams = [Beam((), 0.0)]
     for i in range(log_probs.size(0)):
         candidates = []
@@ -552,12 +648,19 @@ def paraformer_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, l
             if lm is not None and lm_weight:
                 fused = fused + lm_weight * lm.log_probs(hyp.tokens)  # (V,)
             top = fused.topk(min(beam, fused.numel()))
-            candidates += [Beam(hyp.tokens + (t,), hyp.score + s) for s, t in zip(top.values.tolist(),
-                                                                                  top.indices.tolist())]
+            candidates += [
+                Beam(hyp.tokens + (t,), hyp.score + s)
+                for s, t in zip(top.values.tolist(), top.indices.tolist())
+            ]
         beams = sorted(candidates, key=lambda b: -b.score)[:beam]
     if lm is not None and lm_weight:
-        beams = sorted((Beam(b.tokens, b.score + lm_weight * lm.log_probs(b.tokens)[lm.eos].item()) for b in beams),
-                       key=lambda b: -b.score)
+        beams = sorted(
+            (
+                Beam(b.tokens, b.score + lm_weight * lm.log_probs(b.tokens)[lm.eos].item())
+                for b in beams
+            ),
+            key=lambda b: -b.score,
+        )
     return beams
 
 
@@ -573,8 +676,9 @@ def decode_split(dataset, limit=None, batch=16):
     items = [dataset[i] for i in range(len(dataset) if limit is None else limit)]
     outputs = []
     for b in range(0, len(items), batch):
-        chunk = items[b:b + batch]
-        X = torch.nn.utils.rnn.pad_sequence([it["features"] for it in chunk], batch_first=True)  # (B, T, F)
+        chunk = items[b : b + batch]
+        # (B, T, F)
+        X = torch.nn.utils.rnn.pad_sequence([it["features"] for it in chunk], batch_first=True)
         out = model.infer(X, torch.tensor([len(it["features"]) for it in chunk]))
         with torch.no_grad():
             ctc = model.ctc(out.h)  # (B, T, V) the CTC head's log-probabilities
@@ -584,10 +688,16 @@ def decode_split(dataset, limit=None, batch=16):
 
 
 dev_outputs, dev_refs = decode_split(datasets["dev"], limit=300)  # the first 300 dev utterances
-same = all(list(paraformer_beam_search(lp, beam=1)[0].tokens) == lp.argmax(-1).tolist() for lp, _ in dev_outputs)
+same = all(
+    list(paraformer_beam_search(lp, beam=1)[0].tokens) == lp.argmax(-1).tolist()
+    for lp, _ in dev_outputs
+)
 lp = dev_outputs[0][0]
 best = paraformer_beam_search(lp, lm, lm_weight=0.5, beam=4)[0]
-rescored = sum(lp[i, t].item() + 0.5 * lm.log_probs(best.tokens[:i])[t].item() for i, t in enumerate(best.tokens))
+rescored = sum(
+    lp[i, t].item() + 0.5 * lm.log_probs(best.tokens[:i])[t].item()
+    for i, t in enumerate(best.tokens)
+)
 rescored += 0.5 * lm.log_probs(best.tokens)[lm.eos].item()
 print(f"beam 1 without LM = argmax on all {len(dev_outputs)} dev utterances: {same}")
 print(f"reported score {best.score:.6f}, recomputed {rescored:.6f}")
@@ -624,11 +734,21 @@ def log_add(a: float, b: float) -> float:
     return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
 
-def ctc_prefix_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0,
-                           bonus: float = 0.0, beam: int = 4, prune: int = 8, blank: int = 0) -> list[Beam]:
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor,
+    lm: NGramLM | None = None,
+    lm_weight: float = 0.0,
+    bonus: float = 0.0,
+    beam: int = 4,
+    prune: int = 8,
+    blank: int = 0,
+) -> list[Beam]:
     """The beam's labellings, best first, for CTC log-probabilities (T, V) of one utterance."""
-    beams, fused = {(): (0.0, -math.inf)}, {(): 0.0}  # prefix -> (log p_b, log p_nb); prefix -> LM and bonus
-    for y, tried in zip(log_probs.tolist(), log_probs.topk(min(prune, log_probs.size(1)), -1).indices.tolist()):
+    # prefix -> (log p_b, log p_nb); prefix -> LM and bonus
+    beams, fused = {(): (0.0, -math.inf)}, {(): 0.0}
+    for y, tried in zip(
+        log_probs.tolist(), log_probs.topk(min(prune, log_probs.size(1)), -1).indices.tolist()
+    ):
         new = defaultdict(lambda: [-math.inf, -math.inf])
         for prefix, (p_b, p_nb) in beams.items():
             stay = new[prefix]
@@ -638,14 +758,21 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, l
             for c in (c for c in tried if c != blank):
                 ext = prefix + (c,)
                 if ext not in fused:
-                    lm_score = lm.log_probs(prefix)[c].item() if lm is not None and lm_weight else 0.0
+                    lm_score = (
+                        lm.log_probs(prefix)[c].item() if lm is not None and lm_weight else 0.0
+                    )
                     fused[ext] = fused[prefix] + lm_weight * lm_score + bonus
                 before = p_b if prefix and c == prefix[-1] else log_add(p_b, p_nb)
                 new[ext][1] = log_add(new[ext][1], before + y[c])
         ranked = sorted(new.items(), key=lambda kv: -(log_add(*kv[1]) + fused[kv[0]]))
         beams = {prefix: tuple(p) for prefix, p in ranked[:beam]}
-    end = {p: lm_weight * lm.log_probs(p)[lm.eos].item() if lm is not None and lm_weight else 0.0 for p in beams}
-    return sorted((Beam(p, log_add(*beams[p]) + fused[p] + end[p]) for p in beams), key=lambda b: -b.score)
+    end = {
+        p: lm_weight * lm.log_probs(p)[lm.eos].item() if lm is not None and lm_weight else 0.0
+        for p in beams
+    }
+    return sorted(
+        (Beam(p, log_add(*beams[p]) + fused[p] + end[p]) for p in beams), key=lambda b: -b.score
+    )
 
 
 # %% [markdown]
@@ -660,11 +787,13 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, l
 
 # %%
 def brute_force_ctc(log_probs: torch.Tensor, blank: int = 0) -> dict:
-    """log P(labelling) for every labelling, by enumerating all V**T alignments of log_probs (T, V)."""
+    """log P(labelling) of every labelling, enumerating all V**T alignments of log_probs (T, V)."""
     totals = defaultdict(lambda: -math.inf)
     for path in itertools.product(range(log_probs.size(1)), repeat=log_probs.size(0)):
         labelling = tuple(ctc_collapse(list(path), blank))
-        totals[labelling] = log_add(totals[labelling], sum(log_probs[t, c].item() for t, c in enumerate(path)))
+        totals[labelling] = log_add(
+            totals[labelling], sum(log_probs[t, c].item() for t, c in enumerate(path))
+        )
     return totals
 
 
@@ -673,19 +802,35 @@ small_lp = torch.randn(6, 4, generator=g).mul(2).log_softmax(-1)  # (T=6, V=4), 
 totals = brute_force_ctc(small_lp)
 exact = max(totals, key=totals.get)
 found = ctc_prefix_beam_search(small_lp, beam=64, prune=4)[0]
-print("brute force:", exact, f"{totals[exact]:.6f}", "| prefix search:", found.tokens, f"{found.score:.6f}")
+print(
+    "brute force:",
+    exact,
+    f"{totals[exact]:.6f}",
+    "| prefix search:",
+    found.tokens,
+    f"{found.score:.6f}",
+)
 assert found.tokens == exact and abs(found.score - totals[exact]) < 1e-9
+
 
 def ctc_log_prob(ctc_lp: torch.Tensor, tokens) -> float:
     """log P(labelling | X) of one utterance's CTC log-probabilities (T, V), by torch's ctc_loss."""
     if not tokens:
-        return ctc_lp[:, 0].sum().item()  # the all-blank path is the only alignment of the empty labelling
-    return -F.ctc_loss(ctc_lp[:, None], torch.tensor([list(tokens)]), torch.tensor([len(ctc_lp)]),
-                       torch.tensor([len(tokens)]), reduction="sum").item()
+        # the all-blank path is the only alignment of the empty labelling
+        return ctc_lp[:, 0].sum().item()
+    return -F.ctc_loss(
+        ctc_lp[:, None],
+        torch.tensor([list(tokens)]),
+        torch.tensor([len(ctc_lp)]),
+        torch.tensor([len(tokens)]),
+        reduction="sum",
+    ).item()
 
 
 for labelling, total in sorted(totals.items(), key=lambda kv: -kv[1])[:3]:
-    print(f"  {labelling}: brute force {total:.6f}, ctc_loss {ctc_log_prob(small_lp, labelling):.6f}")
+    print(
+        f"  {labelling}: brute force {total:.6f}, ctc_loss {ctc_log_prob(small_lp, labelling):.6f}"
+    )
 assert max(abs(total - ctc_log_prob(small_lp, lab)) for lab, total in totals.items()) < 1e-5
 
 # %% [markdown]
@@ -698,11 +843,18 @@ assert max(abs(total - ctc_log_prob(small_lp, lab)) for lab, total in totals.ite
 # %%
 gaps = {"beam 4, prune 8": [], "beam 32, all tokens": []}
 for _, ctc_lp in dev_outputs[:10]:
-    for name, kw in (("beam 4, prune 8", {}), ("beam 32, all tokens", {"beam": 32, "prune": ctc_lp.size(1)})):
+    for name, kw in (
+        ("beam 4, prune 8", {}),
+        ("beam 32, all tokens", {"beam": 32, "prune": ctc_lp.size(1)}),
+    ):
         hyp = ctc_prefix_beam_search(ctc_lp, **kw)[0]
-        gaps[name].append(ctc_log_prob(ctc_lp, hyp.tokens) - hyp.score)  # >= 0: the alignments it missed
+        # >= 0: the alignments it missed
+        gaps[name].append(ctc_log_prob(ctc_lp, hyp.tokens) - hyp.score)
 for name, g in gaps.items():
-    print(f"{name:>20}: log P - score over 10 dev utterances: min {min(g):.3f}, mean {sum(g) / len(g):.3f}")
+    print(
+        f"{name:>20}: log P - score over 10 dev utterances: min {min(g):.3f}, "
+        f"mean {sum(g) / len(g):.3f}"
+    )
 assert min(min(g) for g in gaps.values()) > -1e-3  # never above the true log-probability
 assert sum(gaps["beam 32, all tokens"]) < sum(gaps["beam 4, prune 8"])  # a wider search misses less
 
@@ -719,7 +871,10 @@ for _, ctc_lp in dev_outputs:
     same_text += list(hyp.tokens) == greedy
     not_worse += ctc_log_prob(ctc_lp, hyp.tokens) >= ctc_log_prob(ctc_lp, greedy) - 1e-4
 n = len(dev_outputs)
-print(f"prefix search = best path on {same_text} of {n} dev utterances; at least as probable on {not_worse}")
+print(
+    f"prefix search = best path on {same_text} of {n} dev utterances; "
+    f"at least as probable on {not_worse}"
+)
 assert not_worse >= 0.95 * n and same_text > n / 2
 
 # %% [markdown]
@@ -736,28 +891,45 @@ assert not_worse >= 0.95 * n and same_text > n / 2
 
 # %%
 def dev_cer(search, outputs=dev_outputs[:200], refs=dev_refs[:200]) -> float:
-    """CER of a search (a function of the decoder's and CTC's log-probabilities) on the decoded outputs."""
+    """CER of a search (a function of the decoder's and CTC's log-probabilities) on the outputs."""
     return cer(refs, [tokenizer.decode(search(lp, ctc_lp)) for lp, ctc_lp in outputs])
 
 
 weights = (0.0, 0.2, 0.3, 0.4, 0.5, 0.7)
 ctc_weights, bonuses = (0.0, 0.2, 0.4), (0.0, 1.5, 3.0)
-paraformer_grid = {w: dev_cer(lambda lp, _: paraformer_beam_search(lp, lm, w, beam=4)[0].tokens) for w in weights}
-ctc_grid = {(w, b): dev_cer(lambda _, c: ctc_prefix_beam_search(c, lm, w, b, beam=4)[0].tokens)
-            for w in ctc_weights for b in bonuses}
+paraformer_grid = {
+    w: dev_cer(lambda lp, _: paraformer_beam_search(lp, lm, w, beam=4)[0].tokens) for w in weights
+}
+ctc_grid = {
+    (w, b): dev_cer(lambda _, c: ctc_prefix_beam_search(c, lm, w, b, beam=4)[0].tokens)
+    for w in ctc_weights
+    for b in bonuses
+}
 best_w = min(paraformer_grid, key=paraformer_grid.get)
 best_ctc = min(ctc_grid, key=ctc_grid.get)
-print("Paraformer, beam 4, dev CER by LM weight:", {w: f"{c:.2%}" for w, c in paraformer_grid.items()})
-print(f"best: lambda = {best_w}; CTC prefix search best: lambda = {best_ctc[0]}, beta = {best_ctc[1]} "
-      f"({ctc_grid[best_ctc]:.2%})")
+print("Paraformer, beam 4, dev CER by LM weight:")
+print_table(
+    [("dev CER", *paraformer_grid.values())],
+    ["LM weight", *map(str, paraformer_grid)],
+    {j: ".2%" for j in range(1, len(paraformer_grid) + 1)},
+)
+print(
+    f"best: lambda = {best_w}; CTC prefix search best: lambda = {best_ctc[0]}, "
+    f"beta = {best_ctc[1]} ({ctc_grid[best_ctc]:.2%})"
+)
 
-# %%
-fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+# %% mystnb={"figure": {"caption": "Dev CER of the first 200 dev utterances against the LM weight, for the Paraformer's beam search and for the CTC prefix beam search with three token bonuses, all with a beam of 4.", "name": "fig-ch09-lm-weight-tuning"}, "image": {"alt": "A line chart of dev CER in percent against the LM weight, from 0 to 0.7. The Paraformer curve falls from about 30% at weight 0 to about 23% at 0.5 and rises a little at 0.7. The three CTC curves, for weights 0 to 0.4, start higher; the one with bonus 3.0 falls from about 55% to about 23.6%."}}
+fig, ax = plt.subplots(figsize=(8, 3.2))
 ax.plot(weights, [100 * paraformer_grid[w] for w in weights], "o-", label="Paraformer, beam 4")
 for b in bonuses:
-    ax.plot(ctc_weights, [100 * ctc_grid[w, b] for w in ctc_weights], ".--", label=f"CTC prefix, beam 4, bonus {b}")
+    ax.plot(
+        ctc_weights,
+        [100 * ctc_grid[w, b] for w in ctc_weights],
+        ".--",
+        label=f"CTC prefix, beam 4, bonus {b}",
+    )
 ax.set(xlabel="LM weight $\\lambda$", ylabel="dev CER (%)", title="Shallow fusion: tuning on dev")
-ax.legend(fontsize=8)
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the curves
 plt.tight_layout()
 plt.show()
 
@@ -773,15 +945,21 @@ plt.show()
 # %%
 #| export beam_search
 class LMSearch:
-    """Chapter 9's search for `Recognizer(search=...)` and `evaluate(search=...)`: Paraformer beam search + LM."""
+    """The search for `Recognizer(search=...)`, `evaluate(search=...)`: Paraformer beam + LM."""
 
     def __init__(self, lm: NGramLM | None, lm_weight: float = 0.3, beam: int = 4):
         self.lm, self.lm_weight, self.beam = lm, lm_weight, beam
 
     def __call__(self, out: Inference) -> list[list[int]]:
         """Token ids per utterance of an Inference (B utterances)."""
-        return [list(paraformer_beam_search(out.log_probs[b, :n], self.lm, self.lm_weight, self.beam)[0].tokens)
-                for b, n in enumerate(out.cif.token_lengths.tolist())]
+        return [
+            list(
+                paraformer_beam_search(out.log_probs[b, :n], self.lm, self.lm_weight, self.beam)[
+                    0
+                ].tokens
+            )
+            for b, n in enumerate(out.cif.token_lengths.tolist())
+        ]
 
 
 # %%
@@ -790,10 +968,13 @@ for split in ("test", "test-voices"):
     for name, search in (("greedy", None), ("beam 4 + LM", LMSearch(lm, best_w, beam=4))):
         scores = evaluate(model, datasets[split], tokenizer, search=search)
         results[split, name] = scores
-        print(f"{split:>11} {name:>12}: CER {scores['cer']:6.2%}  WER {scores['wer']:6.2%}  "
-              f"sentences right {scores['sentence_accuracy']:6.2%}")
+        print(
+            f"{split:>11} {name:>12}: CER {scores['cer']:6.2%}  WER {scores['wer']:6.2%}  "
+            f"sentences right {scores['sentence_accuracy']:6.2%}"
+        )
 for split in ("test", "test-voices"):
-    assert results[split, "beam 4 + LM"]["cer"] < results[split, "greedy"]["cer"]  # the LM helps on both
+    # the LM helps on both
+    assert results[split, "beam 4 + LM"]["cer"] < results[split, "greedy"]["cer"]
     assert results[split, "beam 4 + LM"]["wer"] < results[split, "greedy"]["wer"]
 
 # %% [markdown]
@@ -801,8 +982,11 @@ for split in ("test", "test-voices"):
 # nearly had, and cannot repair what it did not hear.
 
 # %%
-refs, plain, fused_text = (results["test", "greedy"]["references"], results["test", "greedy"]["hypotheses"],
-                           results["test", "beam 4 + LM"]["hypotheses"])
+refs, plain, fused_text = (
+    results["test", "greedy"]["references"],
+    results["test", "greedy"]["hypotheses"],
+    results["test", "beam 4 + LM"]["hypotheses"],
+)
 changed = [i for i in range(len(refs)) if plain[i] != fused_text[i]]
 print(f"the LM changed {len(changed)} of {len(refs)} test transcripts")
 for i in changed[:5]:
@@ -834,7 +1018,6 @@ import subprocess
 import sys
 import tempfile
 
-import IPython.display as ipd
 import soundfile as sf
 
 from paraformer_edu.corpus import voice_pool
@@ -845,8 +1028,7 @@ VOICE = voice_pool(held_out=True, variants=corpus_config(config.data.corpus).var
 wave, _ = synthesize(SENTENCE, voice=VOICE, rate=165)  # (S,) 16 kHz
 wav_path = Path(tempfile.mkdtemp()) / "try_it.wav"
 sf.write(wav_path, wave.numpy(), 16000)
-print(f"voice {VOICE}, {len(wave) / 16000:.2f} s")
-ipd.display(ipd.Audio(wave.numpy(), rate=16000))
+listen(wave, f'"{SENTENCE}" (held-out voice {VOICE}, {len(wave) / 16000:.2f} s)')  # (S,)
 
 # %%
 recognizer.search = None
@@ -858,12 +1040,29 @@ print("greedy:    ", greedy_text)
 print("beam + LM: ", lm_text)
 
 # %%
-command = [sys.executable, "-m", "paraformer_edu", "transcribe", "--checkpoint", str(CHECKPOINT), str(wav_path),
-           "--beam", "4", "--lm-weight", str(best_w)]
+command = [
+    sys.executable,
+    "-m",
+    "paraformer_edu",
+    "transcribe",
+    "--checkpoint",
+    str(CHECKPOINT),
+    str(wav_path),
+    "--beam",
+    "4",
+    "--lm-weight",
+    str(best_w),
+]
 run = subprocess.run(command, capture_output=True, text=True, check=True)
-print("$ python -m paraformer_edu transcribe --checkpoint", CHECKPOINT.name, "try_it.wav --beam 4 --lm-weight", best_w)
+print(
+    "$ python -m paraformer_edu transcribe --checkpoint",
+    CHECKPOINT.name,
+    "try_it.wav --beam 4 --lm-weight",
+    best_w,
+)
 print(run.stdout.split("\t", 1)[1].strip())
-assert run.stdout.split("\t", 1)[1].strip() == lm_text  # the command line decodes as the Recognizer does
+# the command line decodes as the Recognizer does
+assert run.stdout.split("\t", 1)[1].strip() == lm_text
 
 # %% [markdown]
 # ## Summary
@@ -890,17 +1089,19 @@ assert run.stdout.split("\t", 1)[1].strip() == lm_text  # the command line decod
 #    counts 1, 2 and 3+; {cite:t}`chen1999`) and compare perplexities. (No solution
 #    given: the check is that every distribution still sums to one.)
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 1: the glosses alone, at the weight tuned above, on the grid's dev utterances.
-gloss_lm = NGramLM(tokenizer.vocab_size, order=5).fit(sequences[len(splits["train"]):])
+gloss_lm = NGramLM(tokenizer.vocab_size, order=5).fit(sequences[len(splits["train"]) :])
 gloss_cer = dev_cer(lambda lp, _: paraformer_beam_search(lp, gloss_lm, best_w, beam=4)[0].tokens)
-print(f"dev CER: no LM {paraformer_grid[0.0]:.2%}, glosses only {gloss_cer:.2%}, "
-      f"glosses + training sentences {paraformer_grid[best_w]:.2%}")
+print(
+    f"dev CER: no LM {paraformer_grid[0.0]:.2%}, glosses only {gloss_cer:.2%}, "
+    f"glosses + training sentences {paraformer_grid[best_w]:.2%}"
+)
 # The glosses alone give about three quarters of the gain: the LM's knowledge of English
 # spelling and word order carries over from definitions to example sentences. The
 # training sentences, a fifth of the text in the style of the test sentences, add the rest.
 
-# %% tags=["hide-input"]
+# %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
 # Solution 2: rescoring the beam's 4 hypotheses with the CTC head, weight 0.3.
 def rescored(lp, ctc_lp, ctc_weight=0.3):
     """The best of the beam after adding ctc_weight * log P_CTC(y | X) to each score."""
@@ -908,5 +1109,8 @@ def rescored(lp, ctc_lp, ctc_weight=0.3):
     return max(beams, key=lambda b: b.score + ctc_weight * ctc_log_prob(ctc_lp, b.tokens)).tokens
 
 
-print(f"dev CER: beam + LM {paraformer_grid[best_w]:.2%}, with CTC rescoring {dev_cer(rescored):.2%}")
-# A small gain (about half a point): the CTC head and the decoder mostly agree on the best hypotheses.
+print(
+    f"dev CER: beam + LM {paraformer_grid[best_w]:.2%}, with CTC rescoring {dev_cer(rescored):.2%}"
+)
+# A small gain (about half a point): the CTC head and the decoder mostly agree on the best
+# hypotheses.

@@ -22,13 +22,20 @@ file, hand-written, gathers the public API:
 - `language_model` (chapter 9): a token n-gram LM with interpolated Kneser-Ney smoothing, its WordNet text;
 - `beam_search` (chapter 9): beam search over the Paraformer's positions and CTC prefix beam search, with
   shallow fusion of the LM (`LMSearch` plugs into `Recognizer(search=...)`);
+- `transcription` (chapter 10): long recordings block by block (energy VAD, cuts at the quietest moment,
+  stitched timestamps) and folders of files into resumable JSON lines;
+- `onnx_export` (chapter 10, needs onnx and onnxruntime; not imported here): the whole model as one ONNX graph;
+- `serving` (chapter 10, needs the [serve] extra; not imported here): the FastAPI service;
+- `display` (hand-written, needs IPython and matplotlib; not imported here): the chapters' figure
+  style, labelled audio players and text tables;
 - `cli` (hand-written): `python -m paraformer_edu train | evaluate | transcribe`.
 """
 
 __version__ = "0.1.0"
 
 from . import (attention, audio, beam_search, checkpoint, config, corpus, dataset, decoder, encoder, features,
-               inference, inspection, language_model, metrics, model, predictor, synthesis, tokenizer, training)
+               inference, inspection, language_model, metrics, model, predictor, synthesis, tokenizer, training,
+               transcription)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
 from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
@@ -48,12 +55,14 @@ from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
 from .synthesis import synthesize
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, normalize_text
 from .training import Trainer
+from .transcription import LongTranscript, transcribe_files, transcribe_long
 
 __all__ = [
     "__version__",
     # modules
     "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
     "model", "metrics", "config", "training", "checkpoint", "inference", "inspection", "language_model", "beam_search",
+    "transcription",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
@@ -73,4 +82,6 @@ __all__ = [
     "Inside", "look_inside", "word_timestamps", "onset_errors", "cer_by",
     # chapter 9
     "NGramLM", "book_language_model", "Beam", "paraformer_beam_search", "ctc_prefix_beam_search", "LMSearch",
+    # chapter 10
+    "LongTranscript", "transcribe_long", "transcribe_files",
 ]

@@ -30,16 +30,21 @@ def causal_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
 
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None,
-                                 dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d_k) + M) v; mask is boolean, True where a query may attend to a key.
 
     Defined in chapter 3, "Attention".
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., T_q, T_k)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # (..., T_q, T_k): M = -inf, finitely
+        # (..., T_q, T_k): M = -inf, finitely
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)  # (..., T_q, T_k)
     if mask is not None:
         weights = weights.masked_fill(~mask, 0.0)  # (..., T_q, T_k): no valid key -> all zeros
@@ -49,7 +54,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention: Concat(head_1..head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+    """Multi-head attention: heads Attention(Q W_i^Q, K W_i^K, V W_i^V), concatenated, times W^O.
 
     Defined in chapter 3, "Attention".
     """
@@ -72,27 +77,42 @@ class MultiHeadAttention(nn.Module):
         """(B, h, T, d_k) -> (B, T, h * d_k): the concatenation of the heads."""
         return x.transpose(1, 2).flatten(2)  # (B, T, h * d_k)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (B, T_q, d_in), key and value (B, T_k, d_in), masks True where allowed -> (B, T_q, D), (B, h, T_q, T_k)."""
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, T_q, d_in), key, value (B, T_k, d_in) -> (B, T_q, D), (B, h, T_q, T_k)."""
         mask = _combine_masks(key_mask, attn_mask)  # (B, 1, T_q or 1, T_k) or None
         return self.attend(self.linear_q(query), self.linear_k(key), self.linear_v(value), mask)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heads of projected q (B, T_q, D), k and v (B, T_k, D), then W^O -> (B, T_q, D), (B, h, T_q, T_k)."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads of projected q (B, T_q, D), k, v (B, T_k, D), then W^O -> (B, T_q, D), weights."""
         dropout = self.dropout if self.training else 0.0
-        heads, weights = scaled_dot_product_attention(self.split_heads(q), self.split_heads(k), self.split_heads(v),
-                                                      mask, dropout)  # (B, h, T_q, d_k), (B, h, T_q, T_k)
+        heads, weights = scaled_dot_product_attention(
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+            # (B, h, T_q, d_k), (B, h, T_q, T_k)
+            mask,
+            dropout,
+        )
         return self.linear_out(self.merge_heads(heads)), weights  # (B, T_q, D), (B, h, T_q, T_k)
 
 
-def _combine_masks(key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The key padding mask (B, T_k) and an attention mask (T_q, T_k) or (B, T_q, T_k), as one mask over heads."""
+def _combine_masks(
+    key_mask: torch.Tensor | None, attn_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Key padding mask (B, T_k) and attention mask (T_q, T_k) or (B, T_q, T_k) as one mask."""
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T_k)
     if attn_mask is not None:
-        attn_mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask  # (B, 1, T_q, T_k) or (T_q, T_k)
+        # (B, 1, T_q, T_k) or (T_q, T_k)
+        attn_mask = attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
         mask = attn_mask if mask is None else mask & attn_mask  # (B, 1, T_q, T_k)
     return mask
 

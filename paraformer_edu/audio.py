@@ -34,8 +34,10 @@ def _read_file(path: Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
     except Exception as error:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise AudioError(f"{path}: not a readable audio file ({error}). Use WAV, FLAC or OGG; "
-                         "convert other formats first, e.g. `ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav`") from None
+        raise AudioError(
+            f"{path}: not a readable audio file ({error}). Use WAV, FLAC or OGG; "
+            "convert other formats first, e.g. `ffmpeg -i in.mp3 -ar 16000 -ac 1 out.wav`"
+        ) from None
     return samples, rate
 
 
@@ -59,8 +61,11 @@ def _channels_first(wave: torch.Tensor) -> torch.Tensor:
         return wave  # (C, T)
     if wave.dim() == 2 and wave.shape[1] <= MAX_CHANNELS:
         return wave.T  # (T, C) -> (C, T)
-    raise AudioError(f"an array of shape {tuple(wave.shape)} is not one clip: pass a 1-D waveform, or (channels, "
-                     f"samples) with at most {MAX_CHANNELS} channels; for several clips pass a list of them")
+    raise AudioError(
+        f"an array of shape {tuple(wave.shape)} is not one clip: pass a 1-D waveform, or "
+        f"(channels, samples) with at most {MAX_CHANNELS} channels; for several clips pass a list"
+        " of them"
+    )
 
 
 def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
@@ -83,8 +88,10 @@ def load_audio(source, sample_rate: int | None = None) -> torch.Tensor:
     if sample_rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)  # (T * 16000 / sr,)
     if wave.numel() < MIN_SAMPLES:
-        raise AudioError(f"the audio is {1000 * wave.numel() / SAMPLE_RATE:.1f} ms long; "
-                         f"at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms are needed for one feature frame")
+        raise AudioError(
+            f"the audio is {1000 * wave.numel() / SAMPLE_RATE:.1f} ms long; "
+            f"at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms are needed for one feature frame"
+        )
     return wave.contiguous()
 
 

@@ -26,9 +26,10 @@ class Beam(NamedTuple):
     score: float
 
 
-def paraformer_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0,
-                           beam: int = 4) -> list[Beam]:
-    """The beam's hypotheses, best first, for the decoder's log-probabilities (N, V) of one utterance.
+def paraformer_beam_search(
+    log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0, beam: int = 4
+) -> list[Beam]:
+    """The beam's hypotheses, best first, for one utterance's decoder log-probabilities (N, V).
 
     Defined in chapter 9, "Decoding with a language model".
     """
@@ -40,12 +41,19 @@ def paraformer_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, l
             if lm is not None and lm_weight:
                 fused = fused + lm_weight * lm.log_probs(hyp.tokens)  # (V,)
             top = fused.topk(min(beam, fused.numel()))
-            candidates += [Beam(hyp.tokens + (t,), hyp.score + s) for s, t in zip(top.values.tolist(),
-                                                                                  top.indices.tolist())]
+            candidates += [
+                Beam(hyp.tokens + (t,), hyp.score + s)
+                for s, t in zip(top.values.tolist(), top.indices.tolist())
+            ]
         beams = sorted(candidates, key=lambda b: -b.score)[:beam]
     if lm is not None and lm_weight:
-        beams = sorted((Beam(b.tokens, b.score + lm_weight * lm.log_probs(b.tokens)[lm.eos].item()) for b in beams),
-                       key=lambda b: -b.score)
+        beams = sorted(
+            (
+                Beam(b.tokens, b.score + lm_weight * lm.log_probs(b.tokens)[lm.eos].item())
+                for b in beams
+            ),
+            key=lambda b: -b.score,
+        )
     return beams
 
 
@@ -59,14 +67,24 @@ def log_add(a: float, b: float) -> float:
     return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
 
-def ctc_prefix_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, lm_weight: float = 0.0,
-                           bonus: float = 0.0, beam: int = 4, prune: int = 8, blank: int = 0) -> list[Beam]:
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor,
+    lm: NGramLM | None = None,
+    lm_weight: float = 0.0,
+    bonus: float = 0.0,
+    beam: int = 4,
+    prune: int = 8,
+    blank: int = 0,
+) -> list[Beam]:
     """The beam's labellings, best first, for CTC log-probabilities (T, V) of one utterance.
 
     Defined in chapter 9, "Decoding with a language model".
     """
-    beams, fused = {(): (0.0, -math.inf)}, {(): 0.0}  # prefix -> (log p_b, log p_nb); prefix -> LM and bonus
-    for y, tried in zip(log_probs.tolist(), log_probs.topk(min(prune, log_probs.size(1)), -1).indices.tolist()):
+    # prefix -> (log p_b, log p_nb); prefix -> LM and bonus
+    beams, fused = {(): (0.0, -math.inf)}, {(): 0.0}
+    for y, tried in zip(
+        log_probs.tolist(), log_probs.topk(min(prune, log_probs.size(1)), -1).indices.tolist()
+    ):
         new = defaultdict(lambda: [-math.inf, -math.inf])
         for prefix, (p_b, p_nb) in beams.items():
             stay = new[prefix]
@@ -76,18 +94,25 @@ def ctc_prefix_beam_search(log_probs: torch.Tensor, lm: NGramLM | None = None, l
             for c in (c for c in tried if c != blank):
                 ext = prefix + (c,)
                 if ext not in fused:
-                    lm_score = lm.log_probs(prefix)[c].item() if lm is not None and lm_weight else 0.0
+                    lm_score = (
+                        lm.log_probs(prefix)[c].item() if lm is not None and lm_weight else 0.0
+                    )
                     fused[ext] = fused[prefix] + lm_weight * lm_score + bonus
                 before = p_b if prefix and c == prefix[-1] else log_add(p_b, p_nb)
                 new[ext][1] = log_add(new[ext][1], before + y[c])
         ranked = sorted(new.items(), key=lambda kv: -(log_add(*kv[1]) + fused[kv[0]]))
         beams = {prefix: tuple(p) for prefix, p in ranked[:beam]}
-    end = {p: lm_weight * lm.log_probs(p)[lm.eos].item() if lm is not None and lm_weight else 0.0 for p in beams}
-    return sorted((Beam(p, log_add(*beams[p]) + fused[p] + end[p]) for p in beams), key=lambda b: -b.score)
+    end = {
+        p: lm_weight * lm.log_probs(p)[lm.eos].item() if lm is not None and lm_weight else 0.0
+        for p in beams
+    }
+    return sorted(
+        (Beam(p, log_add(*beams[p]) + fused[p] + end[p]) for p in beams), key=lambda b: -b.score
+    )
 
 
 class LMSearch:
-    """Chapter 9's search for `Recognizer(search=...)` and `evaluate(search=...)`: Paraformer beam search + LM.
+    """The search for `Recognizer(search=...)`, `evaluate(search=...)`: Paraformer beam + LM.
 
     Defined in chapter 9, "Decoding with a language model".
     """
@@ -97,8 +122,14 @@ class LMSearch:
 
     def __call__(self, out: Inference) -> list[list[int]]:
         """Token ids per utterance of an Inference (B utterances)."""
-        return [list(paraformer_beam_search(out.log_probs[b, :n], self.lm, self.lm_weight, self.beam)[0].tokens)
-                for b, n in enumerate(out.cif.token_lengths.tolist())]
+        return [
+            list(
+                paraformer_beam_search(out.log_probs[b, :n], self.lm, self.lm_weight, self.beam)[
+                    0
+                ].tokens
+            )
+            for b, n in enumerate(out.cif.token_lengths.tolist())
+        ]
 
 
 __all__ = [

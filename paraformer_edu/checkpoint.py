@@ -24,7 +24,8 @@ def _package_version() -> str:
     """The installed version of paraformer-edu, recorded in every checkpoint."""
     try:
         return importlib.metadata.version("paraformer-edu")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    # run from a source tree that was never installed
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -35,17 +36,33 @@ class CheckpointError(ValueError):
     """
 
 
-def save_checkpoint(path, model: Paraformer, tokenizer, frontend: Frontend, config: Config,
-                    half: bool = False, **extra) -> None:
-    """Write model weights, configuration, vocabulary and CMVN statistics (and any extra state) atomically.
+def save_checkpoint(
+    path,
+    model: Paraformer,
+    tokenizer,
+    frontend: Frontend,
+    config: Config,
+    half: bool = False,
+    **extra,
+) -> None:
+    """Write weights, configuration, vocabulary, CMVN statistics (and extra state) atomically.
 
     Defined in chapter 7, "Training the model".
     """
-    weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "package_version": _package_version(),
-               "config": config_to_dict(config), "tokenizer": type(tokenizer).__name__,
-               "vocab": tokenizer.vocab_lines(), "frontend": _frontend_state(frontend), "model": weights, **extra}
+    weights = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "package_version": _package_version(),
+        "config": config_to_dict(config),
+        "tokenizer": type(tokenizer).__name__,
+        "vocab": tokenizer.vocab_lines(),
+        "frontend": _frontend_state(frontend),
+        "model": weights,
+        **extra,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -55,8 +72,13 @@ def save_checkpoint(path, model: Paraformer, tokenizer, frontend: Frontend, conf
 
 def _frontend_state(frontend: Frontend) -> dict:
     """What rebuilds the front end: its sizes and the CMVN statistics."""
-    return {"n_mels": frontend.n_mels, "lfr_m": frontend.lfr_m, "lfr_n": frontend.lfr_n,
-            "cmvn_mean": frontend.cmvn.mean.clone(), "cmvn_std": frontend.cmvn.std.clone()}
+    return {
+        "n_mels": frontend.n_mels,
+        "lfr_m": frontend.lfr_m,
+        "lfr_n": frontend.lfr_n,
+        "cmvn_mean": frontend.cmvn.mean.clone(),
+        "cmvn_std": frontend.cmvn.std.clone(),
+    }
 
 
 def load_checkpoint(path) -> dict:
@@ -69,18 +91,28 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
         if f.read(2) != b"PK":  # torch.save writes a zip archive
-            raise CheckpointError(f"{path}: not a readable paraformer_edu checkpoint (not a PyTorch file at all)")
+            raise CheckpointError(
+                f"{path}: not a readable paraformer_edu checkpoint (not a PyTorch file at all)"
+            )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, KeyError...: a damaged or unsafe file
-        why = "it holds objects other than tensors, refused for safety" if "Weights only" in str(error) \
+    # UnpicklingError, RuntimeError, EOFError, KeyError...: a damaged or unsafe file
+    except Exception as error:
+        why = (
+            "it holds objects other than tensors, refused for safety"
+            if "Weights only" in str(error)
             else "the file is damaged: truncated, or modified after saving"
-        raise CheckpointError(f"{path}: not a readable paraformer_edu checkpoint ({why}); "
-                              "save it again with paraformer_edu.checkpoint.save_checkpoint") from None
+        )
+        raise CheckpointError(
+            f"{path}: not a readable paraformer_edu checkpoint ({why}); "
+            "save it again with paraformer_edu.checkpoint.save_checkpoint"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path}: expected a {CHECKPOINT_FORMAT!r} file, found {found!r}; "
-                              "save checkpoints with paraformer_edu.checkpoint.save_checkpoint")
+        raise CheckpointError(
+            f"{path}: expected a {CHECKPOINT_FORMAT!r} file, found {found!r}; "
+            "save checkpoints with paraformer_edu.checkpoint.save_checkpoint"
+        )
     return payload
 
 
@@ -91,7 +123,9 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
     """
     classes = {"BPETokenizer": BPETokenizer, "CharTokenizer": CharTokenizer}
     if kind not in classes:
-        raise CheckpointError(f"unknown tokenizer {kind!r} in the checkpoint; expected one of {sorted(classes)}")
+        raise CheckpointError(
+            f"unknown tokenizer {kind!r} in the checkpoint; expected one of {sorted(classes)}"
+        )
     try:
         return classes[kind].from_lines(lines, source="the checkpoint's vocabulary")
     except ValueError as error:
@@ -99,7 +133,7 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
 
 
 def model_from_checkpoint(payload: dict, config: Config | None = None):
-    """(model, tokenizer, frontend, config) rebuilt from a checkpoint; config, if given, must match it.
+    """(model, tokenizer, frontend, config) from a checkpoint; config, if given, must match it.
 
     Defined in chapter 7, "Training the model".
     """
@@ -107,25 +141,40 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
     if config is not None and config.model != stored.model:
         theirs, ours = flat_settings(config_to_dict(stored)), flat_settings(config_to_dict(config))
         ours = {k: v for k, v in ours.items() if k.startswith("model.")}
-        diffs = [f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}" for k in ours if theirs[k] != ours[k]]
-        raise CheckpointError("the checkpoint was trained with another model configuration (" + "; ".join(diffs)
-                              + "). Use the checkpoint's own configuration, or train a new model.")
+        diffs = [
+            f"{k}: checkpoint {theirs[k]!r}, config {ours[k]!r}"
+            for k in ours
+            if theirs[k] != ours[k]
+        ]
+        raise CheckpointError(
+            "the checkpoint was trained with another model configuration ("
+            + "; ".join(diffs)
+            + "). Use the checkpoint's own configuration, or train a new model."
+        )
     tokenizer = tokenizer_from_lines(payload["tokenizer"], payload["vocab"])
     if tokenizer.vocab_size != stored.model.vocab_size:
-        raise CheckpointError(f"the checkpoint's vocabulary has {tokenizer.vocab_size} tokens but its model "
-                              f"{stored.model.vocab_size}: the file is inconsistent")
+        raise CheckpointError(
+            f"the checkpoint's vocabulary has {tokenizer.vocab_size} tokens but its model "
+            f"{stored.model.vocab_size}: the file is inconsistent"
+        )
     model = Paraformer(stored.model)
     weights, expected = payload["model"], model.state_dict()
-    misfits = [f"{k}: checkpoint {tuple(weights[k].shape) if k in weights else 'missing'}, model "
-               f"{tuple(expected[k].shape) if k in expected else 'none'}"
-               for k in sorted(set(weights) | set(expected)) if k not in weights or k not in expected
-               or weights[k].shape != expected[k].shape]
+    misfits = [
+        f"{k}: checkpoint {tuple(weights[k].shape) if k in weights else 'missing'}, model "
+        f"{tuple(expected[k].shape) if k in expected else 'none'}"
+        for k in sorted(set(weights) | set(expected))
+        if k not in weights or k not in expected or weights[k].shape != expected[k].shape
+    ]
     if misfits:
-        raise CheckpointError(f"the checkpoint's weights do not fit the model its configuration describes "
-                              f"({len(misfits)} tensors, e.g. {misfits[0]}): it was written by another version of the "
-                              f"code (checkpoint: paraformer_edu {payload.get('package_version')}, installed: "
-                              f"{_package_version()})")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit the model its configuration describes "
+            f"({len(misfits)} tensors, e.g. {misfits[0]}): it was written by another version "
+            f"of the code (checkpoint: paraformer_edu {payload.get('package_version')}, installed: "
+            f"{_package_version()})"
+        )
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    )
     f = payload["frontend"]
     frontend = Frontend(f["n_mels"], f["lfr_m"], f["lfr_n"])
     frontend.cmvn.mean.copy_(f["cmvn_mean"])

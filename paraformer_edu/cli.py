@@ -7,7 +7,10 @@ Hand-written (not generated): a thin layer over what chapter 7 builds
                                    [--out runs/NAME] [--resume runs/NAME/latest.pt] [--init model.pt]
     python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
     python -m paraformer_edu transcribe --checkpoint CKPT a.wav b.wav ... [--list files.txt] [--timestamps]
-    (evaluate and transcribe: --beam N --lm-weight W decode with chapter 9's beam search and n-gram LM)
+    python -m paraformer_edu transcribe --checkpoint CKPT --output results.jsonl DIR_OR_FILES ...
+    python -m paraformer_edu serve --checkpoint CKPT [--port 8000] [--workers 1] [--max-mb 50] [--max-seconds 3600]
+    (evaluate and transcribe: --beam N --lm-weight W decode with chapter 9's beam search and n-gram LM;
+     transcribe --output and serve: chapter 10's long-audio transcription, JSON lines and HTTP service)
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ def _transcribe(args) -> int:
         print("no audio given: name files, or --list FILE with one path a line", file=sys.stderr)
         return 2
     recognizer = _with_search(load_model(args.checkpoint, args.device), args)
+    if args.output:  # chapter 10: files and folders, any length, one JSON line each, resumable
+        from paraformer_edu.transcription import transcribe_files
+
+        counts = transcribe_files(recognizer, paths, args.output, args.max_seconds, sys.stderr.isatty())
+        print(json.dumps({**counts, "output": args.output}))
+        return 1 if counts["failed"] else 0
     failed = 0
     features, usable = [], []
     for path in paths:
@@ -122,6 +131,26 @@ def _transcribe(args) -> int:
             line += "\t" + json.dumps([[tok, s, e] for tok, (s, e) in zip(transcript.tokens, transcript.timestamps)])
         print(line)
     return 1 if failed else 0
+
+
+def _serve(args) -> int:
+    """Chapter 10's HTTP service on uvicorn: GET /health, POST /transcribe."""
+    import os
+
+    import uvicorn
+
+    from paraformer_edu.checkpoint import load_checkpoint
+
+    load_checkpoint(args.checkpoint)  # a bad checkpoint stops here, with its message
+    os.environ.update({
+        "PARAFORMER_EDU_SERVE_CHECKPOINT": str(Path(args.checkpoint).resolve()),
+        "PARAFORMER_EDU_SERVE_MAX_MB": str(args.max_mb),
+        "PARAFORMER_EDU_SERVE_MAX_SECONDS": str(args.max_seconds),
+        "PARAFORMER_EDU_SERVE_THREADS": str(args.threads),
+    })
+    uvicorn.run("paraformer_edu.serving:app_from_environment", factory=True, host=args.host,
+                port=args.port, workers=args.workers, log_level="warning")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("audio", nargs="*", help="audio files (WAV, FLAC, OGG; any rate, mono or stereo)")
     transcribe.add_argument("--list", help="a text file with one audio path a line")
     transcribe.add_argument("--timestamps", action="store_true", help="add each token's start and end seconds")
+    transcribe.add_argument("--output", metavar="JSONL", help="write one JSON line per file (text, words with times) "
+                            "to this file; folders are searched for audio; files already in it are skipped")
+    transcribe.add_argument("--max-seconds", type=float, default=20.0,
+                            help="with --output: longest block decoded in one pass (longer audio is cut at pauses)")
+    serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (needs the [serve] extra)")
+    serve.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, or the book's model)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 to accept other machines)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    serve.add_argument("--threads", type=int, default=1, help="PyTorch threads per worker")
+    serve.add_argument("--max-mb", type=float, default=50.0, help="largest upload (MB); larger: 413")
+    serve.add_argument("--max-seconds", type=float, default=3600.0, help="longest audio (s); longer: 413")
     args = parser.parse_args(argv)
+    if args.command == "serve" and (args.workers < 1 or args.threads < 1 or args.max_mb <= 0 or args.max_seconds <= 0):
+        parser.error("--workers and --threads must be at least 1, --max-mb and --max-seconds positive")
     if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
         parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:
-        return {"train": _train, "evaluate": _evaluate, "transcribe": _transcribe}[args.command](args)
+        commands = {"train": _train, "evaluate": _evaluate, "transcribe": _transcribe, "serve": _serve}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError, AudioError, config errors
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ class DataConfig:
     corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
     max_frames: int = 4000  # padded encoder frames per batch (about 60 utterances of 4 s)
     spec_augment: bool = True
-    spec_augment_from: int = 0  # the step from which SpecAugment is applied (early steps learn faster without)
+    # the step from which SpecAugment is applied (early steps learn faster without)
+    spec_augment_from: int = 0
     cmvn_utterances: int = 1000  # training utterances whose features give the CMVN statistics
 
 
@@ -63,22 +64,27 @@ class Config:
 
 
 def _build(cls, values: dict, prefix: str = ""):
-    """An instance of the dataclass cls from a nested dict, refusing unknown keys and wrong types."""
+    """An instance of dataclass cls from a nested dict; unknown keys and wrong types refused."""
     if not isinstance(values, dict):
-        raise ValueError(f"setting {prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+        raise ValueError(
+            f"setting {prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown setting {prefix}{unknown[0]}; the settings of {prefix.rstrip('.') or 'the config'}"
-                         f" are: {', '.join(fields)}")
+        raise ValueError(
+            f"unknown setting {prefix}{unknown[0]}; the settings of "
+            f"{prefix.rstrip('.') or 'the config'} are: {', '.join(fields)}"
+        )
     kwargs = {}
     for name, value in values.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             kwargs[name] = _build(kind, value, f"{prefix}{name}.")
         elif kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            kwargs[name] = _as_float(value, f"{prefix}{name}")  # YAML 1.1 reads 3e-4 (no dot) as a string
+            # YAML 1.1 reads 3e-4 (no dot) as a string
+            kwargs[name] = _as_float(value, f"{prefix}{name}")
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"setting {prefix}{name} must be {kind.__name__}, got {value!r}")
         else:
@@ -109,7 +115,11 @@ def flat_settings(values: dict, prefix: str = "") -> dict:
     """
     flat = {}
     for key, value in values.items():
-        flat.update(flat_settings(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        flat.update(
+            flat_settings(value, f"{prefix}{key}.")
+            if isinstance(value, dict)
+            else {prefix + key: value}
+        )
     return flat
 
 
@@ -120,7 +130,9 @@ def apply_override(values: dict, override: str) -> dict:
     """
     key, sep, text = override.partition("=")
     if not sep or not key:
-        raise ValueError(f"override {override!r} is not of the form section.key=value (e.g. training.lr=3e-4)")
+        raise ValueError(
+            f"override {override!r} is not of the form section.key=value (e.g. training.lr=3e-4)"
+        )
     *path, last = key.strip().split(".")
     node = values
     for part in path:
@@ -130,7 +142,7 @@ def apply_override(values: dict, override: str) -> dict:
 
 
 def load_config(path=None, overrides=()) -> Config:
-    """The configuration of a YAML file (missing keys take the defaults), with dotted overrides applied.
+    """The configuration of a YAML file (missing keys: defaults), dotted overrides applied.
 
     Defined in chapter 7, "Training the model".
     """

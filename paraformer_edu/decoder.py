@@ -16,22 +16,32 @@ from paraformer_edu.encoder import FeedForward
 
 
 class DecoderLayer(nn.Module):
-    """Pre-LN decoder layer: self-attention over the tokens (no causal mask), cross-attention to H, FFN.
+    """Pre-LN decoder layer: self-attention (no causal mask), cross-attention to H, FFN.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float = 0.1):
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.norm1, self.norm2, self.norm3 = (
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+            nn.LayerNorm(d_model),
+        )
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
         self.src_attn = MultiHeadAttention(d_model, n_heads, dropout)
         self.feed_forward = FeedForward(d_model, d_ffn, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor, h: torch.Tensor, h_mask: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) with its mask (B, N), encoder output h (B, T, D) with its mask (B, T) -> (B, N, D)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor,
+        h: torch.Tensor,
+        h_mask: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, D) and mask (B, N), encoder output h (B, T, D) and mask (B, T) -> (B, N, D)."""
         y = self.norm1(x)  # (B, N, D)
         x = x + self.dropout(self.self_attn(y, y, y, token_mask, attn_mask)[0])  # (B, N, D)
         x = x + self.dropout(self.src_attn(self.norm2(x), h, h, h_mask)[0])  # (B, N, D)
@@ -39,22 +49,37 @@ class DecoderLayer(nn.Module):
 
 
 class ParaformerDecoder(nn.Module):
-    """The parallel decoder: L decoder layers over the acoustic embeddings, LayerNorm, Linear to V.
+    """The parallel decoder: L layers over the acoustic embeddings, LayerNorm, Linear to V.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 192, n_layers: int = 2, n_heads: int = 4,
-                 d_ffn: int = 768, dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 192,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ffn: int = 768,
+        dropout: float = 0.1,
+    ):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ffn, dropout) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, n_heads, d_ffn, dropout) for _ in range(n_layers)
+        )
         self.after_norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab_size)
         self.embed = nn.Embedding(vocab_size, d_model)  # E_y: target embeddings for the GLM sampler
 
-    def forward(self, E: torch.Tensor, token_lengths: torch.Tensor, h: torch.Tensor, h_lengths: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, N, V) of the token embeddings E (B, N, D) given the encoder output h (B, T, D)."""
+    def forward(
+        self,
+        E: torch.Tensor,
+        token_lengths: torch.Tensor,
+        h: torch.Tensor,
+        h_lengths: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, N, V) of token embeddings E (B, N, D) given the encoder output h (B, T, D)."""
         token_mask = padding_mask(token_lengths, E.size(1))  # (B, N)
         h_mask = padding_mask(h_lengths, h.size(1))  # (B, T)
         x = E  # (B, N, D)
@@ -63,9 +88,14 @@ class ParaformerDecoder(nn.Module):
         return self.output(self.after_norm(x))  # (B, N, V)
 
 
-def glm_positions(errors: torch.Tensor, token_lengths: torch.Tensor, lam: float, max_length: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask (B, N) of floor(lam * errors[b]) positions of utterance b, uniform among its first token_lengths[b].
+def glm_positions(
+    errors: torch.Tensor,
+    token_lengths: torch.Tensor,
+    lam: float,
+    max_length: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mask (B, N) of floor(lam * errors[b]) positions, uniform among the token_lengths[b] valid.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
@@ -90,10 +120,17 @@ class GlmSample(NamedTuple):
     first_logits: torch.Tensor  # (B, N, V) the first pass (no gradient)
 
 
-def glm_sample(decoder: nn.Module, E_ac: torch.Tensor, token_lengths: torch.Tensor, h: torch.Tensor,
-               h_lengths: torch.Tensor, targets: torch.Tensor, lam: float,
-               generator: torch.Generator | None = None) -> GlmSample:
-    """The glancing sampler: a first decoder pass without gradients, then floor(lam * errors) target embeddings.
+def glm_sample(
+    decoder: nn.Module,
+    E_ac: torch.Tensor,
+    token_lengths: torch.Tensor,
+    h: torch.Tensor,
+    h_lengths: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float,
+    generator: torch.Generator | None = None,
+) -> GlmSample:
+    """The glancing sampler: a first pass without gradients, then floor(lam * errors) targets.
 
     Defined in chapter 6, "The decoder and the whole model".
     """

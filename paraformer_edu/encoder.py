@@ -39,20 +39,28 @@ class FSMNMemory(nn.Module):
 
 
 class SANMAttention(MultiHeadAttention):
-    """SAN-M self-attention: chapter 3's multi-head attention plus the FSMN memory of its values.
+    """SAN-M self-attention: chapter 3's multi-head attention plus an FSMN memory of V.
 
     Defined in chapter 4, "The encoder".
     """
 
-    def __init__(self, d_in: int, d_model: int, n_heads: int, kernel_size: int = 11,
-                 dropout: float = 0.0, attention_dropout: float = 0.0):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int,
+        n_heads: int,
+        kernel_size: int = 11,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+    ):
         super().__init__(d_model, n_heads, attention_dropout, d_in=d_in)
         self.memory = FSMNMemory(d_model, kernel_size, dropout=dropout) if kernel_size > 0 else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SANM(X) for x (B, T, d_in) and the padding mask (B, T) -> (B, T, D) and the weights (B, h, T, T)."""
+        """SANM(X): x (B, T, d_in), padding mask (B, T) -> (B, T, D), weights (B, h, T, T)."""
         v = self.linear_v(x)  # (B, T, D)
-        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])  # (B, T, D)
+        # (B, T, D)
+        y, weights = self.attend(self.linear_q(x), self.linear_k(x), v, mask[:, None, None, :])
         if self.memory is not None:
             y = y + self.memory(v, mask)  # (B, T, D)
         return y, weights
@@ -81,8 +89,15 @@ class SANMEncoderLayer(nn.Module):
     Defined in chapter 4, "The encoder".
     """
 
-    def __init__(self, d_in: int, d_model: int, n_heads: int, d_ffn: int,
-                 kernel_size: int = 11, dropout: float = 0.1):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int,
+        n_heads: int,
+        d_ffn: int,
+        kernel_size: int = 11,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_in)
         self.self_attn = SANMAttention(d_in, d_model, n_heads, kernel_size, dropout)
@@ -100,7 +115,7 @@ class SANMEncoderLayer(nn.Module):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Sizes of the SAN-M encoder; the defaults are sized for a 2-core CPU (chapter 7's recipe sets the book model's).
+    """Sizes of the SAN-M encoder; defaults sized for a 2-core CPU (chapter 7 sets the book's).
 
     Defined in chapter 4, "The encoder".
     """
@@ -124,12 +139,20 @@ class SANMEncoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.layers = nn.ModuleList(
-            SANMEncoderLayer(c.d_input if i == 0 else c.d_model, c.d_model, c.n_heads, c.d_ffn,
-                             c.kernel_size, c.dropout) for i in range(c.n_layers))
+            SANMEncoderLayer(
+                c.d_input if i == 0 else c.d_model,
+                c.d_model,
+                c.n_heads,
+                c.d_ffn,
+                c.kernel_size,
+                c.dropout,
+            )
+            for i in range(c.n_layers)
+        )
         self.after_norm = nn.LayerNorm(c.d_model)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, d_model) and lengths."""
+        """Encode features x (B, T, d_input) with lengths (B,) into h (B, T, D) and lengths."""
         mask = torch.arange(x.size(1), device=x.device) < lengths[:, None]  # (B, T)
         x = x.masked_fill(~mask[..., None], 0.0)  # (B, T, d_input): whatever the padding held
         pe = sinusoidal_positional_encoding(x.size(1), x.size(2)).to(x)  # (T, d_input): chapter 3
@@ -182,27 +205,40 @@ def ctc_trellis(log_probs: torch.Tensor, target: torch.Tensor, blank: int = 0) -
 _LOG_ZERO = -1e30  # log 0 that keeps gradients finite
 
 
-def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-             target_lengths: torch.Tensor, blank: int = 0, reduction: str = "mean") -> torch.Tensor:
+def ctc_loss(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """CTC loss by the forward algorithm in log space; log_probs (B, T, V), targets (B, U).
 
     Defined in chapter 4, "The encoder".
     """
     B, T, V = log_probs.shape
     valid = torch.arange(targets.size(1), device=targets.device) < target_lengths[:, None]  # (B, U)
-    ext = torch.full((B, 2 * targets.size(1) + 1), blank, dtype=torch.long, device=targets.device)  # (B, S)
+    # (B, S)
+    ext = torch.full((B, 2 * targets.size(1) + 1), blank, dtype=torch.long, device=targets.device)
     ext[:, 1::2] = targets.masked_fill(~valid, blank)  # (B, S)
     can_skip = F.pad((ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2]), (2, 0))  # (B, S)
     emit = log_probs.gather(2, ext.unsqueeze(1).expand(B, T, -1))  # (B, T, S)
     alpha = F.pad(emit[:, 0, :2], (0, ext.size(1) - 2), value=_LOG_ZERO)  # (B, S)
     for t in range(1, T):
         step = F.pad(alpha[:, :-1], (1, 0), value=_LOG_ZERO)  # (B, S)
-        skip = F.pad(alpha[:, :-2], (2, 0), value=_LOG_ZERO).masked_fill(~can_skip, _LOG_ZERO)  # (B, S)
+        # (B, S)
+        skip = F.pad(alpha[:, :-2], (2, 0), value=_LOG_ZERO).masked_fill(~can_skip, _LOG_ZERO)
         new = torch.logsumexp(torch.stack([alpha, step, skip]), 0) + emit[:, t]  # (B, S)
         alpha = torch.where((t < input_lengths)[:, None], new, alpha)  # (B, S)
     end = 2 * target_lengths[:, None]  # (B, 1)
     last = alpha.gather(1, end).squeeze(1)  # (B,)
-    before = alpha.gather(1, (end - 1).clamp(min=0)).squeeze(1).masked_fill(target_lengths == 0, _LOG_ZERO)  # (B,)
+    # (B,)
+    before = (
+        alpha.gather(1, (end - 1).clamp(min=0))
+        .squeeze(1)
+        .masked_fill(target_lengths == 0, _LOG_ZERO)
+    )
     loss = -torch.logaddexp(last, before)  # (B,)
     loss = loss.masked_fill(loss > -_LOG_ZERO / 2, math.inf)  # (B,): no valid path
     if reduction == "none":
@@ -227,16 +263,31 @@ class CTCHead(nn.Module):
         """Log-probabilities (B, T, V) for encoder states h (B, T, D)."""
         return self.linear(h).log_softmax(-1)  # (B, T, V)
 
-    def loss(self, h: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-             target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        h: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """CTC loss of padded targets (B, U) given encoder states h (B, T, D) and lengths (B,)."""
         log_probs = self(h).transpose(0, 1)  # (T, B, V): the layout F.ctc_loss wants
-        return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=self.blank,
-                          reduction=reduction, zero_infinity=True)
+        return F.ctc_loss(
+            log_probs,
+            targets,
+            lengths,
+            target_lengths,
+            blank=self.blank,
+            reduction=reduction,
+            zero_infinity=True,
+        )
 
 
-def ctc_greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
-    """Best path per frame, collapsed: log_probs (B, T, V), lengths (B,) -> token ids per utterance.
+def ctc_greedy_decode(
+    log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0
+) -> list[list[int]]:
+    """Best symbol per frame, collapsed: log_probs (B, T, V), lengths (B,) -> ids per utterance.
 
     Defined in chapter 4, "The encoder".
     """

@@ -30,7 +30,9 @@ def frames(x: torch.Tensor) -> torch.Tensor:
     Defined in chapter 1, "Speech as data".
     """
     if x.numel() < FRAME_LENGTH:
-        raise ValueError(f"{x.numel()} samples: at least {FRAME_LENGTH} (25 ms) are needed for a frame")
+        raise ValueError(
+            f"{x.numel()} samples: at least {FRAME_LENGTH} (25 ms) are needed for a frame"
+        )
     return x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)  # (T, L)
 
 
@@ -56,14 +58,19 @@ def mel_scale(f: torch.Tensor) -> torch.Tensor:
     return 1127.0 * torch.log1p(f / 700.0)
 
 
-def mel_filterbank(n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2) -> torch.Tensor:
+def mel_filterbank(
+    n_mels: int = N_MELS, low_hz: float = 20.0, high_hz: float = SAMPLE_RATE / 2
+) -> torch.Tensor:
     """Kaldi's triangular mel filters as a matrix (n_mels, 257) over the FFT bins.
 
     Defined in chapter 1, "Speech as data".
     """
-    mel_fft = mel_scale(torch.arange(N_FFT // 2, dtype=torch.float64) * SAMPLE_RATE / N_FFT)  # (256,)
+    # (256,)
+    mel_fft = mel_scale(torch.arange(N_FFT // 2, dtype=torch.float64) * SAMPLE_RATE / N_FFT)
     edges = torch.linspace(0, 1, n_mels + 2, dtype=torch.float64)  # (M + 2,)
-    edges = mel_scale(torch.tensor(low_hz)) + edges * (mel_scale(torch.tensor(high_hz)) - mel_scale(torch.tensor(low_hz)))
+    edges = mel_scale(torch.tensor(low_hz)) + edges * (
+        mel_scale(torch.tensor(high_hz)) - mel_scale(torch.tensor(low_hz))
+    )
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (M, 1) each
     up = (mel_fft - left) / (centre - left)  # (M, 256)
     down = (right - mel_fft) / (right - centre)  # (M, 256)
@@ -89,7 +96,8 @@ def lfr(F: torch.Tensor, m: int = 7, n: int = 6) -> torch.Tensor:
     T, D = F.shape
     T_lfr = math.ceil(T / n)
     left = F[:1].expand((m - 1) // 2, D)  # (3, D) copies of frame 0
-    right = F[-1:].expand(max(0, (T_lfr - 1) * n + m - (T + (m - 1) // 2)), D)  # copies of the last frame
+    # copies of the last frame
+    right = F[-1:].expand(max(0, (T_lfr - 1) * n + m - (T + (m - 1) // 2)), D)
     padded = torch.cat([left, F, right])  # (>= (T_lfr - 1) n + m, D)
     return padded.unfold(0, m, n)[:T_lfr].transpose(1, 2).reshape(T_lfr, m * D)  # (T_lfr, m D)
 
@@ -110,7 +118,11 @@ class CMVN(nn.Module):
         """Measure mean and std over an iterable of (T, D) feature matrices (float64 sums)."""
         n, total, squares = 0, 0.0, 0.0
         for F in features:
-            n, total, squares = n + F.shape[0], total + F.double().sum(0), squares + F.double().pow(2).sum(0)
+            n, total, squares = (
+                n + F.shape[0],
+                total + F.double().sum(0),
+                squares + F.double().pow(2).sum(0),
+            )
         mean = total / n  # (D,)
         self.mean.copy_(mean)
         self.std.copy_((squares / n - mean.pow(2)).clamp(min=1e-10).sqrt())
@@ -127,11 +139,22 @@ class SpecAugment(nn.Module):
     Defined in chapter 1, "Speech as data".
     """
 
-    def __init__(self, n_freq_masks: int = 2, max_freq_width: int = 15, n_time_masks: int = 2,
-                 max_time_width: int = 6, max_time_fraction: float = 0.1, n_mels: int = N_MELS):
+    def __init__(
+        self,
+        n_freq_masks: int = 2,
+        max_freq_width: int = 15,
+        n_time_masks: int = 2,
+        max_time_width: int = 6,
+        max_time_fraction: float = 0.1,
+        n_mels: int = N_MELS,
+    ):
         super().__init__()
         self.n_freq_masks, self.max_freq_width = n_freq_masks, max_freq_width
-        self.n_time_masks, self.max_time_width, self.max_time_fraction = n_time_masks, max_time_width, max_time_fraction
+        self.n_time_masks, self.max_time_width, self.max_time_fraction = (
+            n_time_masks,
+            max_time_width,
+            max_time_fraction,
+        )
         self.n_mels = n_mels
 
     def forward(self, X: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -143,12 +166,12 @@ class SpecAugment(nn.Module):
         for _ in range(self.n_freq_masks):
             w = int(torch.randint(0, self.max_freq_width + 1, (1,), generator=generator))
             f0 = int(torch.randint(0, self.n_mels - w + 1, (1,), generator=generator))
-            X[:, :, f0:f0 + w] = 0  # the same bins in every stacked frame
+            X[:, :, f0 : f0 + w] = 0  # the same bins in every stacked frame
         max_t = min(self.max_time_width, int(self.max_time_fraction * T))
         for _ in range(self.n_time_masks):
             w = int(torch.randint(0, max_t + 1, (1,), generator=generator))
             t0 = int(torch.randint(0, T - w + 1, (1,), generator=generator))
-            X[t0:t0 + w] = 0
+            X[t0 : t0 + w] = 0
         return X.view(T, -1)  # (T, m * n_mels)
 
 
@@ -195,7 +218,7 @@ class Frontend(nn.Module):
 
 
 def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
-    """fbank + LFR features (before CMVN) of every utterance of a manifest, computed once, cached as float16.
+    """fbank + LFR features (before CMVN) of a manifest's utterances, cached once as float16.
 
     Defined in chapter 1, "Speech as data".
     """
@@ -205,7 +228,10 @@ def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tenso
     path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    features = [frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)]  # (T', 560) each
+    # (T', 560) each
+    features = [
+        frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     torch.save(features, partial)

@@ -31,7 +31,7 @@ class Transcript(NamedTuple):
 
     @property
     def words(self) -> list[tuple[str, float, float]]:
-        """(word, start, end) per word: a word starts at a token that begins with '▁' (chapter 2)."""
+        """(word, start, end) per word: a word starts at a token that begins with '▁'."""
         words = []
         for token, (start, end) in zip(self.tokens, self.timestamps):
             if token.startswith("<"):  # a special token: not text
@@ -45,16 +45,28 @@ class Transcript(NamedTuple):
 
 
 class Recognizer:
-    """A trained Paraformer with its tokenizer and front end: audio in, text (and timestamps) out.
+    """A trained Paraformer with tokenizer and front end: audio in, text (and timestamps) out.
 
     Defined in chapter 7, "Training the model".
     """
 
-    def __init__(self, model: Paraformer, tokenizer, frontend: Frontend, config=None,
-                 device: str | torch.device = "cpu", search=None):
+    def __init__(
+        self,
+        model: Paraformer,
+        tokenizer,
+        frontend: Frontend,
+        config=None,
+        device: str | torch.device = "cpu",
+        search=None,
+    ):
         self.device = torch.device(device)
-        self.model, self.tokenizer, self.frontend = model.eval().to(self.device), tokenizer, frontend
-        self.config, self.search = config, search  # search: None (argmax) or chapter 9's beam search
+        self.model, self.tokenizer, self.frontend = (
+            model.eval().to(self.device),
+            tokenizer,
+            frontend,
+        )
+        # search: None (argmax) or chapter 9's beam search
+        self.config, self.search = config, search
 
     def features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
         """Features (T', D) of a path or a waveform (with its sample rate); (0, D) for silence."""
@@ -64,23 +76,33 @@ class Recognizer:
         return self.frontend(wave)  # (T', D)
 
     @torch.no_grad()
-    def recognize_features(self, features: list[torch.Tensor], max_frames: int = 8000) -> list[Transcript]:
-        """Transcripts of a list of feature matrices (T', D), in length-sorted batches of at most max_frames."""
+    def recognize_features(
+        self, features: list[torch.Tensor], max_frames: int = 8000
+    ) -> list[Transcript]:
+        """Transcripts of feature matrices (T', D), in length-sorted batches of <= max_frames."""
         results = [Transcript("", [], [])] * len(features)
         speech = [i for i, x in enumerate(features) if len(x)]  # silence stays ""
         lengths = [len(features[i]) for i in speech]
-        for batch in BucketBatchSampler(lengths, max(max_frames, *lengths, 1), shuffle=False).batches() if speech else []:
+        for batch in (
+            BucketBatchSampler(lengths, max(max_frames, *lengths, 1), shuffle=False).batches()
+            if speech
+            else []
+        ):
             chunk = [speech[j] for j in batch]
-            X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)  # (B, T, D)
+            # (B, T, D)
+            X = torch.nn.utils.rnn.pad_sequence([features[i] for i in chunk], batch_first=True)
             X_lengths = torch.tensor([len(features[i]) for i in chunk])  # (B,)
             hyps = self.model.recognize(X.to(self.device), X_lengths.to(self.device), self.search)
             for i, hyp in zip(chunk, hyps):
-                results[i] = Transcript(hyp.text(self.tokenizer), [self.tokenizer.tokens[t] for t in hyp.token_ids],
-                                        hyp.timestamps)
+                results[i] = Transcript(
+                    hyp.text(self.tokenizer),
+                    [self.tokenizer.tokens[t] for t in hyp.token_ids],
+                    hyp.timestamps,
+                )
         return results
 
     def transcribe(self, audio, sample_rate: int | None = None, timestamps: bool = False):
-        """Text of one input (a path, or a waveform with sample_rate) or of a list of inputs; Transcripts if timestamps."""
+        """Text of one input (path, or waveform and sample_rate) or a list; Transcripts if asked."""
         inputs, single = _as_batch(audio)
         transcripts = self.recognize_features([self.features(a, sample_rate) for a in inputs])
         out = transcripts if timestamps else [t.text for t in transcripts]
@@ -93,8 +115,10 @@ def _as_batch(audio) -> tuple[list, bool]:
         return [audio], True
     if isinstance(audio, (list, tuple)):
         return list(audio), False
-    raise AudioError(f"cannot transcribe a {type(audio).__name__}: pass a path, a waveform (array or tensor, with "
-                     "sample_rate=...), or a list of them")
+    raise AudioError(
+        f"cannot transcribe a {type(audio).__name__}: pass a path, a waveform (array or tensor, "
+        "with sample_rate=...), or a list of them"
+    )
 
 
 def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
@@ -102,7 +126,9 @@ def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
 
     Defined in chapter 7, "Training the model".
     """
-    model, tokenizer, frontend, config = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(path))
+    model, tokenizer, frontend, config = checkpoint.model_from_checkpoint(
+        checkpoint.load_checkpoint(path)
+    )
     return Recognizer(model, tokenizer, frontend, config, device)
 
 

@@ -21,7 +21,7 @@ from paraformer_edu.tokenizer import normalize_text
 
 
 class Inside(NamedTuple):
-    """Every intermediate of one recognised utterance, on the encoder's time axis (frame_shift s per frame).
+    """Every intermediate of one recognised utterance, on the encoder's time axis.
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -29,7 +29,8 @@ class Inside(NamedTuple):
     wave: torch.Tensor  # (S,) 16 kHz samples
     fbank: torch.Tensor  # (T_10ms, 80) log-mel filterbank at 10 ms per frame, for the pictures
     encoder_attention: list  # per encoder layer: (h, T, T) self-attention weights, query x key
-    cross_attention: list  # per decoder layer: (h, N, T) weights of each token over the encoder frames
+    # per decoder layer: (h, N, T) weights of each token over the encoder frames
+    cross_attention: list
     alphas: torch.Tensor  # (T,) the predictor's weights
     fires: list  # (N,) the frame where each token fired (T: the tail frame)
     tokens: list  # (N,) token strings
@@ -39,53 +40,76 @@ class Inside(NamedTuple):
 
 @torch.no_grad()
 def look_inside(recognizer: Recognizer, audio, sample_rate: int | None = None) -> Inside:
-    """Recognise one utterance and keep what every layer computed: attention maps, alphas, fires, tokens.
+    """Recognise one utterance, keeping what every layer computed (attention, alphas, fires).
 
     Defined in chapter 8, "Seeing inside the model".
     """
     wave = load_audio(audio, sample_rate)  # (S,) 16 kHz mono
     if is_silent(wave):
-        raise AudioError("the audio is silent: there is nothing to look inside; pass an utterance with speech")
+        raise AudioError(
+            "the audio is silent: there is nothing to look inside; pass an utterance with speech"
+        )
     model, device = recognizer.model.eval(), recognizer.device
     x = recognizer.frontend(wave)[None].to(device)  # (1, T, F)
     lengths = torch.tensor([x.size(1)], device=device)  # (1,)
     encoder_maps, cross_maps = [], []
-    keep = lambda maps: lambda m, args, out: maps.append(out[1][0].cpu())  # (h, T_q, T_k) of the one utterance
-    hooks = [layer.self_attn.register_forward_hook(keep(encoder_maps)) for layer in model.encoder.layers]
-    hooks += [layer.src_attn.register_forward_hook(keep(cross_maps)) for layer in model.decoder.layers]
+    # (h, T_q, T_k) of the one utterance
+    keep = lambda maps: lambda m, args, out: maps.append(out[1][0].cpu())
+    hooks = [
+        layer.self_attn.register_forward_hook(keep(encoder_maps)) for layer in model.encoder.layers
+    ]
+    hooks += [
+        layer.src_attn.register_forward_hook(keep(cross_maps)) for layer in model.decoder.layers
+    ]
     try:
         out = model.infer(x, lengths)  # chapter 6: encoder, predictor (tail rule), decoder
     finally:
         for hook in hooks:
             hook.remove()
     cif, n = out.cif, int(out.cif.token_lengths[0])
-    stamps = cif_timestamps(cif.fires, cif.token_lengths, out.h_lengths, model.config.frame_shift)[0]  # (N,) pairs
-    return Inside(wave, fbank(wave), encoder_maps, cross_maps, cif.alphas[0].cpu(), cif.fires[0, :n].tolist(),
-                  [recognizer.tokenizer.tokens[i] for i in out.token_ids[0, :n].tolist()], stamps,
-                  model.config.frame_shift)
+    # (N,) pairs
+    stamps = cif_timestamps(cif.fires, cif.token_lengths, out.h_lengths, model.config.frame_shift)[
+        0
+    ]
+    return Inside(
+        wave,
+        fbank(wave),
+        encoder_maps,
+        cross_maps,
+        cif.alphas[0].cpu(),
+        cif.fires[0, :n].tolist(),
+        [recognizer.tokenizer.tokens[i] for i in out.token_ids[0, :n].tolist()],
+        stamps,
+        model.config.frame_shift,
+    )
 
 
 def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of each query's weights over the keys, divided by log T, per head of weights (h, T, T).
+    """Mean entropy of each query's weights over the keys / log T, per head of weights (h, T, T).
 
     Defined in chapter 8, "Seeing inside the model".
     """
     p = weights.clamp_min(1e-12)  # (h, T, T)
-    return -(weights * p.log()).sum(-1).mean(-1) / math.log(max(weights.size(-1), 2))  # (h,): 0 when T = 1
+    # (h,): 0 when T = 1
+    return -(weights * p.log()).sum(-1).mean(-1) / math.log(max(weights.size(-1), 2))
 
 
 def frame_energy(inside: Inside, m: int = 7) -> torch.Tensor:
-    """Mean log-mel energy (T,) of the m fbank frames that LFR stacked into each encoder frame (chapter 1).
+    """Mean log-mel energy (T,) of the m fbank frames that LFR stacked into each encoder frame.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     n = round(inside.frame_shift * SAMPLE_RATE / FRAME_SHIFT)  # fbank frames per encoder frame (6)
-    T, left = inside.alphas.size(0), (m - 1) // 2  # LFR pads (m - 1) // 2 copies of frame 0 on the left
-    return torch.stack([inside.fbank[max(0, n * t - left): n * t - left + m].mean() for t in range(T)])  # (T,)
+    # LFR pads (m - 1) // 2 copies of frame 0 on the left
+    T, left = inside.alphas.size(0), (m - 1) // 2
+    # (T,)
+    return torch.stack(
+        [inside.fbank[max(0, n * t - left) : n * t - left + m].mean() for t in range(T)]
+    )
 
 
 def attention_share(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Share of each query's weight that falls on the keys where keys (T,) is True, averaged per head: (h,).
+    """Share of each query's weight on the keys where keys (T,) is True, averaged per head: (h,).
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -98,7 +122,7 @@ def token_audio(inside: Inside, k: int) -> torch.Tensor:
     Defined in chapter 8, "Seeing inside the model".
     """
     start, end = inside.timestamps[k]
-    return inside.wave[round(start * SAMPLE_RATE): round(end * SAMPLE_RATE)]  # (S_k,)
+    return inside.wave[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)]  # (S_k,)
 
 
 def shift_words(words: list, offset: float) -> list:
@@ -106,30 +130,37 @@ def shift_words(words: list, offset: float) -> list:
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    return [(w, round(max(0.0, s + offset), 3), round(max(0.0, e + offset), 3)) for w, s, e in words]
+    return [
+        (w, round(max(0.0, s + offset), 3), round(max(0.0, e + offset), 3)) for w, s, e in words
+    ]
 
 
-def word_timestamps(recognizer: Recognizer, audio, sample_rate: int | None = None, offset: float = 0.0) -> list:
-    """(word, start, end) seconds for one input (path or waveform) or a list; times moved by offset (the bias).
+def word_timestamps(
+    recognizer: Recognizer, audio, sample_rate: int | None = None, offset: float = 0.0
+) -> list:
+    """(word, start, end) in seconds for one input (path, waveform) or a list; moved by offset.
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    result = recognizer.transcribe(audio, sample_rate, timestamps=True)  # a Transcript, or a list of them
+    # a Transcript, or a list of them
+    result = recognizer.transcribe(audio, sample_rate, timestamps=True)
     if isinstance(result, list):
         return [shift_words(t.words, offset) for t in result]
     return shift_words(result.words, offset)
 
 
 def reference_words(entry: dict) -> list:
-    """(word, start) of a manifest entry's synthesiser word events, spelled as normalize_text spells them.
+    """(word, start) of an entry's synthesiser word events, spelled as normalize_text spells.
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    return [(part, start) for word, start in entry["words"] for part in normalize_text(word).split()]
+    return [
+        (part, start) for word, start in entry["words"] for part in normalize_text(word).split()
+    ]
 
 
 def match_words(reference: list, hypothesis: list) -> list:
-    """(word, reference start, hypothesis start) of each word the hypothesis got right, by word alignment.
+    """(word, reference start, hypothesis start) of each word the hypothesis got right (aligned).
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -143,7 +174,7 @@ def match_words(reference: list, hypothesis: list) -> list:
 
 
 def onset_errors(recognizer: Recognizer, entries: list, offset: float = 0.0) -> tuple:
-    """Signed onset errors (s, predicted - true) of the correctly recognised words after the first, and their count.
+    """Signed onset errors (s, predicted - true) of right words after the first, and word count.
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -152,41 +183,63 @@ def onset_errors(recognizer: Recognizer, entries: list, offset: float = 0.0) -> 
     for entry, words in zip(entries, hypotheses):
         reference = reference_words(entry)
         n_words += len(reference) - 1  # the first word starts at 0 in both: nothing to measure
-        errors += [start - true_start for _, true_start, start in match_words(reference, words) if true_start > 0]
+        errors += [
+            start - true_start
+            for _, true_start, start in match_words(reference, words)
+            if true_start > 0
+        ]
     return torch.tensor(errors, dtype=torch.float64), n_words  # (matched words,), int
 
 
 def error_summary(errors: torch.Tensor) -> dict:
-    """Mean and 90th percentile of the absolute errors, and the median signed error (the bias), in ms.
+    """Mean and 90th percentile of the absolute errors, median signed error (the bias), in ms.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     if len(errors) == 0:
-        raise ValueError("no errors to summarise: no word was matched (is the model transcribing anything right?)")
+        raise ValueError(
+            "no errors to summarise: no word was matched "
+            "(is the model transcribing anything right?)"
+        )
     absolute = errors.abs()  # (n,)
-    return {"words": len(errors), "mean_ms": round(1000 * absolute.mean().item(), 1),
-            "p90_ms": round(1000 * absolute.quantile(0.9).item(), 1),
-            "bias_ms": round(1000 * errors.median().item(), 1)}
+    return {
+        "words": len(errors),
+        "mean_ms": round(1000 * absolute.mean().item(), 1),
+        "p90_ms": round(1000 * absolute.quantile(0.9).item(), 1),
+        "bias_ms": round(1000 * errors.median().item(), 1),
+    }
 
 
 def utterance_errors(entries: list, hypotheses: list) -> list:
-    """Per utterance: reference, hypothesis, character edits and count, voice, words, seconds, espeak rate.
+    """Per utterance: reference, hypothesis, character edits, chars, voice, words, seconds, rate.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     if len(entries) != len(hypotheses):
-        raise ValueError(f"{len(entries)} manifest entries but {len(hypotheses)} hypotheses: give one per entry")
+        raise ValueError(
+            f"{len(entries)} manifest entries but {len(hypotheses)} hypotheses: give one per entry"
+        )
     records = []
     for entry, hyp in zip(entries, hypotheses):
         ref = normalize_text(entry["text"])
-        records.append({"reference": ref, "hypothesis": hyp, "edits": edit_distance(ref, hyp), "chars": len(ref),
-                        "voice": entry.get("voice"), "words": len(ref.split()), "seconds": entry["duration"],
-                        "rate": entry.get("rate"), "audio_filepath": entry["audio_filepath"]})
+        records.append(
+            {
+                "reference": ref,
+                "hypothesis": hyp,
+                "edits": edit_distance(ref, hyp),
+                "chars": len(ref),
+                "voice": entry.get("voice"),
+                "words": len(ref.split()),
+                "seconds": entry["duration"],
+                "rate": entry.get("rate"),
+                "audio_filepath": entry["audio_filepath"],
+            }
+        )
     return records
 
 
 def cer_by(records: list, key, bins: list | None = None) -> dict:
-    """Pooled CER (edits / characters) and utterance count per group; key: a record field or a function of one.
+    """Pooled CER (edits / characters) and utterances per group; key: a record field or function.
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -197,20 +250,29 @@ def cer_by(records: list, key, bins: list | None = None) -> dict:
         if bins and value is None:  # the manifest did not record it
             value = "unknown"
         elif bins:  # a number: the bin [lo, hi) it falls in
-            value = next((label for label, lo, hi in zip(labels, bins, bins[1:]) if lo <= value < hi), "other")
+            value = next(
+                (label for label, lo, hi in zip(labels, bins, bins[1:]) if lo <= value < hi),
+                "other",
+            )
         g = groups.setdefault(value, [0, 0, 0])
         g[0], g[1], g[2] = g[0] + r["edits"], g[1] + r["chars"], g[2] + 1
-    return {k: {"utterances": n, "cer": edits / max(chars, 1)} for k, (edits, chars, n) in groups.items() if n}
+    return {
+        k: {"utterances": n, "cer": edits / max(chars, 1)}
+        for k, (edits, chars, n) in groups.items()
+        if n
+    }
 
 
 def substitution_counts(records: list, top: int = 10) -> list:
-    """The most frequent character substitutions ((reference char, hypothesis char), count) of the records.
+    """The most frequent character substitutions, ((reference char, hypothesis char), count).
 
     Defined in chapter 8, "Seeing inside the model".
     """
     counts = Counter()
     for r in records:
-        counts.update((ref, hyp) for op, ref, hyp in align(r["reference"], r["hypothesis"]).steps if op == "S")
+        counts.update(
+            (ref, hyp) for op, ref, hyp in align(r["reference"], r["hypothesis"]).steps if op == "S"
+        )
     return counts.most_common(top)
 
 

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import torch
 
-from paraformer_edu.corpus import (cache_dir, clean_example, sentence_splits, sentence_words, wordnet_dir,
-                                   wordnet_sentences)
+from paraformer_edu.corpus import (
+    cache_dir,
+    clean_example,
+    sentence_splits,
+    sentence_words,
+    wordnet_dir,
+    wordnet_sentences,
+)
 from paraformer_edu.tokenizer import EOS_ID, SOS_ID
 
 
@@ -23,7 +29,7 @@ _QUOTED = re.compile(r'"[^"]*"')  # an example sentence inside a WordNet gloss
 
 
 def wordnet_glosses() -> list[str]:
-    """WordNet 3.0's definitions as sentences (quoted examples removed), each once, in the order of the files.
+    """WordNet 3.0's glosses as sentences (quoted examples removed), each once, in file order.
 
     Defined in chapter 9, "Decoding with a language model".
     """
@@ -32,7 +38,9 @@ def wordnet_glosses() -> list[str]:
         for line in (folder / name).read_text(encoding="utf-8").splitlines():
             if not line.startswith("  "):  # the licence header
                 for part in _QUOTED.sub("", line.partition(" | ")[2]).split(";"):
-                    if (sentence := clean_example(part.strip(), min_words=3, max_words=30)) is not None:
+                    if (
+                        sentence := clean_example(part.strip(), min_words=3, max_words=30)
+                    ) is not None:
                         glosses.setdefault(sentence, None)
     return list(glosses)
 
@@ -41,13 +49,15 @@ HELD_OUT = ("dev", "test", "test-voices")
 
 
 def lm_sentences() -> list[str]:
-    """The LM's text: WordNet's training example sentences and its glosses, without any held-out sentence.
+    """The LM's text: WordNet's training examples and its glosses, without any held-out sentence.
 
     Defined in chapter 9, "Decoding with a language model".
     """
     splits = sentence_splits(wordnet_sentences())
     held_out = {tuple(sentence_words(s)) for split in HELD_OUT for s in splits[split]}
-    return splits["train"] + [g for g in wordnet_glosses() if tuple(sentence_words(g)) not in held_out]
+    return splits["train"] + [
+        g for g in wordnet_glosses() if tuple(sentence_words(g)) not in held_out
+    ]
 
 
 def ngram_codes(windows: torch.Tensor, V: int) -> torch.Tensor:
@@ -59,18 +69,27 @@ def ngram_codes(windows: torch.Tensor, V: int) -> torch.Tensor:
     return (windows * powers).sum(1)  # (M,)
 
 
-def count_ngrams(sequences: list[list[int]], k: int, V: int, sos: int = SOS_ID, eos: int = EOS_ID,
-                 pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted codes (G,) of the distinct k-grams of the padded sequences and their counts (G,); none ends in <s>.
+def count_ngrams(
+    sequences: list[list[int]],
+    k: int,
+    V: int,
+    sos: int = SOS_ID,
+    eos: int = EOS_ID,
+    pad: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted codes (G,) of the distinct k-grams (none ends in <s>) and their counts (G,).
 
     Defined in chapter 9, "Decoding with a language model".
     """
     pad = k - 1 if pad is None else pad
     padded = [[sos] * pad + list(s) + [eos] for s in sequences]
     flat = torch.tensor([t for s in padded for t in s], dtype=torch.int64)  # (L,)
-    sentence = torch.repeat_interleave(torch.arange(len(padded)), torch.tensor([len(s) for s in padded]))  # (L,)
+    # (L,)
+    sentence = torch.repeat_interleave(
+        torch.arange(len(padded)), torch.tensor([len(s) for s in padded])
+    )
     windows = flat.unfold(0, k, 1)  # (L - k + 1, k)
-    keep = (sentence[:len(windows)] == sentence[k - 1:]) & (windows[:, -1] != sos)  # (L - k + 1,)
+    keep = (sentence[: len(windows)] == sentence[k - 1 :]) & (windows[:, -1] != sos)  # (L - k + 1,)
     return torch.unique(ngram_codes(windows[keep], V), return_counts=True)  # (G,), (G,)
 
 
@@ -80,12 +99,19 @@ class NGramLM:
     Defined in chapter 9, "Decoding with a language model".
     """
 
-    def __init__(self, vocab_size: int, order: int = 5, discount: float = 0.75, sos: int = SOS_ID,
-                 eos: int = EOS_ID):
+    def __init__(
+        self,
+        vocab_size: int,
+        order: int = 5,
+        discount: float = 0.75,
+        sos: int = SOS_ID,
+        eos: int = EOS_ID,
+    ):
         if order < 2:
             raise ValueError(f"order must be at least 2 (a bigram model), not {order}")
         self.V, self.order, self.D, self.sos, self.eos = vocab_size, order, discount, sos, eos
-        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # k -> sorted codes (G,), counts (G,)
+        # k -> sorted codes (G,), counts (G,)
+        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def fit(self, sequences: list[list[int]]) -> "NGramLM":
@@ -93,28 +119,38 @@ class NGramLM:
         n, V = self.order, self.V
         if any(t < 0 or t >= V for s in sequences for t in s):
             raise ValueError(f"token ids must lie in 0..{V - 1}")
-        raw = {k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)}
+        raw = {
+            k: count_ngrams(sequences, k, V, self.sos, self.eos, pad=n - 1) for k in range(2, n + 1)
+        }
         self.counts = {n: raw[n]}  # raw counts at the top
-        for k in range(1, n):  # below: continuation counts, the distinct tokens seen before each k-gram
-            self.counts[k] = torch.unique(raw[k + 1][0] % V ** k, return_counts=True)  # (k+1)-grams' last k tokens
+        # below: continuation counts, the distinct tokens seen before each k-gram
+        for k in range(1, n):
+            # (k+1)-grams' last k tokens
+            self.counts[k] = torch.unique(raw[k + 1][0] % V**k, return_counts=True)
         self._cache.clear()
         return self
 
     def probs(self, context) -> torch.Tensor:
-        """P(w | context) for every token w (V,), float64; the context is the ids so far (padded with <s>)."""
-        context = ((self.sos,) * (self.order - 1) + tuple(context))[-(self.order - 1):]
+        """P(w | context) for every token w (V,), float64; context: the ids so far (<s>-padded)."""
+        context = ((self.sos,) * (self.order - 1) + tuple(context))[-(self.order - 1) :]
         if (cached := self._cache.get(context)) is not None:
             return cached
         codes, counts = self.counts[1]
-        p = torch.zeros(self.V, dtype=torch.float64).index_put_((codes,), counts.double() / counts.sum())  # (V,)
+        # (V,)
+        p = torch.zeros(self.V, dtype=torch.float64).index_put_(
+            (codes,), counts.double() / counts.sum()
+        )
         for k in range(2, self.order + 1):
-            u = ngram_codes(torch.tensor([context[len(context) - (k - 1):]]), self.V).item() * self.V  # first code
+            # first code
+            u = ngram_codes(torch.tensor([context[len(context) - (k - 1) :]]), self.V).item() * self.V
             codes, counts = self.counts[k]
             lo, hi = torch.searchsorted(codes, torch.tensor([u, u + self.V])).tolist()
             if hi == lo:
                 continue  # unseen context: gamma = 1
             c = counts[lo:hi].double()  # (m,) counts of the m tokens seen after the context
-            alpha = torch.zeros(self.V, dtype=torch.float64).index_put_((codes[lo:hi] - u,), (c - self.D).clamp(min=0))
+            alpha = torch.zeros(self.V, dtype=torch.float64).index_put_(
+                (codes[lo:hi] - u,), (c - self.D).clamp(min=0)
+            )
             p = alpha / c.sum() + self.D * (hi - lo) / c.sum() * p  # (V,)
         if len(self._cache) > 500_000:
             self._cache.clear()
@@ -134,7 +170,7 @@ class NGramLM:
         return total
 
     def perplexity(self, sequences) -> float:
-        """exp of the mean negative log-probability per token (end symbols included) of the sequences."""
+        """exp of the mean negative log-probability per token (end symbols included) of sequences."""
         log_p = sum(self.score(s) for s in sequences)
         return math.exp(-log_p / sum(len(s) + 1 for s in sequences))
 
@@ -150,8 +186,13 @@ class NGramLM:
 
     def save(self, path, tokenizer) -> None:
         """Write the counts, order, discount and the tokenizer's fingerprint to path (atomically)."""
-        payload = {"order": self.order, "discount": self.D, "vocab_size": self.V, "vocab": _vocab_digest(tokenizer),
-                   "counts": {str(k): [codes, counts] for k, (codes, counts) in self.counts.items()}}
+        payload = {
+            "order": self.order,
+            "discount": self.D,
+            "vocab_size": self.V,
+            "vocab": _vocab_digest(tokenizer),
+            "counts": {str(k): [codes, counts] for k, (codes, counts) in self.counts.items()},
+        }
         tmp = Path(path).with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -160,9 +201,14 @@ class NGramLM:
     def load(cls, path, tokenizer) -> "NGramLM":
         """The model saved at path; ValueError if it was counted on another vocabulary."""
         payload = torch.load(path, weights_only=True)
-        if payload["vocab"] != _vocab_digest(tokenizer) or payload["vocab_size"] != tokenizer.vocab_size:
-            raise ValueError(f"{path} was counted on another vocabulary than this tokenizer's: build it again with "
-                             "book_language_model(tokenizer)")
+        if (
+            payload["vocab"] != _vocab_digest(tokenizer)
+            or payload["vocab_size"] != tokenizer.vocab_size
+        ):
+            raise ValueError(
+                f"{path} was counted on another vocabulary than this tokenizer's: build it again with "
+                "book_language_model(tokenizer)"
+            )
         lm = cls(payload["vocab_size"], payload["order"], payload["discount"])
         lm.counts = {int(k): (codes, counts) for k, (codes, counts) in payload["counts"].items()}
         return lm

@@ -15,7 +15,8 @@ class Alignment(NamedTuple):
     Defined in chapter 7, "Training the model".
     """
 
-    steps: list[tuple[str, str | None, str | None]]  # op: "=" match, "S" substitution, "D" deletion, "I" insertion
+    # op: "=" match, "S" substitution, "D" deletion, "I" insertion
+    steps: list[tuple[str, str | None, str | None]]
 
     def counts(self) -> dict[str, int]:
         """Matches, substitutions, deletions and insertions of the alignment."""
@@ -31,9 +32,13 @@ def edit_table(ref: Sequence, hyp: Sequence) -> list[list[int]]:
     for i in range(1, len(ref) + 1):
         row = [i]
         for j in range(1, len(hyp) + 1):
-            row.append(min(D[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]),  # match or substitution
-                           D[i - 1][j] + 1,  # deletion of ref[i-1]
-                           row[j - 1] + 1))  # insertion of hyp[j-1]
+            row.append(
+                min(
+                    D[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]),  # match or substitution
+                    D[i - 1][j] + 1,  # deletion of ref[i-1]
+                    row[j - 1] + 1,
+                )
+            )  # insertion of hyp[j-1]
         D.append(row)
     return D
 
@@ -58,7 +63,7 @@ def align(ref: Sequence, hyp: Sequence) -> Alignment:
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
-    """Minimum number of substitutions, deletions and insertions that turn ref into hyp (two rows of the table).
+    """Fewest substitutions, deletions and insertions that turn ref into hyp (two table rows).
 
     Defined in chapter 7, "Training the model".
     """
@@ -77,7 +82,9 @@ def _corpus_rate(references: Sequence[str], hypotheses: Sequence[str], split) ->
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     units = sum(len(split(ref)) for ref in references)
     if units == 0:
-        raise ValueError("the references are empty: an error rate needs at least one reference unit")
+        raise ValueError(
+            "the references are empty: an error rate needs at least one reference unit"
+        )
     return sum(edit_distance(split(r), split(h)) for r, h in zip(references, hypotheses)) / units
 
 

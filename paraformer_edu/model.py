@@ -19,19 +19,31 @@ from paraformer_edu.encoder import CTCHead, EncoderConfig, SANMEncoder
 from paraformer_edu.predictor import CifPredictor, cif_timestamps, quantity_loss
 
 
-def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor,
-                         smoothing: float = 0.1) -> torch.Tensor:
-    """Cross-entropy with label smoothing, averaged over the valid tokens of logits (B, N, V), targets (B, N).
+def label_smoothing_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor,
+    smoothing: float = 0.1,
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy, mean over valid tokens of logits (B, N, V), targets (B, N).
 
     Defined in chapter 6, "The decoder and the whole model".
     """
     valid = padding_mask(target_lengths, logits.size(1))  # (B, N)
-    losses = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100),
-                             ignore_index=-100, label_smoothing=smoothing, reduction="none")  # (B, N)
+    losses = F.cross_entropy(
+        logits.transpose(1, 2),
+        targets.masked_fill(~valid, -100),
+        # (B, N)
+        ignore_index=-100,
+        label_smoothing=smoothing,
+        reduction="none",
+    )
     return losses.sum() / valid.sum().clamp(min=1)
 
 
-def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+def token_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
     """Share of the valid tokens whose argmax is the target.
 
     Defined in chapter 6, "The decoder and the whole model".
@@ -42,7 +54,7 @@ def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, target_lengths: 
 
 @dataclass(frozen=True)
 class ParaformerConfig:
-    """Sizes, loss weights and GLM ratio of the whole model; chapter 7's recipe sets the book model's.
+    """Sizes, loss weights and GLM ratio of the whole model; chapter 7 sets the book model's.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
@@ -77,20 +89,21 @@ class Hypothesis(NamedTuple):
 
 
 class Inference(NamedTuple):
-    """Everything one inference pass computed: encoder states, the predictor's output, the decoder's tokens.
+    """What one inference pass computed: encoder states, predictor output, decoder tokens.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
 
     h: torch.Tensor  # (B, T, D) encoder output
     h_lengths: torch.Tensor  # (B,)
-    cif: tuple  # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    # chapter 5's CIF output: embeds (B, N, D), token_lengths (B,), alphas (B, T), fires (B, N)
+    cif: tuple
     token_ids: torch.Tensor  # (B, N) the decoder's argmax, valid up to cif.token_lengths
     log_probs: torch.Tensor  # (B, N, V) the decoder's log-probabilities (chapter 9 searches them)
 
 
 class Paraformer(nn.Module):
-    """Paraformer: SAN-M encoder + CTC head, CIF predictor, parallel decoder with the GLM sampler.
+    """Paraformer: SAN-M encoder + CTC head, CIF predictor, parallel decoder, GLM sampler.
 
     Defined in chapter 6, "The decoder and the whole model".
     """
@@ -102,42 +115,65 @@ class Paraformer(nn.Module):
         self.encoder = SANMEncoder(c.encoder)
         self.ctc = CTCHead(d, c.vocab_size)
         self.predictor = CifPredictor(d, c.beta, c.tail_threshold)
-        self.decoder = ParaformerDecoder(c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn,
-                                         c.decoder_dropout)
+        self.decoder = ParaformerDecoder(
+            c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
+        )
 
-    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, targets: torch.Tensor,
-                target_lengths: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Training pass on features (B, T, F) and targets (B, U): the total loss, its parts and statistics."""
+    def forward(
+        self,
+        features: torch.Tensor,
+        feature_lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """Training pass on features (B, T, F), targets (B, U): the loss, its parts, statistics."""
         c = self.config
         h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
         cif = self.predictor(h, h_lengths, target_lengths)  # embeds (B, N, D) with N = max |y|
-        targets = targets[:, :cif.embeds.size(1)]  # (B, N)
+        targets = targets[:, : cif.embeds.size(1)]  # (B, N)
         E, first_logits, replaced = cif.embeds, None, None  # (B, N, D)
         if c.glm_lambda > 0:
-            E, replaced, _, first_logits = glm_sample(self.decoder, E, target_lengths, h, h_lengths, targets,
-                                                      c.glm_lambda, generator)  # (B, N, D)
+            E, replaced, _, first_logits = glm_sample(
+                self.decoder, E, target_lengths, h, h_lengths, targets, c.glm_lambda, generator
+            )  # (B, N, D)
         logits = self.decoder(E, target_lengths, h, h_lengths)  # (B, N, V)
         loss_ce = label_smoothing_loss(logits, targets, target_lengths, c.label_smoothing)
         loss_quantity = quantity_loss(cif.alphas, target_lengths)
-        loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths) if c.ctc_weight > 0 else loss_ce.new_zeros(())
-        loss = (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc + c.quantity_weight * loss_quantity
-        return {"loss": loss, "loss_ce": loss_ce, "loss_quantity": loss_quantity, "loss_ctc": loss_ctc,
-                **self._statistics(logits, first_logits, replaced, targets, target_lengths, cif.alphas)}
+        loss_ctc = (
+            self.ctc.loss(h, h_lengths, targets, target_lengths)
+            if c.ctc_weight > 0
+            else loss_ce.new_zeros(())
+        )
+        loss = (
+            (1 - c.ctc_weight) * loss_ce
+            + c.ctc_weight * loss_ctc
+            + c.quantity_weight * loss_quantity
+        )
+        return {
+            "loss": loss,
+            "loss_ce": loss_ce,
+            "loss_quantity": loss_quantity,
+            "loss_ctc": loss_ctc,
+            **self._statistics(logits, first_logits, replaced, targets, target_lengths, cif.alphas),
+        }
 
     @staticmethod
     def _statistics(logits, first_logits, replaced, targets, target_lengths, alphas) -> dict:
-        """Accuracies of both passes, share of tokens replaced, predicted and true lengths (no gradients)."""
+        """Accuracies of both passes, share of tokens replaced, predicted and true lengths."""
         n_tokens = target_lengths.sum().clamp(min=1)
         first = logits if first_logits is None else first_logits  # (B, N, V)
-        return {"accuracy": token_accuracy(logits.detach(), targets, target_lengths),
-                "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
-                "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
-                "length_predicted": alphas.detach().sum(1).mean(),
-                "length_target": target_lengths.float().mean()}
+        return {
+            "accuracy": token_accuracy(logits.detach(), targets, target_lengths),
+            "accuracy_first_pass": token_accuracy(first.detach(), targets, target_lengths),
+            "glm_replaced": (0 if replaced is None else replaced.sum()) / n_tokens,
+            "length_predicted": alphas.detach().sum(1).mean(),
+            "length_target": target_lengths.float().mean(),
+        }
 
     @torch.no_grad()
     def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Inference:
-        """The inference pass on features (B, T, F) in evaluation mode: encoder, predictor (tail rule), decoder."""
+        """Inference on features (B, T, F), evaluation mode: encoder, predictor (tail rule), decoder."""
         was_training = self.training
         self.eval()
         try:
@@ -146,12 +182,15 @@ class Paraformer(nn.Module):
             if cif.embeds.size(1) == 0:  # no utterance fired a token
                 log_probs = h.new_zeros(h.size(0), 0, self.config.vocab_size)  # (B, 0, V)
             else:
-                log_probs = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).log_softmax(-1)  # (B, N, V)
+                # (B, N, V)
+                log_probs = self.decoder(cif.embeds, cif.token_lengths, h, h_lengths).log_softmax(-1)
         finally:
             self.train(was_training)
         return Inference(h, h_lengths, cif, log_probs.argmax(-1), log_probs)
 
-    def recognize(self, features: torch.Tensor, feature_lengths: torch.Tensor, search=None) -> list[Hypothesis]:
+    def recognize(
+        self, features: torch.Tensor, feature_lengths: torch.Tensor, search=None
+    ) -> list[Hypothesis]:
         """Inference on features (B, T, F): per utterance, token ids and (start, end) seconds.
 
         search: None takes the decoder's argmax at every position; chapter 9's beam search is a
@@ -160,7 +199,11 @@ class Paraformer(nn.Module):
         out = self.infer(features, feature_lengths)
         n_tokens = out.cif.token_lengths  # (B,)
         stamps = cif_timestamps(out.cif.fires, n_tokens, out.h_lengths, self.config.frame_shift)
-        ids = search(out) if search is not None else [out.token_ids[b, :n].tolist() for b, n in enumerate(n_tokens.tolist())]
+        ids = (
+            search(out)
+            if search is not None
+            else [out.token_ids[b, :n].tolist() for b, n in enumerate(n_tokens.tolist())]
+        )
         return [Hypothesis(list(ids[b]), stamps[b]) for b in range(len(ids))]
 
     def transcribe(self, features: torch.Tensor, feature_lengths: torch.Tensor, tokenizer) -> list[str]:

@@ -13,49 +13,86 @@ from paraformer_edu.features import FRAME_SHIFT
 
 try:
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 except ImportError as error:  # matplotlib is in the book's extras, not the package's dependencies
-    raise ImportError("paraformer_edu.plots draws with matplotlib: pip install matplotlib "
-                      "(or pip install 'paraformer-edu[book]')") from error
+    raise ImportError(
+        "paraformer_edu.plots draws with matplotlib: pip install matplotlib "
+        "(or pip install 'paraformer-edu[book]')"
+    ) from error
 
 FBANK_SHIFT = FRAME_SHIFT / SAMPLE_RATE  # seconds per fbank frame (0.01)
 
 
-def plot_spectrogram(ax, fbank: torch.Tensor, title: str | None = None):
-    """Draw a log-mel filterbank (T, 80) on ax, time in seconds; the quietest 2% share one colour.
+def _colorbar(ax, image, label: str, width: float = 0.12, gap: float = 0.08):
+    """A labelled colour bar right of ax (sizes in inches), an inset: fig.axes keeps the panels."""
+    inches = ax.get_position().width * ax.get_figure().get_figwidth()  # the width of ax
+    cax = ax.inset_axes([1 + gap / inches, 0.0, width / inches, 1.0])
+    bar = ax.get_figure().colorbar(image, cax=cax)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=8)
+    return bar
+
+
+def plot_spectrogram(ax, fbank: torch.Tensor, title: str | None = None, colorbar: bool = False):
+    """Draw a log-mel filterbank (T, 80) on ax, time in seconds; the quietest 2% in one colour.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     T = fbank.size(0)
-    ax.imshow(fbank.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
-              vmin=fbank.quantile(0.02).item(), extent=(0, T * FBANK_SHIFT, 0, fbank.size(1)))
+    image = ax.imshow(
+        fbank.T.numpy(),
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        vmin=fbank.quantile(0.02).item(),
+        extent=(0, T * FBANK_SHIFT, 0, fbank.size(1)),
+    )
     ax.set_ylabel("mel bin")
     if title:
         ax.set_title(title, fontsize=9)
+    if colorbar:
+        _colorbar(ax, image, "log energy")
     return ax
 
 
-def plot_encoder_attention(inside, layers=None, heads=None, dpi: int = 72):
-    """Self-attention maps (query x key, seconds) of the chosen encoder layers and heads, a spectrogram on top.
+def plot_encoder_attention(inside, layers=None, heads=None):
+    """Self-attention maps (query x key, s) of encoder layers and heads, a spectrogram on top.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     layers = list(range(len(inside.encoder_attention))) if layers is None else list(layers)
     heads = list(range(inside.encoder_attention[0].size(0))) if heads is None else list(heads)
     seconds = inside.encoder_attention[0].size(-1) * inside.frame_shift
-    fig, axes = plt.subplots(len(layers) + 1, len(heads), figsize=(2.6 * len(heads), 1.0 + 2.2 * len(layers)),
-                             dpi=dpi, sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [0.45] + [1] * len(layers)})
+    fig, axes = plt.subplots(
+        len(layers) + 1,
+        len(heads),
+        figsize=(min(11.5, 1.4 + 2.3 * len(heads)), 1.0 + 1.9 * len(layers)),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [0.45] + [1] * len(layers)},
+    )
+    # one colour scale for every map, logarithmic: sharp and diffuse heads both show
+    norm = LogNorm(vmin=1e-3, vmax=1.0)
     for j, head in enumerate(heads):
-        plot_spectrogram(axes[0, j], inside.fbank, f"head {head}")
-        axes[0, j].set_ylabel("mel" if j == 0 else "")
+        plot_spectrogram(axes[0, j], inside.fbank, f"head {head}", colorbar=j == len(heads) - 1)
+        axes[0, j].set_ylabel("mel bin" if j == 0 else "")
         for i, layer in enumerate(layers):
-            axes[i + 1, j].imshow(inside.encoder_attention[layer][head].numpy(), aspect="auto", cmap="viridis",
-                                  extent=(0, seconds, seconds, 0), interpolation="nearest")
+            image = axes[i + 1, j].imshow(
+                inside.encoder_attention[layer][head].clamp_min(1e-3).numpy(),  # (T, T)
+                aspect="auto",
+                cmap="viridis",
+                norm=norm,
+                extent=(0, seconds, seconds, 0),
+                interpolation="nearest",
+            )
             axes[i + 1, j].set_ylabel(f"layer {layer}\nquery (s)" if j == 0 else "")
     for ax in axes[-1]:
         ax.set_xlabel("key (s)")
-    for ax in axes.flat:
-        ax.tick_params(labelsize=7)
+    for ax in axes[:, 1:].flat:
+        ax.tick_params(labelleft=False)  # the same axis as the first column's
+    if layers:
+        _colorbar(axes[-1, -1], image, "weight (log scale)")
     axes[0, 0].set_xlim(0, seconds)
     fig.tight_layout()
     return fig
@@ -66,32 +103,49 @@ def _token_labels(tokens: list) -> list:
     return [t.replace("\u2581", "_") for t in tokens]
 
 
-def plot_cross_attention(inside, layer: int = -1, dpi: int = 80):
-    """The decoder's cross-attention (tokens x encoder frames, heads averaged) under the spectrogram; x = fires.
+def plot_cross_attention(inside, layer: int = -1):
+    """Decoder cross-attention (tokens x frames, heads averaged) under the spectrogram; x: fires.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     weights = inside.cross_attention[layer].mean(0)  # (N, T)
     N, T = weights.shape
-    fig, (top, ax) = plt.subplots(2, 1, figsize=(9, 1.8 + 0.17 * N), dpi=dpi, sharex=True,
-                                  gridspec_kw={"height_ratios": [1, max(1.5, 0.13 * N)]})
-    plot_spectrogram(top, inside.fbank, f"decoder layer {layer % len(inside.cross_attention)}: "
-                                        "cross-attention, heads averaged")
-    ax.imshow(weights.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
-              extent=(0, T * inside.frame_shift, N - 0.5, -0.5))
-    fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) frame centres, seconds
+    fig, (top, ax) = plt.subplots(
+        2,
+        1,
+        figsize=(9, 2.0 + 0.18 * N),
+        sharex=True,
+        gridspec_kw={"height_ratios": [1, max(1.5, 0.13 * N)]},
+    )
+    plot_spectrogram(
+        top,
+        inside.fbank,
+        f"decoder layer {layer % len(inside.cross_attention)}: cross-attention, heads averaged",
+        colorbar=True,
+    )
+    image = ax.imshow(
+        weights.numpy(),
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        extent=(0, T * inside.frame_shift, N - 0.5, -0.5),
+    )
+    _colorbar(ax, image, "attention weight")
+    # (N,) frame centres, seconds
+    fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]
     ax.scatter(fires, range(N), marker="x", color="red", s=14, label="CIF fire")
     ax.set_yticks(range(N))
-    ax.set_yticklabels(_token_labels(inside.tokens), fontsize=7)
-    ax.set_xlabel("time (s)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_yticklabels(_token_labels(inside.tokens), fontsize=8)
+    ax.set(xlabel="time (s)", ylabel="recognised token")
+    # above the map, on its right: the legend covers no weight
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2, frameon=False)
     top.set_xlim(0, T * inside.frame_shift)
     fig.tight_layout()
     return fig
 
 
-def plot_cif(inside, beta: float = 1.0, dpi: int = 80):
-    """The predictor over the spectrogram: weights alpha, accumulated weight, and the labelled firing points.
+def plot_cif(inside, beta: float = 1.0):
+    """The predictor under the spectrogram: alphas, accumulated weight, labelled firing points.
 
     Defined in chapter 8, "Seeing inside the model".
     """
@@ -100,84 +154,128 @@ def plot_cif(inside, beta: float = 1.0, dpi: int = 80):
     t = (torch.arange(T) + 0.5) * inside.frame_shift  # (T,) frame centres in seconds
     accumulated = alphas.cumsum(0) % beta  # (T,) weight of the token being integrated after frame t
     fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) seconds
-    fig, axes = plt.subplots(3, 1, figsize=(9, 5.6), dpi=dpi, sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]})
-    plot_spectrogram(axes[0], inside.fbank)
+    fig, axes = plt.subplots(
+        3, 1, figsize=(9, 5.8), sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]}
+    )
+    plot_spectrogram(axes[0], inside.fbank, colorbar=True)
     for k, (x, label) in enumerate(zip(fires, _token_labels(inside.tokens))):
         axes[0].axvline(x, color="white", lw=0.6, alpha=0.8)
-        axes[0].text(x, inside.fbank.size(1) * (1.03 + 0.14 * (k % 2)), label, fontsize=7, ha="center",
-                     va="bottom")  # two rows of labels, alternating, so neighbours do not overlap
+        axes[0].text(
+            x,
+            inside.fbank.size(1) * (1.03 + 0.16 * (k % 2)),
+            label,
+            fontsize=8,
+            ha="center",
+            va="bottom",
+        )  # two rows of labels, alternating, so neighbours do not overlap
     axes[1].bar(t.numpy(), alphas.numpy(), width=inside.frame_shift * 0.9, color="tab:blue")
-    axes[1].set_ylabel("alpha")
+    axes[1].set_ylabel("alpha (tokens)")
     axes[2].step(t.numpy(), accumulated.numpy(), where="mid", color="tab:green")
     axes[2].axhline(beta, color="grey", ls="--", lw=0.8)
     for ax in axes[1:]:
         for x in fires:
             ax.axvline(x, color="red", lw=0.6)
-    axes[2].set(ylabel="accumulated", xlabel="time (s)", ylim=(0, 1.05 * beta), xlim=(0, T * inside.frame_shift))
+    axes[2].set(
+        ylabel="accumulated (tokens)",
+        xlabel="time (s)",
+        ylim=(0, 1.05 * beta),
+        xlim=(0, T * inside.frame_shift),
+    )
     fig.tight_layout()
     return fig
 
 
-def plot_onset_errors(errors: dict, limit_ms: float = 300, dpi: int = 80):
+def plot_onset_errors(errors: dict, limit_ms: float = 300):
     """Histograms of signed word-onset errors in ms, one per named tensor of errors in seconds.
 
     Defined in chapter 8, "Seeing inside the model".
     """
-    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=dpi)
+    fig, ax = plt.subplots(figsize=(8, 2.8))
     bins = torch.linspace(-limit_ms, limit_ms, 41).numpy()
     for name, e in errors.items():
         ax.hist((1000 * e).clamp(-limit_ms, limit_ms).numpy(), bins=bins, alpha=0.55, label=name)
     ax.axvline(0, color="black", lw=0.7)
-    ax.set(xlabel="predicted onset - true onset (ms)", ylabel="words")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="predicted onset - true onset (ms)", ylabel=f"words per {limit_ms / 20:g} ms")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars
     fig.tight_layout()
     return fig
 
 
-def plot_training_log(rows: list, marks: dict | None = None, dpi: int = 80):
-    """Each loss part, the dev CER and the dev token-count error over the steps of a train_log.jsonl; marks: {label: step}.
+def plot_training_log(rows: list, marks: dict | None = None):
+    """Loss parts, dev CER and dev token-count error over the steps; marks: {label: step}.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     train = [r for r in rows if "loss" in r]
     dev = [r for r in rows if "dev_cer" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=dpi)
+    fig = plt.figure(figsize=(10, 5.6))
+    grid = fig.add_gridspec(2, 2)
+    # the losses over the whole width; below, the dev CER and the token count
+    axes = [fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])]
     for label, step in (marks or {}).items():
         for ax in axes:
             ax.axvline(step, color="grey", ls=":", lw=1)
-        axes[0].annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
-                         textcoords="offset points", fontsize=7, color="grey")
+        axes[0].annotate(
+            label,
+            (step, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -10),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
     for part in ("loss_ce", "loss_ctc", "loss_quantity"):
         axes[0].plot([r["step"] for r in train], [r[part] for r in train], lw=0.8, label=part)
-    axes[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss parts")
-    axes[0].legend(fontsize=7)
+    axes[0].set(
+        xlabel="training step", ylabel="training loss (log)", yscale="log", title="loss parts"
+    )
     axes[1].plot([r["step"] for r in dev], [100 * r["dev_cer"] for r in dev], marker=".")
-    axes[1].set(xlabel="step", ylabel="dev CER (%)", title="dev CER")
-    axes[2].plot([r["step"] for r in dev], [r["dev_length_mae"] for r in dev], marker=".",
-                 label="mean |predicted - true| tokens")
-    axes[2].plot([r["step"] for r in dev], [r["dev_length_exact"] for r in dev], marker=".",
-                 label="share with the exact count")
-    axes[2].set(xlabel="step", title="predicted token count (dev)")
-    axes[2].legend(fontsize=7)
+    axes[1].set(xlabel="training step", ylabel="dev CER (%)", title="dev CER")
+    axes[2].plot(
+        [r["step"] for r in dev],
+        [r["dev_length_mae"] for r in dev],
+        marker=".",
+        label="mean |error| (tokens)",
+    )
+    axes[2].plot(
+        [r["step"] for r in dev],
+        [r["dev_length_exact"] for r in dev],
+        marker=".",
+        label="exact count (share)",
+    )
+    axes[2].set(
+        xlabel="training step", ylabel="tokens, or share", title="predicted token count (dev)"
+    )
+    for ax in (axes[0], axes[2]):  # legends beside the plots, off the curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
 
-def plot_cer_by(groups: dict, title: str, ax=None):
-    """Bar chart of the CER (%) of each group returned by cer_by, each bar labelled with its utterance count.
+def plot_cer_by(groups: dict, title: str, ax=None, xlabel: str | None = None):
+    """Bar chart of the CER (%) of each group of cer_by, each bar labelled with its utterances.
 
     Defined in chapter 8, "Seeing inside the model".
     """
     if ax is None:
-        _, ax = plt.subplots(figsize=(4, 2.6), dpi=80)
+        _, ax = plt.subplots(figsize=(4, 2.6))
     names = list(groups)
     bars = ax.bar(range(len(names)), [100 * groups[g]["cer"] for g in names], color="tab:purple")
     for bar, g in zip(bars, names):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(groups[g]["utterances"]),
-                ha="center", va="bottom", fontsize=7)
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height(),
+            str(groups[g]["utterances"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([str(n) for n in names], fontsize=7)
+    ax.set_xticklabels([str(n) for n in names])
     ax.set(ylabel="CER (%)", title=title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.margins(y=0.12)  # room for the counts above the bars
     return ax
 
 

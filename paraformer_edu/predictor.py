@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 
 def integrate_and_fire(h: torch.Tensor, alpha: torch.Tensor, beta: float = 1.0):
-    """The paper's loop for one utterance: h (T, D), alpha (T,) -> embeddings, fire frames, leftover c, a.
+    """The paper's loop, one utterance: h (T, D), alpha (T,) -> embeddings, fires, leftover c, a.
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
@@ -37,16 +37,33 @@ def integrate_and_fire(h: torch.Tensor, alpha: torch.Tensor, beta: float = 1.0):
 def _pad_tokens(tokens: list, h: torch.Tensor):
     """Stack per-utterance (embeddings, fires) lists into (B, N, D), (B,), (B, N) tensors."""
     N = max([len(e) for e, _ in tokens], default=0)
-    embeds = torch.stack([F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
-                          for e, _ in tokens]) if tokens else h.new_zeros(0, N, h.size(2))  # (B, N, D)
-    fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(len(tokens), N)
+    embeds = (
+        torch.stack(
+            [
+                F.pad(torch.stack(e), (0, 0, 0, N - len(e))) if e else h.new_zeros(N, h.size(2))
+                # (B, N, D)
+                for e, _ in tokens
+            ]
+        )
+        if tokens
+        else h.new_zeros(0, N, h.size(2))
+    )
+    fires = torch.tensor([f + [-1] * (N - len(f)) for _, f in tokens], dtype=torch.long).view(
+        len(tokens), N
+    )
     counts = torch.tensor([len(e) for e, _ in tokens], dtype=torch.long, device=h.device)  # (B,)
     return embeds, counts, fires.to(h.device)
 
 
-def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-             tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Reference CIF, a loop over frames: h (B, T, D), alphas (B, T) -> embeds (B, N, D), N (B,), fires (B, N).
+def cif_loop(
+    h: torch.Tensor,
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Reference CIF (a loop): h (B, T, D), alphas (B, T) -> embeds (B, N, D), N (B,), fires.
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
@@ -72,14 +89,21 @@ def cif_loop(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None
     return _pad_tokens(tokens, h)
 
 
-def cif_count(alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-              tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Running token count C (B, T + 1), float64, C[:, t] = sum(alphas[:, :t]) / beta, and token counts N (B,).
+def cif_count(
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Running count C (B, T + 1), float64, C[:, t] = sum(alphas[:, :t]) / beta; counts N (B,).
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
     B, T = alphas.shape
-    lengths = torch.full((B,), T, device=alphas.device) if lengths is None else lengths.to(alphas.device)
+    lengths = (
+        torch.full((B,), T, device=alphas.device) if lengths is None else lengths.to(alphas.device)
+    )
     valid = torch.arange(T, device=alphas.device) < lengths[:, None]  # (B, T)
     S = F.pad(alphas.masked_fill(~valid, 0.0).double().cumsum(1), (1, 0))  # (B, T + 1)
     total = S[:, -1:]  # (B, 1)
@@ -93,19 +117,21 @@ def cif_count(alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: f
 
 
 def _frame_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, beta: float) -> torch.Tensor:
-    """Each frame's first piece, from C_{t-1} to the end of its token, summed per token: (B, K, D)."""
+    """Each frame's first piece, from C_{t-1} to its token's end, summed per token: (B, K, D)."""
     B, T, D = h.shape
     K = int(N.max())
     j = C[:, :-1].floor()  # (B, T): the token each frame starts in
     w = (torch.minimum(C[:, 1:], j + 1) - C[:, :-1]) * beta  # (B, T): its weight there
     row = torch.arange(B, device=h.device)[:, None]  # (B, 1)
-    index = torch.where(j < N[:, None], row * K + j.long(), B * K).flatten()  # (B*T,): B*K = discard
+    # (B*T,): B*K = discard
+    index = torch.where(j < N[:, None], row * K + j.long(), B * K).flatten()
     pieces = (w.to(h.dtype)[..., None] * h).flatten(0, 1)  # (B*T, D)
     return h.new_zeros(B * K + 1, D).index_add(0, index, pieces)[:-1].view(B, K, D)  # (B, K, D)
 
 
-def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: torch.Tensor,
-                     beta: float) -> torch.Tensor:
+def _boundary_pieces(
+    h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Each token's piece that starts at its boundary k, inside frame fires[k - 1]: (B, K, D)."""
     B, T, D = h.shape
     K = fires.size(1)
@@ -118,14 +144,22 @@ def _boundary_pieces(h: torch.Tensor, C: torch.Tensor, N: torch.Tensor, fires: t
     return F.pad(u.to(h.dtype)[..., None] * hf, (0, 0, 1, 0))  # (B, K, D): token 0 has none
 
 
-def cif(h: torch.Tensor, alphas: torch.Tensor, lengths: torch.Tensor | None = None, beta: float = 1.0,
-        tail_threshold: float = 0.0, target_lengths: torch.Tensor | None = None):
-    """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N (B,), fires (B, N).
+def cif(
+    h: torch.Tensor,
+    alphas: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    beta: float = 1.0,
+    tail_threshold: float = 0.0,
+    target_lengths: torch.Tensor | None = None,
+):
+    """Vectorised CIF, same arguments and results as cif_loop: embeds (B, N, D), N, fires.
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
     B, T, D = h.shape
-    lengths = torch.full((B,), T, device=h.device) if lengths is None else lengths.to(h.device).long()
+    lengths = (
+        torch.full((B,), T, device=h.device) if lengths is None else lengths.to(h.device).long()
+    )
     C, N = cif_count(alphas, lengths, beta, tail_threshold, target_lengths)  # (B, T + 1), (B,)
     K = int(N.max()) if B else 0
     if K == 0:
@@ -147,11 +181,12 @@ class CifOutput(NamedTuple):
     embeds: torch.Tensor  # (B, N, D) acoustic embeddings E_ac, zero past each count
     token_lengths: torch.Tensor  # (B,) number of tokens N
     alphas: torch.Tensor  # (B, T) weights before any scaling: their sum is the predicted length
-    fires: torch.Tensor  # (B, N) frame where each token fired (lengths[b]: the tail frame), -1 past N
+    # (B, N) frame where each token fired (lengths[b]: the tail frame), -1 past N
+    fires: torch.Tensor
 
 
 class CifPredictor(nn.Module):
-    """Paraformer's predictor: weights alpha from encoder states, then continuous integrate-and-fire.
+    """Paraformer's predictor: weights alpha from encoder states, then integrate-and-fire.
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
@@ -165,13 +200,15 @@ class CifPredictor(nn.Module):
     def weights(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The weights alpha (B, T) of encoder states h (B, T, D); 0 on padding."""
         valid = torch.arange(h.size(1), device=h.device) < lengths[:, None]  # (B, T)
-        x = h.masked_fill(~valid[..., None], 0.0).transpose(1, 2)  # (B, D, T): Conv1d wants channels first
+        # (B, D, T): Conv1d wants channels first
+        x = h.masked_fill(~valid[..., None], 0.0).transpose(1, 2)
         x = torch.relu(self.conv(x)).transpose(1, 2)  # (B, T, D)
         return torch.sigmoid(self.linear(x)).squeeze(-1).masked_fill(~valid, 0.0)  # (B, T)
 
-    def forward(self, h: torch.Tensor, lengths: torch.Tensor,
-                target_lengths: torch.Tensor | None = None) -> CifOutput:
-        """Integrate h (B, T, D) into tokens: |y| of them if target_lengths (B,) is given, else the tail rule."""
+    def forward(
+        self, h: torch.Tensor, lengths: torch.Tensor, target_lengths: torch.Tensor | None = None
+    ) -> CifOutput:
+        """Integrate h (B, T, D) into tokens: |y| given target_lengths (B,), else the tail rule."""
         alphas = self.weights(h, lengths)  # (B, T)
         tail = 0.0 if target_lengths is not None else self.tail_threshold
         embeds, token_lengths, fires = cif(h, alphas, lengths, self.beta, tail, target_lengths)
@@ -179,29 +216,38 @@ class CifPredictor(nn.Module):
 
 
 def quantity_loss(alphas: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
-    """The quantity (MAE) loss: mean over the batch of |sum_t alpha_t - |y||, on unscaled alphas (B, T).
+    """The quantity (MAE) loss: batch mean of |sum_t alpha_t - |y||, on unscaled alphas (B, T).
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
     return (alphas.sum(1) - target_lengths.to(alphas.dtype)).abs().mean()
 
 
-def cif_timestamps(fires: torch.Tensor, token_lengths: torch.Tensor, lengths: torch.Tensor,
-                   frame_shift: float = 0.06) -> list[list[tuple[float, float]]]:
-    """(start, end) in seconds of each token, from fire frames (B, N), counts (B,) and frame counts (B,).
+def cif_timestamps(
+    fires: torch.Tensor,
+    token_lengths: torch.Tensor,
+    lengths: torch.Tensor,
+    frame_shift: float = 0.06,
+) -> list[list[tuple[float, float]]]:
+    """(start, end) in seconds of each token, from fire frames (B, N), counts N and lengths.
 
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
     if fires.is_floating_point():
         raise TypeError("cif_timestamps takes fire frames (integers), not weights")
-    f = torch.minimum(fires, lengths[:, None].to(fires) - 1)  # (B, N): the tail frame is the last one
+    # (B, N): the tail frame is the last one
+    f = torch.minimum(fires, lengths[:, None].to(fires) - 1)
     previous = F.pad(f[:, :-1] + 1, (1, 0))  # (B, N): the frame after the previous fire, 0 first
     start = torch.minimum(previous, f)  # (B, N): tokens fired in one frame share it
     stamps = []
     for b in range(fires.size(0)):
         n = int(token_lengths[b])
-        stamps.append([(round(s * frame_shift, 3), round((e + 1) * frame_shift, 3))
-                       for s, e in zip(start[b, :n].tolist(), f[b, :n].tolist())])
+        stamps.append(
+            [
+                (round(s * frame_shift, 3), round((e + 1) * frame_shift, 3))
+                for s, e in zip(start[b, :n].tolist(), f[b, :n].tolist())
+            ]
+        )
     return stamps
 
 

@@ -19,14 +19,21 @@ _ESPEAK_RATE, _ESPEAK_PITCH, _ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER values
 
 
 class _EspeakEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
-                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
-                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("unique_identifier", ctypes.c_uint),
+        ("text_position", ctypes.c_int),
+        ("length", ctypes.c_int),
+        ("audio_position", ctypes.c_int),
+        ("sample", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+        ("id", ctypes.c_char * 8),
+    ]
 
 
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                  ctypes.POINTER(_EspeakEvent))
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_EspeakEvent)
+)
 
 
 class _Espeak:
@@ -37,11 +44,14 @@ class _Espeak:
 
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         # AUDIO_OUTPUT_SYNCHRONOUS = 2: espeak_Synth returns when all audio was delivered
-        self.sample_rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
+        self.sample_rate = self.lib.espeak_Initialize(
+            2, 0, espeakng_loader.get_data_path().encode(), 0
+        )
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise: reinstall `espeakng-loader`")
         self.chunks, self.events = [], []
-        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)  # its kernel, computed once
+        # its kernel, computed once
+        self.resample = torchaudio.transforms.Resample(self.sample_rate, SAMPLE_RATE)
         self.callback = _SynthCallback(self._collect)  # keep a reference: C holds only a pointer
         self.lib.espeak_SetSynthCallback(self.callback)
 
@@ -51,7 +61,9 @@ class _Espeak:
         i = 0
         while events[i].type != 0:  # the list ends with espeakEVENT_LIST_TERMINATED
             if events[i].type == _ESPEAK_WORD_EVENT:
-                self.events.append((events[i].text_position - 1, events[i].length, events[i].sample))
+                self.events.append(
+                    (events[i].text_position - 1, events[i].length, events[i].sample)
+                )
             i += 1
         return 0
 
@@ -61,7 +73,11 @@ def _espeak_synth(engine: _Espeak, text: str, voice: str, rate: int, pitch: int,
     lib = engine.lib
     if lib.espeak_SetVoiceByName(voice.encode()) != 0:
         raise ValueError(f"espeak-ng has no voice {voice!r}; try 'en-us' or 'en-us+f3'")
-    for parameter, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch), (_ESPEAK_RANGE, pitch_range)):
+    for parameter, value in (
+        (_ESPEAK_RATE, rate),
+        (_ESPEAK_PITCH, pitch),
+        (_ESPEAK_RANGE, pitch_range),
+    ):
         lib.espeak_SetParameter(parameter, int(value), 0)
     lib.espeak_ng_SetRandSeed(0)  # the breathy variants add noise: make it repeatable
     engine.chunks, engine.events = [], []
@@ -83,8 +99,9 @@ def _get_espeak() -> _Espeak:
     return _espeak
 
 
-def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
-               pitch_range: int = 50) -> tuple[torch.Tensor, list[tuple[str, float]]]:
+def synthesize(
+    text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50, pitch_range: int = 50
+) -> tuple[torch.Tensor, list[tuple[str, float]]]:
     """Speak `text` with espeak-ng: a 16 kHz waveform (T,) and each word's start time (s).
 
     Defined in chapter 1, "Speech as data".
@@ -93,8 +110,10 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
     samples, events = _espeak_synth(engine, text, voice, rate, pitch, pitch_range)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768.0)  # (T22,) at 22,050 Hz
     wave = engine.resample(wave)  # (T,) at 16 kHz
-    words = [(text[start:start + length], round(sample / engine.sample_rate, 4))
-             for start, length, sample in events]
+    words = [
+        (text[start : start + length], round(sample / engine.sample_rate, 4))
+        for start, length, sample in events
+    ]
     return wave.clamp(-1.0, 1.0), words
 
 

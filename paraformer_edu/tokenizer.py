@@ -14,8 +14,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _SCALES = ((10**9, "billion"), (10**6, "million"), (10**3, "thousand"), (100, "hundred"))
 
@@ -26,7 +28,9 @@ def spell_number(n: int) -> str:
     Defined in chapter 2, "The tokenizer".
     """
     if not 0 <= n < 10**12:
-        raise ValueError(f"cannot spell out {n}: only integers from 0 to 999,999,999,999 are supported")
+        raise ValueError(
+            f"cannot spell out {n}: only integers from 0 to 999,999,999,999 are supported"
+        )
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -37,8 +41,15 @@ def spell_number(n: int) -> str:
             return f"{spell_number(head)} {name}" + ("" if rest == 0 else " " + spell_number(rest))
 
 
-_ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth",
-             "eight": "eighth", "nine": "ninth", "twelve": "twelfth"}
+_ORDINALS = {
+    "one": "first",
+    "two": "second",
+    "three": "third",
+    "five": "fifth",
+    "eight": "eighth",
+    "nine": "ninth",
+    "twelve": "twelfth",
+}
 
 
 def spell_ordinal(n: int) -> str:
@@ -142,7 +153,8 @@ class Tokenizer:
     def load(cls, path) -> "Tokenizer":
         """The tokenizer whose vocabulary file is path (see from_lines)."""
         lines = Path(path).read_text(encoding="utf-8").split("\n")
-        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))  # drop the final newline
+        # drop the final newline
+        return cls.from_lines(lines[:-1] if lines[-1] == "" else lines, source=str(path))
 
 
 def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
@@ -150,21 +162,29 @@ def vocab_rows(lines: list[str], source: str = "vocabulary") -> list[list[str]]:
 
     Defined in chapter 2, "The tokenizer".
     """
-    if tuple(lines[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise ValueError(f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}")
+    if tuple(lines[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(
+            f"{source}: a vocabulary file starts with the lines {' '.join(SPECIAL_TOKENS)}"
+        )
     rows = []
     for number, line in enumerate(lines, start=1):
         parts = line.split(" ")
         if not all(parts) or len(parts) > 2 or any(ch.isspace() for part in parts for ch in part):
-            raise ValueError(f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'")
+            raise ValueError(
+                f"{source}, line {number}: {line!r} is neither a token nor a pair 'left right'"
+            )
         rows.append(parts)
     return rows
 
 
 def _check_alphabet(alphabet: str) -> str:
     """The alphabet, if its characters are distinct, not whitespace and not '▁'."""
-    if len(set(alphabet)) != len(alphabet) or any(ch.isspace() or ch == WORD_BOUNDARY for ch in alphabet):
-        raise ValueError(f"the alphabet must hold distinct characters, no whitespace and no {WORD_BOUNDARY!r}")
+    if len(set(alphabet)) != len(alphabet) or any(
+        ch.isspace() or ch == WORD_BOUNDARY for ch in alphabet
+    ):
+        raise ValueError(
+            f"the alphabet must hold distinct characters, no whitespace and no {WORD_BOUNDARY!r}"
+        )
     return alphabet
 
 
@@ -189,13 +209,17 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "CharTokenizer":
         """The tokenizer of the lines of a vocabulary file."""
-        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
+        units = vocab_rows(lines, source)[len(SPECIAL_TOKENS) :]
         for number, parts in enumerate(units, start=len(SPECIAL_TOKENS) + 1):
             if len(parts) != 1 or len(parts[0]) != 1:
-                raise ValueError(f"{source}, line {number}: {' '.join(parts)!r} is not one character"
-                                 " (a BPE vocabulary? load it with BPETokenizer.load)")
+                raise ValueError(
+                    f"{source}, line {number}: {' '.join(parts)!r} is not one character"
+                    " (a BPE vocabulary? load it with BPETokenizer.load)"
+                )
         if not units or units[0] != [WORD_BOUNDARY]:
-            raise ValueError(f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}")
+            raise ValueError(
+                f"{source}, line {len(SPECIAL_TOKENS) + 1}: expected {WORD_BOUNDARY!r}"
+            )
         try:
             return cls("".join(parts[0] for parts in units[1:]))
         except ValueError as error:
@@ -285,17 +309,23 @@ class BPETokenizer(Tokenizer):
         super().__init__([*base, *(left + right for left, right in merges)])
         for new_id, (left, right) in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base)):
             if not all(self.token_to_id.get(part, new_id) < new_id for part in (left, right)):
-                raise ValueError(f"merge {left!r} + {right!r} (id {new_id}) uses a token not defined before it")
+                raise ValueError(
+                    f"merge {left!r} + {right!r} (id {new_id}) uses a token not defined before it"
+                )
         self.alphabet, self.merges = alphabet, [tuple(pair) for pair in merges]
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._cache: dict[str, list[str]] = {}
 
     def tokenize_word(self, word: str) -> list[str]:
-        """Units of one word: '▁' and its characters, then the lowest-ranked merge until none applies."""
+        """Units of one word: '▁' and its characters, merged by lowest rank until none applies."""
         if word not in self._cache:
-            symbols = [WORD_BOUNDARY] + [ch if ch in self.alphabet else SPECIAL_TOKENS[UNK_ID] for ch in word]
+            symbols = [WORD_BOUNDARY] + [
+                ch if ch in self.alphabet else SPECIAL_TOKENS[UNK_ID] for ch in word
+            ]
             while len(symbols) > 1:
-                pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
+                pair = min(
+                    zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks))
+                )
                 if pair not in self.ranks:
                     break
                 symbols = merge_pair(symbols, pair)
@@ -307,20 +337,28 @@ class BPETokenizer(Tokenizer):
         return [unit for word in text.split() for unit in self.tokenize_word(word)]
 
     def vocab_lines(self) -> list[str]:
-        """The lines of the vocabulary file: base tokens as they are, merged tokens as 'left right'."""
-        return self.tokens[:len(self.tokens) - len(self.merges)] + [f"{a} {b}" for a, b in self.merges]
+        """The vocabulary file's lines: base tokens as they are, merged tokens as 'left right'."""
+        return self.tokens[: len(self.tokens) - len(self.merges)] + [
+            f"{a} {b}" for a, b in self.merges
+        ]
 
     @classmethod
     def from_lines(cls, lines: list[str], source: str = "vocabulary") -> "BPETokenizer":
         """The tokenizer of the lines of a vocabulary file."""
-        rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS):]
+        rows = vocab_rows(lines, source)[len(SPECIAL_TOKENS) :]
         base = [parts[0] for parts in itertools.takewhile(lambda parts: len(parts) == 1, rows)]
         if not base or base[0] != WORD_BOUNDARY or any(len(ch) != 1 for ch in base[1:]):
-            raise ValueError(f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, one character a line")
-        merges = rows[len(base):]
+            raise ValueError(
+                f"{source}: after the special tokens come {WORD_BOUNDARY!r} and the alphabet, "
+                "one character a line"
+            )
+        merges = rows[len(base) :]
         for number, parts in enumerate(merges, start=len(SPECIAL_TOKENS) + len(base) + 1):
             if len(parts) != 2:
-                raise ValueError(f"{source}, line {number}: {parts[0]!r} after the merges began; expected 'left right'")
+                raise ValueError(
+                    f"{source}, line {number}: {parts[0]!r} after the merges began; "
+                    "expected 'left right'"
+                )
         try:
             return cls([tuple(parts) for parts in merges], "".join(base[1:]))
         except ValueError as error:
@@ -328,7 +366,7 @@ class BPETokenizer(Tokenizer):
 
 
 def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
-    """A BPE tokenizer of vocab_size tokens (fewer if the text runs out of pairs) learned from texts.
+    """A BPE tokenizer of vocab_size tokens (fewer if the pairs run out) learned from texts.
 
     Defined in chapter 2, "The tokenizer".
     """
@@ -338,7 +376,9 @@ def train_bpe(texts, vocab_size: int, alphabet: str = ALPHABET) -> BPETokenizer:
         raise ValueError(f"the training text holds characters outside the alphabet: {unknown}")
     n_base = len(SPECIAL_TOKENS) + 1 + len(alphabet)
     if vocab_size < n_base:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the {n_base} special and base tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the {n_base} special and base tokens"
+        )
     merges = [pair for pair, _ in itertools.islice(bpe_merges(word_counts), vocab_size - n_base)]
     return BPETokenizer(merges, alphabet)
 
@@ -347,14 +387,17 @@ DEFAULT_VOCAB_SIZE = 200
 
 
 def default_tokenizer(train_manifest=None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> BPETokenizer:
-    """The book's tokenizer: BPE on a training manifest's transcripts, by default the book corpus's plan (no audio).
+    """The book's tokenizer: BPE on a training manifest's texts, by default the book's plan.
 
     Defined in chapter 2, "The tokenizer".
     """
-    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest  # chapter 1; used only here
+    # chapter 1; used only here
+    from paraformer_edu.corpus import corpus_config, corpus_plan, read_manifest
 
     if train_manifest is None:
-        return train_bpe([utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size)
+        return train_bpe(
+            [utterance["text"] for utterance in corpus_plan(corpus_config())["train"]], vocab_size
+        )
     return train_bpe([utterance["text"] for utterance in read_manifest(train_manifest)], vocab_size)
 
 

@@ -46,7 +46,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 
 def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
-    """Noam schedule lr * W^0.5 * min(s^-0.5, s * W^-1.5): linear warm-up to peak_lr at step W, then 1/sqrt decay.
+    """Noam schedule: linear warm-up to peak_lr at step W, then decay as 1/sqrt(step).
 
     Defined in chapter 7, "Training the model".
     """
@@ -55,9 +55,16 @@ def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterances: int | None = None,
-             max_frames: int = 8000, device: torch.device = torch.device("cpu"), search=None) -> dict:
-    """CER, WER, sentence accuracy and token-count errors of the model on (the first utterances of) a dataset.
+def evaluate(
+    model: Paraformer,
+    dataset: SpeechDataset,
+    tokenizer,
+    max_utterances: int | None = None,
+    max_frames: int = 8000,
+    device: torch.device = torch.device("cpu"),
+    search=None,
+) -> dict:
+    """CER, WER, sentence accuracy and token-count errors on (the first utterances of) a dataset.
 
     Defined in chapter 7, "Training the model".
     """
@@ -69,19 +76,26 @@ def evaluate(model: Paraformer, dataset: SpeechDataset, tokenizer, max_utterance
     transcripts = recognizer.recognize_features([it["features"] for it in items], max_frames)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    references = [tokenizer.decode(it["targets"].tolist()) for it in items]  # the normalised transcripts
+    # the normalised transcripts
+    references = [tokenizer.decode(it["targets"].tolist()) for it in items]
     hypotheses = [t.text for t in transcripts]
     length_errors = [len(t.tokens) - len(it["targets"]) for t, it in zip(transcripts, items)]
     audio_seconds = sum(dataset.entries[i]["duration"] for i in range(n))
-    return {"cer": cer(references, hypotheses), "wer": wer(references, hypotheses),
-            "sentence_accuracy": sentence_accuracy(references, hypotheses), "utterances": n,
-            "length_exact": sum(e == 0 for e in length_errors) / n,
-            "length_mae": sum(abs(e) for e in length_errors) / n, "rtf_model": seconds / audio_seconds,
-            "references": references, "hypotheses": hypotheses}
+    return {
+        "cer": cer(references, hypotheses),
+        "wer": wer(references, hypotheses),
+        "sentence_accuracy": sentence_accuracy(references, hypotheses),
+        "utterances": n,
+        "length_exact": sum(e == 0 for e in length_errors) / n,
+        "length_mae": sum(abs(e) for e in length_errors) / n,
+        "rtf_model": seconds / audio_seconds,
+        "references": references,
+        "hypotheses": hypotheses,
+    }
 
 
 class Trainer:
-    """Trains a Paraformer on the book's corpus: batches, warm-up, clipping, dev evaluations, checkpoints, resume.
+    """Trains a Paraformer: batches, warm-up, clipping, dev evaluations, checkpoints, resume.
 
     Defined in chapter 7, "Training the model".
     """
@@ -90,25 +104,46 @@ class Trainer:
         self.config, self.out_dir, t = config, Path(out_dir), config.training
         self.device = choose_device(t.device)
         self.manifests = manifests or build_corpus(corpus_config(config.data.corpus))
-        start = model_from_checkpoint(load_checkpoint(init), config) if init else None  # same model config
-        self.tokenizer = start[1] if start else default_tokenizer(self.manifests["train"], config.model.vocab_size)
+        # same model config
+        start = model_from_checkpoint(load_checkpoint(init), config) if init else None
+        self.tokenizer = (
+            start[1]
+            if start
+            else default_tokenizer(self.manifests["train"], config.model.vocab_size)
+        )
         if self.tokenizer.vocab_size != config.model.vocab_size:
-            raise ValueError(f"BPE stopped at {self.tokenizer.vocab_size} tokens (the corpus ran out of pairs) but "
-                             f"model.vocab_size is {config.model.vocab_size}: choose a smaller model.vocab_size")
-        self.frontend = start[2] if start else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
+            raise ValueError(
+                f"BPE stopped at {self.tokenizer.vocab_size} tokens (the corpus ran out of pairs) "
+                f"but model.vocab_size is {config.model.vocab_size}: "
+                "choose a smaller model.vocab_size"
+            )
+        self.frontend = (
+            start[2]
+            if start
+            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
+        )
         augment = SpecAugment() if config.data.spec_augment else None
-        self.train_set = SpeechDataset(self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed)
+        self.train_set = SpeechDataset(
+            self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed
+        )
         self.dev_set = SpeechDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
-        self.sampler = BucketBatchSampler(self.train_set.lengths, config.data.max_frames, seed=t.seed)
-        self.cuda = [self.device] if self.device.type == "cuda" else []  # devices whose generator the run owns
-        with torch.random.fork_rng(devices=self.cuda):  # the initial weights, the global generators untouched
+        self.sampler = BucketBatchSampler(
+            self.train_set.lengths, config.data.max_frames, seed=t.seed
+        )
+        # devices whose generator the run owns
+        self.cuda = [self.device] if self.device.type == "cuda" else []
+        # the initial weights, the global generators untouched
+        with torch.random.fork_rng(devices=self.cuda):
             torch.manual_seed(t.seed)
             self.model = Paraformer(config.model).to(self.device)
-            if start:  # init: the checkpoint's weights, vocabulary and CMVN; a new optimiser and warm-up
+            # init: the checkpoint's weights, vocabulary and CMVN; a new optimiser and warm-up
+            if start:
                 self.model.load_state_dict(start[0].state_dict())
             self.rng_state = torch.get_rng_state()  # the run's own generators: dropout
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9
+        )
         self.generator = torch.Generator().manual_seed(t.seed)  # the GLM sampler's choices
         self.step, self.epoch, self.batch_in_epoch, self.train_seconds = 0, 0, 0, 0.0
         self.log: list[dict] = []
@@ -116,7 +151,7 @@ class Trainer:
 
     @contextlib.contextmanager
     def _scope(self):
-        """The run's thread count (CPU) and random generator while inside; the caller's are restored after."""
+        """The run's CPU threads and random generator while inside; the caller's restored after."""
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.training.threads)
@@ -132,29 +167,37 @@ class Trainer:
                 torch.set_num_threads(threads)
 
     def train_step(self, batch: dict) -> dict:
-        """One optimiser step on a batch: forward (all loss parts), backward, clip, warm-up learning rate."""
+        """One optimiser step: forward (all loss parts), backward, clip, warm-up learning rate."""
         t = self.config.training
         self.step += 1
         lr = warmup_lr(self.step, t.lr, t.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         b = move_batch(batch, self.device)
-        out = self.model(b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator)
+        out = self.model(
+            b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
+        )
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
-        return {"step": self.step, "lr": lr, "grad_norm": float(grad_norm), "utterances": len(batch["texts"]),
-                **{k: float(v.detach()) for k, v in out.items()}}
+        return {
+            "step": self.step,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "utterances": len(batch["texts"]),
+            **{k: float(v.detach()) for k, v in out.items()},
+        }
 
     def batches(self):
         """The remaining batches of the current epoch, then of the following ones, forever."""
         while True:
             self.sampler.set_epoch(self.epoch)
             self.train_set.epoch = self.epoch
-            for indices in self.sampler.batches()[self.batch_in_epoch:]:
+            for indices in self.sampler.batches()[self.batch_in_epoch :]:
                 self.batch_in_epoch += 1
-                self.train_set.augment = self.step >= self.config.data.spec_augment_from  # a function of the step
+                # a function of the step
+                self.train_set.augment = self.step >= self.config.data.spec_augment_from
                 yield collate([self.train_set[i] for i in indices])
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
@@ -165,21 +208,29 @@ class Trainer:
         with self._scope():
             return evaluate(self.model, dataset, self.tokenizer, limit, device=self.device)
 
-    def train(self, max_minutes: float | None = None, max_steps: int | None = None, progress: bool = False) -> list:
-        """Train until a budget runs out (minutes of this run, or a total step count); evaluate and checkpoint."""
+    def train(
+        self, max_minutes: float | None = None, max_steps: int | None = None, progress: bool = False
+    ) -> list:
+        """Train until a budget runs out (minutes of this run, or total steps); evaluate, checkpoint."""
         t = self.config.training
         max_minutes = t.max_minutes if max_minutes is None else max_minutes
         max_steps = t.max_steps if max_steps is None else max_steps
-        bar = tqdm(total=max_steps - self.step if max_steps else None, unit="step", file=sys.stderr,
-                   disable=not progress)  # on for the command line; off in notebooks and tests
+        bar = tqdm(
+            total=max_steps - self.step if max_steps else None,
+            unit="step",
+            file=sys.stderr,
+            disable=not progress,
+        )  # on for the command line; off in notebooks and tests
         start, window, batches = time.perf_counter(), [], self.batches()
         while not (max_steps and self.step >= max_steps) and not (
-                max_minutes and time.perf_counter() - start > 60 * max_minutes):
+            max_minutes and time.perf_counter() - start > 60 * max_minutes
+        ):
+            tick, cpu = time.perf_counter(), time.process_time()
             batch = next(batches)  # drawn only when it will be trained on: a resumed run skips nothing
-            tick = time.perf_counter()
             with self._scope():
                 window.append(self.train_step(batch))
-            self.train_seconds += time.perf_counter() - tick
+            wall, cpu = time.perf_counter() - tick, time.process_time() - cpu
+            self.train_seconds += step_seconds(wall, cpu)  # a paused step counts its CPU time
             bar.update(1)
             if self.step % t.log_every == 0:
                 self._log_train(window)
@@ -195,28 +246,53 @@ class Trainer:
 
     def _log_train(self, window: list[dict]) -> None:
         """Append the mean of each logged value over the steps since the last line."""
-        keys = ("loss", "loss_ce", "loss_quantity", "loss_ctc", "accuracy", "accuracy_first_pass", "glm_replaced",
-                "grad_norm")
+        keys = (
+            "loss",
+            "loss_ce",
+            "loss_quantity",
+            "loss_ctc",
+            "accuracy",
+            "accuracy_first_pass",
+            "glm_replaced",
+            "grad_norm",
+        )
         previous = [r["train_seconds"] for r in self.log if "loss" in r]
-        seconds = self.train_seconds - (previous[-1] if previous else 0.0)  # training time of the window's steps
-        row = {"step": self.step, "epoch": self.epoch, "lr": window[-1]["lr"], "train_seconds": self.train_seconds,
-               **{k: sum(w[k] for w in window) / len(window) for k in keys},
-               "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, seconds)}
+        # training time of the window's steps
+        seconds = self.train_seconds - (previous[-1] if previous else 0.0)
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr": window[-1]["lr"],
+            "train_seconds": self.train_seconds,
+            **{k: sum(w[k] for w in window) / len(window) for k in keys},
+            "utterances_per_second": sum(w["utterances"] for w in window) / max(1e-9, seconds),
+        }
         self.log.append(row)
         self._append_jsonl(row)
 
     def _evaluate_and_save(self) -> None:
-        """Evaluate on dev, log it, write the latest checkpoint and, if dev CER improved, the best one."""
+        """Evaluate on dev, log it, save the latest checkpoint and, if dev CER improved, the best."""
         scores = self.evaluate()
-        row = {"step": self.step, "epoch": self.epoch, "train_seconds": self.train_seconds,
-               **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)}}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "train_seconds": self.train_seconds,
+            **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)},
+        }
         self.log.append(row)
         self._append_jsonl(row)
         self.save(self.out_dir / "latest.pt")
         if scores["cer"] < self.best_cer:
             self.best_cer = scores["cer"]
-            save_checkpoint(self.out_dir / "best.pt", self.model, self.tokenizer, self.frontend, self.config,
-                            step=self.step, dev_cer=scores["cer"])
+            save_checkpoint(
+                self.out_dir / "best.pt",
+                self.model,
+                self.tokenizer,
+                self.frontend,
+                self.config,
+                step=self.step,
+                dev_cer=scores["cer"],
+            )
 
     def _append_jsonl(self, row: dict) -> None:
         """Add one line to out_dir/train_log.jsonl."""
@@ -225,35 +301,71 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def save(self, path) -> None:
-        """A checkpoint that resumes exactly: weights, optimiser, position in the data, every random state."""
-        save_checkpoint(path, self.model, self.tokenizer, self.frontend, self.config,
-                        trainer={"optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch,
-                                 "batch_in_epoch": self.batch_in_epoch, "train_seconds": self.train_seconds,
-                                 "best_cer": self.best_cer, "log": json.dumps(self.log),
-                                 "rng": self.rng_state, "glm_rng": self.generator.get_state(),
-                                 "cuda_rng": self.cuda_rng_state if self.cuda else []})
-        save_config(self.config, Path(path).parent / "config.yaml")  # the recipe, readable beside its checkpoint
+        """A checkpoint that resumes exactly: weights, optimiser, data position, every random state."""
+        save_checkpoint(
+            path,
+            self.model,
+            self.tokenizer,
+            self.frontend,
+            self.config,
+            trainer={
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "train_seconds": self.train_seconds,
+                "best_cer": self.best_cer,
+                "log": json.dumps(self.log),
+                "rng": self.rng_state,
+                "glm_rng": self.generator.get_state(),
+                "cuda_rng": self.cuda_rng_state if self.cuda else [],
+            },
+        )
+        # the recipe, readable beside its checkpoint
+        save_config(self.config, Path(path).parent / "config.yaml")
 
     @classmethod
-    def resume(cls, path, out_dir=None, config: Config | None = None, manifests: dict | None = None) -> "Trainer":
-        """The trainer of a checkpoint written by save(), ready to continue as if it had never stopped."""
+    def resume(
+        cls, path, out_dir=None, config: Config | None = None, manifests: dict | None = None
+    ) -> "Trainer":
+        """The trainer of a checkpoint written by save(), ready to go on as if it had never stopped."""
         payload = load_checkpoint(path)
         if "trainer" not in payload:
-            raise ValueError(f"{path} holds a model but no training state (a best.pt?): resume from latest.pt")
+            raise ValueError(
+                f"{path} holds a model but no training state (a best.pt?): resume from latest.pt"
+            )
         stored = config_from_dict(payload["config"])
-        trainer = cls(config or stored, out_dir or Path(path).parent, manifests, init=path)  # weights, vocabulary, CMVN
+        # weights, vocabulary, CMVN
+        trainer = cls(config or stored, out_dir or Path(path).parent, manifests, init=path)
         state = payload["trainer"]
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step, trainer.epoch, trainer.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        trainer.train_seconds, trainer.best_cer, trainer.log = state["train_seconds"], state["best_cer"], json.loads(state["log"])
+        trainer.step, trainer.epoch, trainer.batch_in_epoch = (
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+        )
+        trainer.train_seconds, trainer.best_cer, trainer.log = (
+            state["train_seconds"],
+            state["best_cer"],
+            json.loads(state["log"]),
+        )
         trainer.rng_state = state["rng"]
         trainer.generator.set_state(state["glm_rng"])
         if isinstance(state["cuda_rng"], torch.Tensor) and trainer.cuda:
             trainer.cuda_rng_state = state["cuda_rng"]
         log_file = trainer.out_dir / "train_log.jsonl"
-        if log_file.exists():  # rows logged after the checkpoint will be logged again: the file as it was then
+        # rows logged after the checkpoint will be logged again: the file as it was then
+        if log_file.exists():
             log_file.write_text("".join(json.dumps(row) + "\n" for row in trainer.log))
         return trainer
+
+
+def step_seconds(wall: float, cpu: float) -> float:
+    """Training time of one step: its wall-clock time, or its CPU time if it was mostly paused.
+
+    Defined in chapter 7, "Training the model".
+    """
+    return cpu if wall > 1.0 and cpu < 0.5 * wall else wall
 
 
 __all__ = [
@@ -262,4 +374,5 @@ __all__ = [
     "warmup_lr",
     "evaluate",
     "Trainer",
+    "step_seconds",
 ]

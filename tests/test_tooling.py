@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,16 @@ def test_chapter_follows_the_book_conventions(chapter):
     assert re.search(r"learning goals", text, re.I), "learning goals at the top"
     assert re.search(r"^# ## Summary", text, re.M), "a summary section"
     assert re.search(r"^# ## Exercises", text, re.M), "an exercises section"
-    assert re.search(r'^# %% tags=\["hide-input"\]', text, re.M), "solutions in hide-input cells"
+    solution = r'^# %% mystnb=\{"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"\} tags=\["hide-cell"\]$'
+    assert re.search(solution, text, re.M), "solutions folded, code and output, behind 'Show the solution'"
+    assert "book_style()" in text, "the set-up cell sets the book's figure style"
+    cells = re.split(r"^(?=# %%)", text, flags=re.M)
+    figures = [c for c in cells if c.startswith("# %%") and "plt.show()" in c]
+    for cell in figures:
+        header = cell.splitlines()[0]
+        assert '"caption": ' in header and '"alt": ' in header, f"figure cell with caption and alt text: {header}"
+        assert "dpi=" not in cell, "no dpi= in a figure cell: book_style sets the resolution"
+    assert not re.search(r"\bAudio\(", text), "audio through display.listen(audio, label): the label beside the player"
     assert "paraformer_edu.__version__" in text, "the chapter prints the package version"
     notebook = chapter.with_suffix(".ipynb")
     assert notebook.stat().st_size < 3_000_000, "stored outputs stay lean"
@@ -225,3 +235,26 @@ def test_jupyter_lab_opens_a_chapter_as_a_paired_notebook(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="make check-book needs Debian's chromium and chromium-driver")
+def test_check_book_finds_what_a_reader_would_trip_over(tmp_path):
+    """tools/check_book.py, on a page with one of each fault, reports each of them."""
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "index.html").write_text('<meta http-equiv="Refresh" content="0; url=chapters/x.html" />')
+    (tmp_path / "chapters" / "x.html").write_text("""<html><body><article>
+<div class="cell"><div class="cell_input"><pre>#| export
+x = 1</pre></div>
+<div class="cell_output"><pre style="width: 300px; overflow: auto">""" + "y" * 300 + """</pre></div></div>
+<span class="math">\\(x^2\\)</span>
+<img src="a.png"><a href="missing.html">gone</a><a href="#nowhere">anchor</a>
+<audio controls></audio>
+<script>undefinedFunction();</script>
+</article></body></html>""")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "check_book.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    for expected in ["too wide: output", "math not rendered", "no alt text", "no caption", "no page",
+                     "no anchor #nowhere", "build marker", "without a label", "JavaScript error"]:
+        assert expected in run.stdout, (expected, run.stdout)

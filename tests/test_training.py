@@ -430,3 +430,31 @@ def test_book_model_with_the_language_model_beats_greedy_on_dev():
     fused = evaluate(book.model, dev, book.tokenizer, max_utterances=200, search=search)
     greedy = evaluate(book.model, dev, book.tokenizer, max_utterances=200)
     assert fused["cer"] < greedy["cer"] and fused["wer"] < greedy["wer"]
+
+
+def test_step_seconds_leaves_out_a_pause():
+    """A step paused with SIGSTOP counts the CPU time it ran, not the pause (train_seconds)."""
+    import signal
+    import time
+
+    from paraformer_edu.training import step_seconds
+
+    assert step_seconds(0.3, 0.6) == 0.3 and step_seconds(0.3, 0.01) == 0.3  # short steps: wall clock
+    assert step_seconds(120.0, 0.9) == 0.9 and step_seconds(2.0, 1.5) == 2.0
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time\n"
+            "from paraformer_edu.training import step_seconds\n"
+            "print('go', flush=True)\n"
+            "tick, cpu = time.perf_counter(), time.process_time()\n"
+            "x = 0\n"
+            "while time.process_time() - cpu < 1.0: x += 1\n"
+            "wall, cpu = time.perf_counter() - tick, time.process_time() - cpu\n"
+            "print(wall, step_seconds(wall, cpu))\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "go"
+    child.send_signal(signal.SIGSTOP)
+    time.sleep(4.0)
+    child.send_signal(signal.SIGCONT)
+    wall, counted = map(float, child.communicate(timeout=120)[0].split())
+    assert wall > 4.0 and counted < wall - 3.0, (wall, counted)

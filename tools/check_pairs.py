@@ -2,7 +2,9 @@
 
 The `py:percent` file is the source people edit; the `.ipynb` beside it carries
 the outputs of a real run. They must hold the same cells (type and source), and
-every code cell of the notebook must have been executed, in order.
+every code cell of the notebook must have been executed, in order. Code lines and
+stored text outputs stay within the width of the rendered book's code boxes
+(`WIDTH` characters; `make check-book` measures the boxes in a browser).
 
     python tools/check_pairs.py            # exit 1 on any difference
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 import jupytext
 
 ROOT = Path(__file__).resolve().parent.parent
+WIDTH = 100
 
 
 def cells(notebook) -> list[tuple[str, str]]:
@@ -34,6 +37,27 @@ def check(py: Path) -> list[str]:
     counts = [c.get("execution_count") for c in stored.cells if c.cell_type == "code"]
     if any(n is None for n in counts) or counts != sorted(counts):
         problems.append(f"{ipynb.name} was not executed top to bottom in one run: run `make execute`")
+    problems += wide_lines(stored, ipynb.name)
+    return problems
+
+
+def wide_lines(notebook, name: str) -> list[str]:
+    """Code lines and text-output lines wider than WIDTH characters."""
+    problems = []
+    for i, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        texts = [("code", cell.source)]
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                texts.append(("output", out.get("text", "")))
+            elif "text/plain" in out.get("data", {}) and not set(out["data"]) & {"image/png", "text/html"}:
+                texts.append(("output", out["data"]["text/plain"]))
+        for kind, text in texts:
+            for line in text.splitlines():
+                if len(line) > WIDTH:
+                    problems.append(f"{name} cell {i}: {kind} line of {len(line)} > {WIDTH} characters: "
+                                    f"{line[:60]}...")
     return problems
 
 
