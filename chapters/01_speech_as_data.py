@@ -801,9 +801,9 @@ assert len(vocabulary) > 10_000 and sum(map(len, splits.values())) == len(senten
 # %% [markdown]
 # The corpus is described by a `CorpusConfig`: its sizes, its seed, its text and its
 # ranges. `corpus_config("book")` is the default the chapters use: WordNet's sentences
-# of the 5,000 most frequent words, spoken at 120 to 175 words per minute, made in a few
-# minutes on two cores. `"everyday-large"`, all of WordNet's sentences, is the corpus of
-# the book's model, spoken at up to 200 words per minute (chapter 2 shows what the
+# of the 5,000 most frequent words, spoken at 120 to 175 words per minute, made in about
+# a minute and a half on two cores. `"everyday-large"`, all of WordNet's sentences, is the
+# corpus of the book's model, spoken at up to 200 words per minute (chapter 2 shows what the
 # fastest of those cost the predictor). Both use every English voice variant of
 # espeak-ng, and make their training split harder with non-speech clips and augmented
 # audio (below). `"words"` and `"words-large"` are the random-word corpora; `"tiny"` is
@@ -1112,9 +1112,16 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
     ]
     for split in plan:
         (folder / split).mkdir(parents=True)
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2))
+    # two PyTorch threads per worker, one worker per two cores: more threads than cores slow
+    # every worker down (4x with two workers on two cores), and the same thread count on any
+    # machine gives the same samples (resampling sums in the threads' order)
     with ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        max_tasks_per_child=1,
+        initializer=torch.set_num_threads,
+        initargs=(2,),
     ) as pool:
         results = list(pool.map(_synthesize_chunk, *zip(*[(folder, s, i, u) for s, i, u in jobs])))
     for split in plan:

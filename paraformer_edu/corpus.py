@@ -546,9 +546,16 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
     ]
     for split in plan:
         (folder / split).mkdir(parents=True)
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2))
+    # two PyTorch threads per worker, one worker per two cores: more threads than cores slow
+    # every worker down (4x with two workers on two cores), and the same thread count on any
+    # machine gives the same samples (resampling sums in the threads' order)
     with ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        max_tasks_per_child=1,
+        initializer=torch.set_num_threads,
+        initargs=(2,),
     ) as pool:
         results = list(pool.map(_synthesize_chunk, *zip(*[(folder, s, i, u) for s, i, u in jobs])))
     for split in plan:
