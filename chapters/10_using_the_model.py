@@ -123,7 +123,7 @@ for label, seconds in [("10 s", 10), ("1 min", 60), ("10 min", 600), ("1 hour", 
 print_table(rows, ["recording", "frames T'", "weights of one layer (MiB)"], {2: ",.1f"})
 
 # %% [markdown]
-# An hour would need about 50 GiB for the attention weights of one layer. So a recording
+# An hour would need over 50 GiB for the attention weights of one layer. So a recording
 # is transcribed in **blocks** of at most `max_seconds`, each short enough for one pass.
 # A block boundary cuts the audio; cut inside a word and the word is lost or split in
 # two. We cut where nobody speaks, and to find those places we need a **voice activity
