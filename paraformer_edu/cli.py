@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (e.g. the book's model.pt): "
                        "its vocabulary and CMVN, a new optimiser and warm-up; the recipe's model must match it")
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on manifests")
-    transcribe = commands.add_parser("transcribe", help="transcribe audio files")
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files (without --output each file is "
+                                     "decoded in one pass: use --output for long recordings)")
     for sub in (evaluate, transcribe):
         sub.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, or the book's model)")
         sub.add_argument("--device", default="cpu")
@@ -180,18 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("--output", metavar="JSONL", help="write one JSON line per file (text, words with times) "
                             "to this file; folders are searched for audio; files already in it are skipped")
     transcribe.add_argument("--max-seconds", type=float, default=20.0,
-                            help="with --output: longest block decoded in one pass (longer audio is cut at pauses)")
+                            help="with --output: longest block decoded in one pass (files are cut into stretches "
+                            "of speech, at most this long; --max-frames does not apply)")
     serve = commands.add_parser("serve", help="serve a checkpoint over HTTP (needs the [serve] extra)")
     serve.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, or the book's model)")
     serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 to accept other machines)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
     serve.add_argument("--threads", type=int, default=1, help="PyTorch threads per worker")
-    serve.add_argument("--max-mb", type=float, default=50.0, help="largest upload (MB); larger: 413")
+    serve.add_argument("--max-mb", type=float, default=50.0, help="largest upload (MiB); larger: 413")
     serve.add_argument("--max-seconds", type=float, default=3600.0, help="longest audio (s); longer: 413")
     args = parser.parse_args(argv)
     if args.command == "serve" and (args.workers < 1 or args.threads < 1 or args.max_mb <= 0 or args.max_seconds <= 0):
         parser.error("--workers and --threads must be at least 1, --max-mb and --max-seconds positive")
+    if args.command == "transcribe" and args.max_seconds < 1:
+        parser.error(f"--max-seconds must be at least 1 (got {args.max_seconds})")
     if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
         parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:

@@ -17,7 +17,7 @@ import torch
 
 from paraformer_edu.audio import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.inference import Transcript, load_model
-from paraformer_edu.transcription import transcribe_long
+from paraformer_edu.transcription import audio_blocks, audio_pieces
 
 try:
     from fastapi import FastAPI, HTTPException, Request
@@ -26,42 +26,56 @@ except ImportError as error:  # the optional extra
 
 
 class MicroBatcher:
-    """Decodes concurrent requests together: up to max_batch, waiting at most max_wait s.
+    """Decodes concurrent stretches of speech together: up to max_batch, within max_wait s.
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
 
     def __init__(self, recognizer, max_batch: int = 8, max_wait: float = 0.01):
         self.recognizer, self.max_batch, self.max_wait = recognizer, max_batch, max_wait
-        self.queue: asyncio.Queue | None = None
+        self.queue, self.task, self.loop = None, None, None
 
-    async def transcribe(self, features: torch.Tensor) -> Transcript:
-        """The transcript of one utterance's features (T', D), decoded in a batch."""
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._run())
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((features, done))
+    async def transcribe(self, wave: torch.Tensor) -> Transcript:
+        """The transcript of one stretch of speech (S,) at 16 kHz, decoded in a batch."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # first use, or a new event loop (a restarted server)
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.task = loop.create_task(self._run())
+        done = loop.create_future()
+        await self.queue.put((wave, done))
         return await done
 
     async def _run(self):
         while True:
             batch = [await self.queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.max_wait
-            while len(batch) < self.max_batch:
-                left = deadline - asyncio.get_running_loop().time()
+            deadline = self.loop.time() + self.max_wait
+            while len(batch) < self.max_batch and (left := deadline - self.loop.time()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(left, 0)))
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            feats = [f for f, _ in batch]
+            batch = [(w, done) for w, done in batch if not done.done()]  # cancelled meanwhile
             try:
-                results = await asyncio.to_thread(self.recognizer.recognize_features, feats)
-                for (_, done), result in zip(batch, results):
-                    done.set_result(result)
+                results = await asyncio.to_thread(self._decode, [w for w, _ in batch])
             except Exception as error:  # a failed batch fails its requests, not the service
-                for _, done in batch:
-                    done.set_exception(error)
+                results = [error] * len(batch)
+            for (_, done), result in zip(batch, results):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+    def _decode(self, waves: list) -> list:
+        """Features and transcripts of a batch of waves (in a worker thread)."""
+        frontend = self.recognizer.frontend
+        return self.recognizer.recognize_features([frontend(w) for w in waves])
+
+
+# sample rates audio uses (Hz): resampling from an odd rate such as 44,101 Hz would build
+# a filter of 16,000 x 44,101 taps
+RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -69,11 +83,6 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
-    declared = request.headers.get("content-length")
-    if declared and int(declared) > max_bytes:
-        raise HTTPException(
-            413, f"the upload is {int(declared):,} bytes; the limit is {max_bytes:,}"
-        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -82,27 +91,58 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def decode_audio(data: bytes, content_type: str, sample_rate: int | None) -> torch.Tensor:
+def pcm_format(content_type: str, sample_rate: int | None):
+    """(dtype, rate) of raw PCM from its Content-Type, or None for an audio file.
+
+    Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
+    """
+    kind, *params = [p.strip() for p in content_type.lower().split(";")]
+    options = dict(p.split("=", 1) for p in params if "=" in p)
+    if kind not in ("audio/pcm", "audio/l16"):
+        return None
+    rate = sample_rate or (int(options["rate"]) if options.get("rate", "").isdigit() else None)
+    if rate is None:
+        raise HTTPException(400, "raw PCM needs its sample rate: add ?sample_rate=16000")
+    return ("<i2" if kind == "audio/pcm" else ">i2"), rate  # audio/L16 is big-endian (RFC 2586)
+
+
+def check_rate_and_length(rate: int, seconds: float, max_seconds: float) -> None:
+    """400 for a sample rate audio does not use, 413 for audio over the length limit.
+
+    Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
+    """
+    if rate not in RATES:
+        raise HTTPException(
+            400, f"a sample rate of {rate} Hz; use one of {', '.join(map(str, RATES))}"
+        )
+    if seconds > max_seconds:
+        raise HTTPException(413, f"the audio is {seconds:.0f} s; the limit is {max_seconds:.0f} s")
+
+
+def decode_audio(data: bytes, content_type: str, sample_rate: int | None, max_seconds: float):
     """16 kHz mono samples (S,) of an uploaded file or raw PCM; HTTPException for bad input.
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
     if not data:
         raise HTTPException(400, "the upload is empty: send a WAV, FLAC or OGG file, or raw PCM")
-    if content_type.startswith("audio/pcm") or content_type.startswith("audio/l16"):
-        if not sample_rate:
-            raise HTTPException(400, "raw PCM needs its sample rate: add ?sample_rate=16000")
-        samples = np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2")  # 16-bit little-endian
+    pcm = pcm_format(content_type, sample_rate)
+    if pcm is not None:
+        dtype, rate = pcm
+        check_rate_and_length(rate, len(data) // 2 / rate, max_seconds)
+        samples = np.frombuffer(data[: len(data) // 2 * 2], dtype=dtype).astype(np.int16)
     else:
         try:
-            samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            info = sf.info(io.BytesIO(data))
         except Exception:
             raise HTTPException(
                 415, "not an audio file soundfile can read: send WAV, FLAC or OGG, or raw PCM "
                 "with Content-Type: audio/pcm and ?sample_rate=..."
             ) from None  # fmt: skip
+        check_rate_and_length(info.samplerate, info.frames / info.samplerate, max_seconds)
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     try:
-        return load_audio(samples, sample_rate)  # (S,)
+        return load_audio(samples, rate)  # (S,)
     except AudioError as error:
         raise HTTPException(400, str(error)) from None
 
@@ -121,39 +161,47 @@ def create_app(
     def health():
         return {"status": "ok", "sample_rate": SAMPLE_RATE, "max_seconds": max_seconds}
 
+    async def upload(request: Request) -> tuple[bytes, str]:
+        """The audio bytes and their content type, from a form upload or the raw body."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes + 2**16:  # a form's few headers
+            raise HTTPException(
+                413, f"the upload is {int(declared):,} bytes; the limit is {max_bytes:,}"
+            )
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return await read_body(request, max_bytes), content_type
+        form = await request.form()
+        try:
+            if "file" not in form or not hasattr(form["file"], "read"):
+                raise HTTPException(400, "a form upload needs its audio in a field named 'file'")
+            if (form["file"].size or 0) > max_bytes:
+                raise HTTPException(413, f"the upload is over the limit of {max_bytes:,} bytes")
+            return await form["file"].read(), form["file"].content_type or ""
+        finally:
+            await form.close()
+
     @app.post("/transcribe")
     async def transcribe(request: Request, sample_rate: int | None = None):
         start = time.perf_counter()
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            form = await request.form()
-            if "file" not in form:
-                raise HTTPException(400, "a form upload needs its audio in a field named 'file'")
-            data = await form["file"].read()
-            if len(data) > max_bytes:
-                raise HTTPException(413, f"the upload is over the limit of {max_bytes:,} bytes")
-            content_type = form["file"].content_type or ""
-        else:
-            data = await read_body(request, max_bytes)
-        wave = decode_audio(data, content_type, sample_rate)  # (S,)
-        duration = len(wave) / SAMPLE_RATE
-        if duration > max_seconds:
-            raise HTTPException(
-                413, f"the audio is {duration:.0f} s; the limit is {max_seconds:.0f} s"
-            )
+        data, content_type = await upload(request)
+        wave = await asyncio.to_thread(decode_audio, data, content_type, sample_rate, max_seconds)
         decode_start = time.perf_counter()
-        if is_silent(wave):
-            t = Transcript("", [], [])
-        elif duration <= 20.0:
-            t = await batcher.transcribe(recognizer.frontend(wave))
-        else:
-            t = await asyncio.to_thread(transcribe_long, recognizer, wave, SAMPLE_RATE)
-        words, tokens = t.words, list(zip(t.tokens, t.timestamps))
+        # the stretches of speech, found as transcribe_long finds them: the same blocks
+        blocks = [] if is_silent(wave) else list(audio_blocks(audio_pieces(wave, SAMPLE_RATE)))
+        parts = await asyncio.gather(*(batcher.transcribe(w) for _, w, _ in blocks))
+        tokens, stamps = [], []
+        for (offset, _, _), t in zip(blocks, parts):
+            tokens += t.tokens
+            stamps += [
+                (s + offset / SAMPLE_RATE, e + offset / SAMPLE_RATE) for s, e in t.timestamps
+            ]
+        words = Transcript("", tokens, stamps).words
         return {
-            "text": t.text,
-            "duration": round(duration, 3),
+            "text": " ".join(t.text for t in parts if t.text),
+            "duration": round(len(wave) / SAMPLE_RATE, 3),
             "words": [[w, round(s, 3), round(e, 3)] for w, s, e in words],
-            "tokens": [[tok, round(s, 3), round(e, 3)] for tok, (s, e) in tokens],
+            "tokens": [[tok, round(s, 3), round(e, 3)] for tok, (s, e) in zip(tokens, stamps)],
             "timings": {
                 "decode_ms": round(1000 * (time.perf_counter() - decode_start), 1),
                 "total_ms": round(1000 * (time.perf_counter() - start), 1),
@@ -178,7 +226,10 @@ def app_from_environment() -> FastAPI:
 
 __all__ = [
     "MicroBatcher",
+    "RATES",
     "read_body",
+    "pcm_format",
+    "check_rate_and_length",
     "decode_audio",
     "create_app",
     "app_from_environment",

@@ -50,7 +50,7 @@ def speech_segments(
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
     energy = frame_energy_db(wave)  # (M,)
-    speech = speech_frames(energy, range_db) & (energy > -60.0)  # (M,); -60 dBFS: never speech
+    speech = speech_frames(energy, range_db) & (energy > -80.0)  # (M,); below -80 dBFS: silence
     frames = speech.nonzero().flatten()  # (S,) indices of speech frames
     if len(frames) == 0:
         return []
@@ -83,25 +83,35 @@ def audio_blocks(pieces, max_seconds: float = 20.0, min_silence: float = 0.3):
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
+    if max_seconds < 1.0 or min_silence <= 0:
+        raise ValueError(
+            f"max_seconds must be at least 1 and min_silence positive "
+            f"(got {max_seconds} and {min_silence})"
+        )
     limit, quiet = round(max_seconds * SAMPLE_RATE), round(min_silence * SAMPLE_RATE)
     buffer, start = torch.zeros(0), 0
     for piece in pieces:  # (S_p,) each
         buffer = torch.cat([buffer, piece])  # (S_b,)
         held = len(buffer)
         while True:
-            done = [(a, b) for a, b in speech_segments(buffer, min_silence)
-                    if b + quiet <= len(buffer) and b <= limit]  # fmt: skip
+            segments = speech_segments(buffer, min_silence)
+            if not segments:  # silence only: drop it, but keep its end, where speech may begin
+                drop = max(0, len(buffer) - quiet)
+                buffer, start = buffer[drop:], start + drop
+                break
+            first = segments[0][0]  # drop the silence before the speech: lengths count from it
+            buffer, start = buffer[first:], start + first
+            segments = [(a - first, b - first) for a, b in segments]
+            done = [(a, b) for a, b in segments if b + quiet <= len(buffer) and b <= limit]
             if not done and len(buffer) < limit:
                 break  # wait for more audio
-            if not done:  # a stretch of max_seconds without a pause
-                cut = quietest_cut(buffer, round(0.6 * limit), limit)
-                done = [(a, min(b, cut)) for a, b in speech_segments(buffer[:cut], min_silence)]
-                done = done or [(0, cut)]
+            if not done:  # max_seconds of speech without a pause
+                done = [(0, quietest_cut(buffer, round(0.6 * limit), limit))]
             for a, b in done:
-                yield start + a, buffer[a:b], held
+                yield start + a, buffer[a:b].clone(), held  # a copy: the buffer can be freed
             buffer, start = buffer[done[-1][1] :], start + done[-1][1]
     for a, b in speech_segments(buffer, min_silence):  # what is left at the end
-        yield start + a, buffer[a:b], len(buffer)
+        yield start + a, buffer[a:b].clone(), len(buffer)
 
 
 def audio_pieces(source, sample_rate: int | None = None, piece_seconds: float = 5.0):
@@ -129,7 +139,11 @@ def audio_pieces(source, sample_rate: int | None = None, piece_seconds: float = 
         step = round(piece_seconds * f.samplerate)
         for block in f.blocks(blocksize=step, dtype="float32", always_2d=True):  # (S_p, C)
             piece = torch.from_numpy(block).mean(1)  # (S_p,) mono
-            if f.samplerate != SAMPLE_RATE:
+            if not torch.isfinite(piece).all():
+                raise AudioError(
+                    f"{path}: the audio holds NaN or infinite samples: the file is damaged"
+                )
+            if f.samplerate != SAMPLE_RATE:  # piece by piece: a small edge effect every 5 s
                 piece = torchaudio.functional.resample(piece, f.samplerate, SAMPLE_RATE)
             yield piece
 
@@ -193,17 +207,17 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
 def audio_files(inputs) -> list[Path]:
-    """Files to transcribe: each file given, and the audio files under each folder (sorted).
+    """Files to transcribe, as absolute paths, each once: files given, audio under folders.
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
     files = []
-    for item in map(Path, inputs):
+    for item in (Path(i).resolve() for i in inputs):
         if item.is_dir():
             files += sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
         else:
             files.append(item)
-    return files
+    return list(dict.fromkeys(files))
 
 
 def finished_paths(output: Path) -> set:
@@ -218,10 +232,10 @@ def finished_paths(output: Path) -> set:
     if len(whole) != len(data):
         output.write_bytes(whole)
     done = set()
-    for number, line in enumerate(whole.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
         try:
             done.add(json.loads(line)["path"])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             raise ValueError(
                 f"{output}, line {number}: not a result line; use another --output"
             ) from None
@@ -237,12 +251,16 @@ def result_line(path: Path, recognizer, max_seconds: float = 20.0) -> dict:
         t = transcribe_long(recognizer, path, max_seconds=max_seconds)
     except AudioError as error:
         return {"path": str(path), "error": str(error)}
+    except Exception as error:  # a damaged file fails here, not the whole run
+        return {"path": str(path), "error": f"{path}: {type(error).__name__}: {error}"}
     words = [[w, round(s, 3), round(e, 3)] for w, s, e in t.words]
     return {"path": str(path), "text": t.text, "duration": round(t.duration, 3), "words": words}
 
 
 def transcribe_files(recognizer, inputs, output, max_seconds: float = 20.0, progress: bool = False):
     """Transcribe files and folders into a JSON-lines file; skip those already there. Counts.
+
+    A file with an error line is skipped too: delete its line to try it again.
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
