@@ -1315,6 +1315,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -1670,10 +1671,13 @@ class Frontend(nn.Module):
         return self.cmvn(self.raw(wave))  # (T', 560)
 
     @classmethod
-    def fit(cls, manifest, max_utterances: int = 1000, **kwargs) -> "Frontend":
+    def fit(
+        cls, manifest, max_utterances: int = 1000, on_disk: bool = False, **kwargs
+    ) -> "Frontend":
         """A front end whose CMVN is measured on the first utterances of a manifest."""
         frontend = cls(**kwargs)
-        frontend.cmvn.fit(x.float() for x in cached_features(manifest, frontend)[:max_utterances])
+        features = cached_features(manifest, frontend, on_disk=on_disk)[:max_utterances]
+        frontend.cmvn.fit(x.float() for x in features)
         return frontend
 
 
@@ -1684,26 +1688,76 @@ class Frontend(nn.Module):
 # float16, under a name that hashes the manifest and the front end's settings; the
 # file is written under a temporary name and renamed when complete, so an interrupted
 # run leaves no half cache behind.
+#
+# At 560 float16 numbers every 60 ms, an hour of speech takes about 67 MB: the book's
+# corpora fit in memory, but LibriSpeech's 960 hours (chapter 11) would need 64 GB. With
+# `on_disk=True` the features go to one flat file that is memory-mapped
+# (`DiskFeatures`): an utterance is read from disk only when a batch needs it.
 
 # %%
 #| export features
-def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
+class DiskFeatures:
+    """A manifest's features in one memory-mapped float16 file, read one utterance at a time."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        self.offsets = np.load(folder / "offsets.npy")  # (N + 1,) first frame of each utterance
+        shape = (int(self.offsets[-1]), int(np.load(folder / "dim.npy")))
+        self.data = np.memmap(
+            folder / "features.f16", np.float16, "r", shape=shape
+        )  # (sum T', 560)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return torch.from_numpy(np.array(self.data[self.offsets[i] : self.offsets[i + 1]]))
+
+    @property
+    def lengths(self) -> list[int]:
+        """Feature frames per utterance, without reading the features."""
+        return np.diff(self.offsets).tolist()
+
+
+def write_disk_features(folder: Path, features) -> None:
+    """Stream (T', D) float16 tensors into folder/features.f16, with their offsets."""
+    offsets, dim = [0], 0
+    with open(folder / "features.f16", "wb") as f:
+        for x in features:  # (T', 560) each, one in memory at a time
+            f.write(x.numpy().tobytes())
+            offsets.append(offsets[-1] + x.shape[0])
+            dim = x.shape[1]
+    np.save(folder / "offsets.npy", np.array(offsets, dtype=np.int64))
+    np.save(folder / "dim.npy", np.array(dim))
+
+
+# %%
+#| export features
+def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = False):
     """fbank + LFR features (before CMVN) of a manifest's utterances, cached once as float16."""
     manifest = Path(manifest)
     key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
+    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}"
+    path = path.with_suffix(".disk" if on_disk else ".pt")
     if path.exists():
-        return torch.load(path, weights_only=True)
-    # (T', 560) each
-    features = [
+        return DiskFeatures(path) if on_disk else torch.load(path, weights_only=True)
+    # (T', 560) each, computed one at a time
+    features = (
         frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    )
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save(features, partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if on_disk:
+        partial.mkdir()
+        write_disk_features(partial, features)
+    else:
+        features = list(features)
+        torch.save(features, partial)
     partial.replace(path)  # atomic: a crash leaves no half-written cache
-    return features
+    return DiskFeatures(path) if on_disk else features
 
 
 # %%
@@ -1839,7 +1893,7 @@ assert np.percentile(per_frame_40ms, 95) < 1  # at 40 ms nearly all do
 import torch
 
 from paraformer_edu.corpus import read_manifest
-from paraformer_edu.features import Frontend, SpecAugment, cached_features
+from paraformer_edu.features import DiskFeatures, Frontend, SpecAugment, cached_features
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -1852,9 +1906,10 @@ class SpeechDataset(torch.utils.data.Dataset):
         encode=None,
         spec_augment: SpecAugment | None = None,
         seed: int = 0,
+        on_disk: bool = False,
     ):
         self.entries = read_manifest(manifest)
-        self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
+        self.raw = cached_features(manifest, frontend, on_disk=on_disk)  # (T', 560) float16 each
         self.frontend, self.spec_augment, self.seed, self.epoch = frontend, spec_augment, seed, 0
         self.augment = spec_augment is not None  # a trainer switches it on and off
         self.targets = (
@@ -1869,6 +1924,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Feature frames per utterance."""
+        if isinstance(self.raw, DiskFeatures):
+            return self.raw.lengths  # without reading the features from disk
         return [x.shape[0] for x in self.raw]
 
     def __getitem__(self, i: int) -> dict:

@@ -311,6 +311,7 @@ from pathlib import Path
 
 import yaml
 
+from paraformer_edu.corpus import CORPUS_CONFIGS, build_corpus, corpus_config
 from paraformer_edu.model import ParaformerConfig
 
 
@@ -318,12 +319,27 @@ from paraformer_edu.model import ParaformerConfig
 class DataConfig:
     """Which corpus, tokenizer and batches to train on."""
 
-    corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
+    # a name of paraformer_edu.corpus.CORPUS_CONFIGS, or a folder holding train.jsonl and
+    # dev.jsonl (chapter 11 writes them from real corpora)
+    corpus: str = "book"
     max_frames: int = 4000  # padded encoder frames per batch (about 60 utterances of 4 s)
+    accumulate: int = 1  # pieces a batch is split into, one after the other (chapter 11)
+    features_on_disk: bool = False  # memory-mapped features, for corpora larger than memory
     spec_augment: bool = True
     # the step from which SpecAugment is applied (early steps learn faster without)
     spec_augment_from: int = 0
     cmvn_utterances: int = 1000  # training utterances whose features give the CMVN statistics
+
+
+def training_manifests(corpus: str) -> dict:
+    """{split: manifest} of a corpus name (synthesised, cached) or a folder of JSON lines."""
+    folder = Path(corpus)
+    if corpus not in CORPUS_CONFIGS and folder.is_dir():
+        missing = [s for s in ("train", "dev") if not (folder / f"{s}.jsonl").exists()]
+        if missing:
+            raise ValueError(f"{folder} has no {', '.join(missing)}.jsonl (chapter 11: prepare)")
+        return {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+    return build_corpus(corpus_config(corpus))
 
 # %% [markdown]
 # The optimisation and the budget:
@@ -536,8 +552,7 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, config_from_dict, save_config
-from paraformer_edu.corpus import build_corpus, corpus_config
+from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
@@ -927,8 +942,11 @@ class Trainer:
 
     def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
         self.config, self.out_dir, t = config, Path(out_dir), config.training
+        disk = config.data.features_on_disk
         self.device = choose_device(t.device)
-        self.manifests = manifests or build_corpus(corpus_config(config.data.corpus))
+        if config.data.accumulate != 1 and type(self) is Trainer:
+            raise ValueError("data.accumulate needs paraformer_edu.distributed (chapter 11)")
+        self.manifests = manifests or training_manifests(config.data.corpus)
         # same model config
         start = model_from_checkpoint(load_checkpoint(init), config) if init else None
         self.tokenizer = (
@@ -945,11 +963,11 @@ class Trainer:
         self.frontend = (
             start[2]
             if start
-            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
+            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances, disk)
         )
         augment = SpecAugment() if config.data.spec_augment else None
         self.train_set = SpeechDataset(
-            self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed
+            self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed, disk
         )
         self.dev_set = SpeechDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
         self.sampler = BucketBatchSampler(

@@ -26,26 +26,32 @@ file, hand-written, gathers the public API:
   stitched timestamps) and folders of files into resumable JSON lines;
 - `onnx_export` (chapter 10, needs onnx and onnxruntime; not imported here): the whole model as one ONNX graph;
 - `serving` (chapter 10, needs the [serve] extra; not imported here): the FastAPI service;
+- `corpora` (chapter 11): real corpora (LibriSpeech, LJSpeech, Common Voice, JSON lines) into checked manifests,
+  bad rows reported with their file and line; the real recordings of PyPI's pocketsphinx source package;
+- `distributed` (chapter 11): `DistributedTrainer`, data parallelism under torchrun and gradient accumulation that
+  train the same model as one process;
 - `display` (hand-written, needs IPython and matplotlib; not imported here): the chapters' figure
   style, labelled audio players and text tables;
-- `cli` (hand-written): `python -m paraformer_edu train | evaluate | transcribe`.
+- `cli` (hand-written): `python -m paraformer_edu train | prepare | evaluate | transcribe | serve`.
 """
 
 __version__ = "0.1.0"
 
-from . import (attention, audio, beam_search, checkpoint, config, corpus, dataset, decoder, encoder, features,
-               inference, inspection, language_model, metrics, model, predictor, synthesis, tokenizer, training,
-               transcription)
+from . import (attention, audio, beam_search, checkpoint, config, corpora, corpus, dataset, decoder, distributed,
+               encoder, features, inference, inspection, language_model, metrics, model, predictor, synthesis,
+               tokenizer, training, transcription)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
 from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
 from .checkpoint import CheckpointError
 from .config import Config, load_config
+from .corpora import CorpusError, prepare_corpus, prepare_manifest, real_recordings
 from .corpus import build_corpus, corpus_config, read_manifest
 from .dataset import BucketBatchSampler, SpeechDataset, collate
 from .decoder import ParaformerDecoder, glm_sample
+from .distributed import DistributedTrainer
 from .encoder import CTCHead, EncoderConfig, SANMEncoder, ctc_greedy_decode, ctc_loss
-from .features import CMVN, Frontend, SpecAugment, fbank, lfr
+from .features import CMVN, DiskFeatures, Frontend, SpecAugment, fbank, lfr
 from .inference import Recognizer, Transcript, load_model
 from .inspection import Inside, cer_by, look_inside, onset_errors, word_timestamps
 from .language_model import NGramLM, book_language_model
@@ -62,10 +68,11 @@ __all__ = [
     # modules
     "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
     "model", "metrics", "config", "training", "checkpoint", "inference", "inspection", "language_model", "beam_search",
-    "transcription",
+    "transcription", "corpora", "distributed",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
+    "DiskFeatures",
     # chapter 2
     "normalize_text", "Tokenizer", "CharTokenizer", "BPETokenizer",
     # chapter 3
@@ -84,4 +91,6 @@ __all__ = [
     "NGramLM", "book_language_model", "Beam", "paraformer_beam_search", "ctc_prefix_beam_search", "LMSearch",
     # chapter 10
     "LongTranscript", "transcribe_long", "transcribe_files",
+    # chapter 11
+    "CorpusError", "prepare_manifest", "prepare_corpus", "real_recordings", "DistributedTrainer",
 ]

@@ -1,10 +1,13 @@
-"""The command line: `python -m paraformer_edu train | evaluate | transcribe`.
+"""The command line: `python -m paraformer_edu train | prepare | evaluate | transcribe | serve`.
 
 Hand-written (not generated): a thin layer over what chapter 7 builds
 (`paraformer_edu.training`, `paraformer_edu.inference`, `paraformer_edu.metrics`).
 
     python -m paraformer_edu train --config configs/paraformer.yaml [--override training.lr=3e-4 ...]
                                    [--out runs/NAME] [--resume runs/NAME/latest.pt] [--init model.pt]
+    torchrun --nproc-per-node=N -m paraformer_edu train ...   (chapter 11: N processes, one writes)
+    python -m paraformer_edu prepare librispeech|ljspeech|common-voice|jsonl SOURCE --out train.jsonl
+                                   [--max-seconds 20 [--split-with CKPT]] [--on-problem skip|raise]
     python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
     python -m paraformer_edu transcribe --checkpoint CKPT a.wav b.wav ... [--list files.txt] [--timestamps]
     python -m paraformer_edu transcribe --checkpoint CKPT --output results.jsonl DIR_OR_FILES ...
@@ -32,8 +35,10 @@ def _train(args) -> int:
 
     from paraformer_edu.checkpoint import load_checkpoint
     from paraformer_edu.config import apply_override, config_from_dict, load_config
+    from paraformer_edu.distributed import DistributedTrainer, init_distributed
     from paraformer_edu.training import Trainer
 
+    rank, world = init_distributed()  # several processes under torchrun (chapter 11)
     if args.resume:
         config = load_config(args.config, args.override) if args.config else None
         if config is None and args.override:  # the run's own recipe, with the overrides (threads, budget...)
@@ -41,8 +46,11 @@ def _train(args) -> int:
             for override in args.override:
                 apply_override(values, override)
             config = config_from_dict(values)
-        trainer = Trainer.resume(args.resume, args.out, config)
-        print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
+        recipe = config or config_from_dict(load_checkpoint(args.resume)["config"])
+        cls = DistributedTrainer if world > 1 or recipe.data.accumulate > 1 else Trainer
+        trainer = cls.resume(args.resume, args.out, config)
+        if rank == 0:
+            print(f"resumed {args.resume} at step {trainer.step}", file=sys.stderr)
     else:
         config = load_config(args.config, args.override)
         out = Path(args.out or Path("runs") / Path(args.config or "default").stem)
@@ -50,13 +58,36 @@ def _train(args) -> int:
             print(f"{out} already holds a run: resume it with --resume {out / 'latest.pt'}, "
                   f"or choose another --out", file=sys.stderr)
             return 2
-        trainer = Trainer(config, out, init=args.init)
+        cls = DistributedTrainer if world > 1 or config.data.accumulate > 1 else Trainer
+        trainer = cls(config, out, init=args.init)
     if trainer.device.type == "cpu":
         torch.set_num_threads(trainer.config.training.threads)  # the command owns its process: set it once
-    trainer.train(progress=sys.stderr.isatty())
+    trainer.train(progress=sys.stderr.isatty() and rank == 0)
     last = [row for row in trainer.log if "dev_cer" in row][-1]
-    print(json.dumps({"step": trainer.step, "train_seconds": round(trainer.train_seconds, 1),
-                      "dev_cer": last["dev_cer"], "dev_wer": last["dev_wer"], "out": str(trainer.out_dir)}))
+    if rank == 0:
+        print(json.dumps({"step": trainer.step, "train_seconds": round(trainer.train_seconds, 1),
+                          "dev_cer": last["dev_cer"], "dev_wer": last["dev_wer"], "processes": world,
+                          "out": str(trainer.out_dir)}))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _prepare(args) -> int:
+    """A corpus layout into a checked manifest; the rows left out on stderr, one line each."""
+    from paraformer_edu.corpora import prepare_corpus
+
+    split_with = None
+    if args.split_with:
+        from paraformer_edu.inference import load_model
+
+        split_with = load_model(args.split_with)
+    report = prepare_corpus(args.layout, args.source, args.out, max_seconds=args.max_seconds,
+                            on_problem=args.on_problem, split_with=split_with)
+    for problem in report.problems:
+        print(f"{problem.where}: {problem.reason}", file=sys.stderr)
+    print(json.dumps({"manifest": str(report.manifest), "utterances": report.utterances,
+                      "hours": round(report.hours, 3), "left_out": len(report.problems)}))
     return 0
 
 
@@ -164,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", help="output folder (default runs/<config name>)")
     train.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (e.g. the book's model.pt): "
                        "its vocabulary and CMVN, a new optimiser and warm-up; the recipe's model must match it")
+    prepare = commands.add_parser("prepare", help="turn a corpus (LibriSpeech, LJSpeech, Common Voice, JSON "
+                                  "lines) into a checked manifest (chapter 11)")
+    prepare.add_argument("layout", choices=["librispeech", "ljspeech", "common-voice", "jsonl"])
+    prepare.add_argument("source", help="the corpus folder (LibriSpeech split, LJSpeech) or listing file "
+                         "(Common Voice TSV, JSON lines)")
+    prepare.add_argument("--out", required=True, help="the manifest to write, e.g. data/ls100/train.jsonl")
+    prepare.add_argument("--max-seconds", type=float, default=None, help="leave out longer utterances")
+    prepare.add_argument("--on-problem", choices=["skip", "raise"], default="skip",
+                         help="skip: leave bad rows out and report them (default); raise: stop at the first")
+    prepare.add_argument("--split-with", metavar="CKPT", help="cut utterances over --max-seconds at their pauses, "
+                         "found by aligning the transcript with this checkpoint's CTC head, instead of leaving them out")
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on manifests")
     transcribe = commands.add_parser("transcribe", help="transcribe audio files (without --output each file is "
                                      "decoded in one pass: use --output for long recordings)")
@@ -192,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-mb", type=float, default=50.0, help="largest upload (MiB); larger: 413")
     serve.add_argument("--max-seconds", type=float, default=3600.0, help="longest audio (s); longer: 413")
     args = parser.parse_args(argv)
+    if args.command == "prepare" and args.split_with and not args.max_seconds:
+        parser.error("--split-with cuts utterances longer than --max-seconds: give --max-seconds too")
     if args.command == "serve" and (args.workers < 1 or args.threads < 1 or args.max_mb <= 0 or args.max_seconds <= 0):
         parser.error("--workers and --threads must be at least 1, --max-mb and --max-seconds positive")
     if args.command == "transcribe" and args.max_seconds < 1:
@@ -199,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
         parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:
-        commands = {"train": _train, "evaluate": _evaluate, "transcribe": _transcribe, "serve": _serve}
+        commands = {"train": _train, "prepare": _prepare, "evaluate": _evaluate, "transcribe": _transcribe,
+                    "serve": _serve}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError, AudioError, config errors
         print(f"error: {error}", file=sys.stderr)

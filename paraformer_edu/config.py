@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from paraformer_edu.corpus import CORPUS_CONFIGS, build_corpus, corpus_config
 from paraformer_edu.model import ParaformerConfig
 
 
@@ -23,12 +24,30 @@ class DataConfig:
     Defined in chapter 7, "Training the model".
     """
 
-    corpus: str = "book"  # a name of paraformer_edu.corpus.CORPUS_CONFIGS
+    # a name of paraformer_edu.corpus.CORPUS_CONFIGS, or a folder holding train.jsonl and
+    # dev.jsonl (chapter 11 writes them from real corpora)
+    corpus: str = "book"
     max_frames: int = 4000  # padded encoder frames per batch (about 60 utterances of 4 s)
+    accumulate: int = 1  # pieces a batch is split into, one after the other (chapter 11)
+    features_on_disk: bool = False  # memory-mapped features, for corpora larger than memory
     spec_augment: bool = True
     # the step from which SpecAugment is applied (early steps learn faster without)
     spec_augment_from: int = 0
     cmvn_utterances: int = 1000  # training utterances whose features give the CMVN statistics
+
+
+def training_manifests(corpus: str) -> dict:
+    """{split: manifest} of a corpus name (synthesised, cached) or a folder of JSON lines.
+
+    Defined in chapter 7, "Training the model".
+    """
+    folder = Path(corpus)
+    if corpus not in CORPUS_CONFIGS and folder.is_dir():
+        missing = [s for s in ("train", "dev") if not (folder / f"{s}.jsonl").exists()]
+        if missing:
+            raise ValueError(f"{folder} has no {', '.join(missing)}.jsonl (chapter 11: prepare)")
+        return {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+    return build_corpus(corpus_config(corpus))
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,7 @@ def save_config(config: Config, path) -> None:
 
 __all__ = [
     "DataConfig",
+    "training_manifests",
     "TrainingConfig",
     "Config",
     "config_to_dict",

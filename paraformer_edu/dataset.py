@@ -9,7 +9,7 @@ Generated from chapter 1, "Speech as data" (chapters/01_speech_as_data.py).
 import torch
 
 from paraformer_edu.corpus import read_manifest
-from paraformer_edu.features import Frontend, SpecAugment, cached_features
+from paraformer_edu.features import DiskFeatures, Frontend, SpecAugment, cached_features
 
 
 class SpeechDataset(torch.utils.data.Dataset):
@@ -25,9 +25,10 @@ class SpeechDataset(torch.utils.data.Dataset):
         encode=None,
         spec_augment: SpecAugment | None = None,
         seed: int = 0,
+        on_disk: bool = False,
     ):
         self.entries = read_manifest(manifest)
-        self.raw = cached_features(manifest, frontend)  # list of (T', 560) float16
+        self.raw = cached_features(manifest, frontend, on_disk=on_disk)  # (T', 560) float16 each
         self.frontend, self.spec_augment, self.seed, self.epoch = frontend, spec_augment, seed, 0
         self.augment = spec_augment is not None  # a trainer switches it on and off
         self.targets = (
@@ -42,6 +43,8 @@ class SpeechDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Feature frames per utterance."""
+        if isinstance(self.raw, DiskFeatures):
+            return self.raw.lengths  # without reading the features from disk
         return [x.shape[0] for x in self.raw]
 
     def __getitem__(self, i: int) -> dict:

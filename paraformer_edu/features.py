@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -210,14 +211,60 @@ class Frontend(nn.Module):
         return self.cmvn(self.raw(wave))  # (T', 560)
 
     @classmethod
-    def fit(cls, manifest, max_utterances: int = 1000, **kwargs) -> "Frontend":
+    def fit(
+        cls, manifest, max_utterances: int = 1000, on_disk: bool = False, **kwargs
+    ) -> "Frontend":
         """A front end whose CMVN is measured on the first utterances of a manifest."""
         frontend = cls(**kwargs)
-        frontend.cmvn.fit(x.float() for x in cached_features(manifest, frontend)[:max_utterances])
+        features = cached_features(manifest, frontend, on_disk=on_disk)[:max_utterances]
+        frontend.cmvn.fit(x.float() for x in features)
         return frontend
 
 
-def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tensor]:
+class DiskFeatures:
+    """A manifest's features in one memory-mapped float16 file, read one utterance at a time.
+
+    Defined in chapter 1, "Speech as data".
+    """
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        self.offsets = np.load(folder / "offsets.npy")  # (N + 1,) first frame of each utterance
+        shape = (int(self.offsets[-1]), int(np.load(folder / "dim.npy")))
+        self.data = np.memmap(
+            folder / "features.f16", np.float16, "r", shape=shape
+        )  # (sum T', 560)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return torch.from_numpy(np.array(self.data[self.offsets[i] : self.offsets[i + 1]]))
+
+    @property
+    def lengths(self) -> list[int]:
+        """Feature frames per utterance, without reading the features."""
+        return np.diff(self.offsets).tolist()
+
+
+def write_disk_features(folder: Path, features) -> None:
+    """Stream (T', D) float16 tensors into folder/features.f16, with their offsets.
+
+    Defined in chapter 1, "Speech as data".
+    """
+    offsets, dim = [0], 0
+    with open(folder / "features.f16", "wb") as f:
+        for x in features:  # (T', 560) each, one in memory at a time
+            f.write(x.numpy().tobytes())
+            offsets.append(offsets[-1] + x.shape[0])
+            dim = x.shape[1]
+    np.save(folder / "offsets.npy", np.array(offsets, dtype=np.int64))
+    np.save(folder / "dim.npy", np.array(dim))
+
+
+def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = False):
     """fbank + LFR features (before CMVN) of a manifest's utterances, cached once as float16.
 
     Defined in chapter 1, "Speech as data".
@@ -225,18 +272,24 @@ def cached_features(manifest, frontend: Frontend, root=None) -> list[torch.Tenso
     manifest = Path(manifest)
     key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}.pt"
+    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}"
+    path = path.with_suffix(".disk" if on_disk else ".pt")
     if path.exists():
-        return torch.load(path, weights_only=True)
-    # (T', 560) each
-    features = [
+        return DiskFeatures(path) if on_disk else torch.load(path, weights_only=True)
+    # (T', 560) each, computed one at a time
+    features = (
         frontend.raw(load_audio(e["audio_filepath"])).half() for e in read_manifest(manifest)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    )
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    torch.save(features, partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if on_disk:
+        partial.mkdir()
+        write_disk_features(partial, features)
+    else:
+        features = list(features)
+        torch.save(features, partial)
     partial.replace(path)  # atomic: a crash leaves no half-written cache
-    return features
+    return DiskFeatures(path) if on_disk else features
 
 
 __all__ = [
@@ -253,5 +306,7 @@ __all__ = [
     "CMVN",
     "SpecAugment",
     "Frontend",
+    "DiskFeatures",
+    "write_disk_features",
     "cached_features",
 ]

@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, config_from_dict, save_config
-from paraformer_edu.corpus import build_corpus, corpus_config
+from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
@@ -102,8 +101,11 @@ class Trainer:
 
     def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
         self.config, self.out_dir, t = config, Path(out_dir), config.training
+        disk = config.data.features_on_disk
         self.device = choose_device(t.device)
-        self.manifests = manifests or build_corpus(corpus_config(config.data.corpus))
+        if config.data.accumulate != 1 and type(self) is Trainer:
+            raise ValueError("data.accumulate needs paraformer_edu.distributed (chapter 11)")
+        self.manifests = manifests or training_manifests(config.data.corpus)
         # same model config
         start = model_from_checkpoint(load_checkpoint(init), config) if init else None
         self.tokenizer = (
@@ -120,11 +122,11 @@ class Trainer:
         self.frontend = (
             start[2]
             if start
-            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances)
+            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances, disk)
         )
         augment = SpecAugment() if config.data.spec_augment else None
         self.train_set = SpeechDataset(
-            self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed
+            self.manifests["train"], self.frontend, self.tokenizer.encode, augment, t.seed, disk
         )
         self.dev_set = SpeechDataset(self.manifests["dev"], self.frontend, self.tokenizer.encode)
         self.sampler = BucketBatchSampler(
