@@ -1313,6 +1313,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1690,7 +1691,7 @@ class Frontend(nn.Module):
 # run leaves no half cache behind.
 #
 # At 560 float16 numbers every 60 ms, an hour of speech takes about 67 MB: the book's
-# corpora fit in memory, but LibriSpeech's 960 hours (chapter 11) would need 64 GB. With
+# corpora fit in memory, but LibriSpeech's 960 hours (chapter 11) would need over 60 GB. With
 # `on_disk=True` the features go to one flat file that is memory-mapped
 # (`DiskFeatures`): an utterance is read from disk only when a batch needs it.
 
@@ -1740,8 +1741,8 @@ def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = Fal
     manifest = Path(manifest)
     key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}"
-    path = path.with_suffix(".disk" if on_disk else ".pt")
+    name = f"{manifest.stem}-{digest}.{'disk' if on_disk else 'pt'}"
+    path = Path(root or cache_dir() / "features") / name
     if path.exists():
         return DiskFeatures(path) if on_disk else torch.load(path, weights_only=True)
     # (T', 560) each, computed one at a time
@@ -1756,7 +1757,9 @@ def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = Fal
     else:
         features = list(features)
         torch.save(features, partial)
-    partial.replace(path)  # atomic: a crash leaves no half-written cache
+    if not path.exists():  # another process (chapter 11) may have finished it first
+        partial.replace(path)  # atomic: a crash leaves no half-written cache
+    shutil.rmtree(partial, ignore_errors=True) if on_disk else partial.unlink(missing_ok=True)
     return DiskFeatures(path) if on_disk else features
 
 

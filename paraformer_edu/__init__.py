@@ -28,6 +28,8 @@ file, hand-written, gathers the public API:
 - `serving` (chapter 10, needs the [serve] extra; not imported here): the FastAPI service;
 - `corpora` (chapter 11): real corpora (LibriSpeech, LJSpeech, Common Voice, JSON lines) into checked manifests,
   bad rows reported with their file and line; the real recordings of PyPI's pocketsphinx source package;
+- `baselines` (chapter 12): the CTC and autoregressive baselines (key/value-cached greedy decoding, batched
+  length-normalised beam search), `BaselineTrainer`, `decode_seconds`;
 - `distributed` (chapter 11): `DistributedTrainer`, data parallelism under torchrun and gradient accumulation that
   train the same model as one process;
 - `display` (hand-written, needs IPython and matplotlib; not imported here): the chapters' figure
@@ -37,11 +39,12 @@ file, hand-written, gathers the public API:
 
 __version__ = "0.1.0"
 
-from . import (attention, audio, beam_search, checkpoint, config, corpora, corpus, dataset, decoder, distributed,
+from . import (attention, audio, baselines, beam_search, checkpoint, config, corpora, corpus, dataset, decoder, distributed,
                encoder, features, inference, inspection, language_model, metrics, model, predictor, synthesis,
                tokenizer, training, transcription)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
+from .baselines import ARModel, BaselineTrainer, CTCModel
 from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
 from .checkpoint import CheckpointError
 from .config import Config, load_config
@@ -68,7 +71,7 @@ __all__ = [
     # modules
     "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
     "model", "metrics", "config", "training", "checkpoint", "inference", "inspection", "language_model", "beam_search",
-    "transcription", "corpora", "distributed",
+    "transcription", "corpora", "distributed", "baselines",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
     "SpeechDataset", "BucketBatchSampler", "collate", "fbank", "lfr", "CMVN", "SpecAugment", "Frontend",
@@ -93,4 +96,6 @@ __all__ = [
     "LongTranscript", "transcribe_long", "transcribe_files",
     # chapter 11
     "CorpusError", "prepare_manifest", "prepare_corpus", "real_recordings", "DistributedTrainer",
+    # chapter 12
+    "ARModel", "CTCModel", "BaselineTrainer",
 ]

@@ -98,6 +98,13 @@ def _evaluate(args) -> int:
     from paraformer_edu.tokenizer import normalize_text
 
     recognizer = _with_search(load_model(args.checkpoint, args.device), args)
+    if args.decoder == "ar":
+        raise ValueError(f"{args.checkpoint} holds a Paraformer: it has no autoregressive decoder "
+                         "(chapter 12 trains AR models with BaselineTrainer, in memory)")
+    if args.decoder == "ctc":  # chapter 12: the Paraformer's CTC head, greedy or prefix beam search
+        from paraformer_edu.baselines import ctc_view
+
+        recognizer.model, recognizer.search = ctc_view(recognizer.model), args.beam
     references, hypotheses, total_audio, total_seconds = [], [], 0.0, 0.0
     for manifest in args.manifest:
         entries = read_manifest(manifest)
@@ -115,7 +122,7 @@ def _evaluate(args) -> int:
     print(json.dumps({"cer": cer(references, hypotheses), "wer": wer(references, hypotheses),
                       "sentence_accuracy": sentence_accuracy(references, hypotheses),
                       "utterances": len(references), "rtf": total_seconds / total_audio,
-                      "decoder": "paraformer", "beam": args.beam, "lm_weight": args.lm_weight}))
+                      "decoder": args.decoder, "beam": args.beam, "lm_weight": args.lm_weight}))
     return 0
 
 
@@ -217,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--lm-weight", type=float, default=0.0,
                          help="weight of the WordNet n-gram LM in the beam search (chapter 9; 0: no LM)")
     evaluate.add_argument("--manifest", required=True, action="append", help="JSON-lines manifest (repeatable)")
+    evaluate.add_argument("--decoder", choices=["paraformer", "ctc", "ar"], default="paraformer",
+                          help="paraformer: the parallel decoder; ctc: the encoder's CTC head (chapter 12); "
+                          "ar: an autoregressive decoder, for checkpoints that carry one")
     transcribe.add_argument("audio", nargs="*", help="audio files (WAV, FLAC, OGG; any rate, mono or stereo)")
     transcribe.add_argument("--list", help="a text file with one audio path a line")
     transcribe.add_argument("--timestamps", action="store_true", help="add each token's start and end seconds")
@@ -240,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers and --threads must be at least 1, --max-mb and --max-seconds positive")
     if args.command == "transcribe" and args.max_seconds < 1:
         parser.error(f"--max-seconds must be at least 1 (got {args.max_seconds})")
+    if args.command == "evaluate" and args.decoder != "paraformer" and args.lm_weight > 0:
+        parser.error("--lm-weight fuses the n-gram LM into the Paraformer's beam: use it with --decoder paraformer")
     if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
         parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:

@@ -89,11 +89,10 @@ def prepare_manifest(
 ) -> Report:
     """Check every Row (a reader may also yield Problems); write the usable ones as a manifest.
 
-    split_with: a Recognizer; utterances longer than max_seconds are then cut at their pauses
-    (split_utterance, below) into pieces written beside the manifest, instead of left out.
-
     Defined in chapter 11, "From synthetic to real speech, and from a laptop to many GPUs".
     """
+    # split_with (a Recognizer): utterances over max_seconds are cut at their pauses
+    # (split_utterance, below) into pieces written beside the manifest, not left out
     if on_problem not in ("skip", "raise"):
         raise ValueError(f"on_problem must be 'skip' or 'raise', not {on_problem!r}")
     out, entries, problems = Path(out), [], []
@@ -111,11 +110,11 @@ def prepare_manifest(
             problems.append(checked)
         else:
             entries += checked if isinstance(checked, list) else [checked]
-    if not entries:
-        raise CorpusError(f"no usable utterance in {len(problems)} rows; first: {problems[:1]}")
-    _write_atomically(out, [json.dumps(e) + "\n" for e in entries])
     report = out.with_name(out.name.removesuffix(".jsonl") + ".problems.tsv")
     _write_atomically(report, [f"{p.where}\t{p.reason}\n" for p in problems])
+    if not entries:
+        raise CorpusError(f"no usable utterance in {len(problems)} rows (see {report.name})")
+    _write_atomically(out, [json.dumps(e) + "\n" for e in entries])
     hours = sum(e["duration"] for e in entries) / 3600
     return Report(out, len(entries), hours, problems)
 
@@ -176,6 +175,8 @@ def common_voice_rows(listing) -> Iterator[Row | Problem]:
             raise CorpusError(f"{listing}: needs 'path' and 'sentence' columns, has {header}")
         p, s = header.index("path"), header.index("sentence")
         for n, fields in enumerate(reader, 2):
+            if not fields:
+                continue  # a blank line
             if len(fields) != len(header):
                 yield Problem(
                     f"{listing}:{n}", f"{len(fields)} fields, the header has {len(header)}"
@@ -261,12 +262,11 @@ def ctc_forced_align(log_probs: torch.Tensor, tokens: list, blank: int = 0) -> l
 def pause_cuts(starts: list, silent: torch.Tensor, limit: float, min_pause: int = 3) -> list:
     """Cut points (frame, words before it) so that no piece is longer than limit frames.
 
-    starts: the first frame of every word; silent (T',) marks the frames without speech. A
-    cut falls in the middle of a pause (at least min_pause silent frames) with words on both
-    sides; the longest pause is cut first, then again within each side.
-
     Defined in chapter 11, "From synthetic to real speech, and from a laptop to many GPUs".
     """
+    # starts: the first frame of every word; silent (T',) marks the frames without speech.
+    # A cut falls in the middle of a pause (at least min_pause silent frames) with words
+    # on both sides; the longest pause is cut first, then again within each side.
     edges = torch.diff(silent.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
     runs = zip(
         (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
@@ -303,6 +303,8 @@ def word_spans(recognizer, x: torch.Tensor, words: list) -> list:
     return [(spans[e - len(w)][0], spans[e - 1][1]) for w, e in zip(ids, ends)]
 
 
+import hashlib
+
 from paraformer_edu.audio import SAMPLE_RATE, load_audio
 from paraformer_edu.transcription import frame_energy_db, speech_frames
 
@@ -326,7 +328,8 @@ def split_utterance(entry: dict, where: str, recognizer, max_seconds: float, fol
     limit = max_seconds / recognizer.frontend.frame_seconds  # frames
     cuts = pause_cuts([first for first, _ in spans], silent, limit)
     hop = round(recognizer.frontend.frame_seconds * SAMPLE_RATE)  # samples per frame
-    pieces, stem = [], Path(entry["audio_filepath"]).stem
+    source = Path(entry["audio_filepath"])
+    pieces, stem = [], f"{source.stem}-{hashlib.sha1(str(source).encode()).hexdigest()[:6]}"
     for k, ((a, lo), (b, hi)) in enumerate(zip(cuts, cuts[1:])):
         piece = wave[a * hop : b * hop if b < len(x) else len(wave)]  # (samples,)
         if len(piece) > max_seconds * SAMPLE_RATE:
@@ -393,9 +396,14 @@ def real_recordings(root=None) -> Path:
             sdist.extractall(partial, members, filter="data")
         data = next(partial.glob("*/test/data"))
         prepare_manifest(_pocketsphinx_rows(data), partial / "real.jsonl", on_problem="raise")
-    partial.rename(folder)  # the manifest's paths point into the renamed folder: rewrite them
-    lines = (folder / "real.jsonl").read_text().replace(str(partial), str(folder))
-    (folder / "real.jsonl").write_text(lines)
+        # the manifest's paths, into the folder's final place, then the folder moved there
+        lines = (
+            (partial / "real.jsonl")
+            .read_text()
+            .replace(str(partial.resolve()), str(folder.resolve()))
+        )
+        _write_atomically(partial / "real.jsonl", lines.splitlines(keepends=True))
+    partial.rename(folder)
     return folder / "real.jsonl"
 
 

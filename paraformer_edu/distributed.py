@@ -46,9 +46,11 @@ def init_distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
     if not dist.is_initialized():
+        backend = "gloo"  # CPU tensors: the batch statistics, and whole runs on CPUs
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            backend = "cpu:gloo,cuda:nccl"  # NCCL for tensors on GPUs
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -74,12 +76,16 @@ class DistributedTrainer(Trainer):
     """
 
     def __init__(self, config, out_dir, manifests: dict | None = None, init=None):
+        if config.data.accumulate < 1:
+            raise ValueError(f"data.accumulate must be at least 1, not {config.data.accumulate}")
         self.rank, self.world = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         )
+        if self.rank > 0:
+            dist.barrier()  # process 0 builds the corpus and feature caches first
         super().__init__(config, out_dir, manifests, init)
-        if self.config.data.accumulate < 1:
-            raise ValueError(f"data.accumulate must be at least 1, not {config.data.accumulate}")
+        if self.rank == 0 and self.world > 1:
+            dist.barrier()
         self.ddp = self.model
         if self.world > 1:  # broadcasts process 0's weights to all
             ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
@@ -100,7 +106,9 @@ class DistributedTrainer(Trainer):
         lr = warmup_lr(self.step, t.lr, t.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.generator.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + self.rank)
+        seed = (t.seed * 1_000_003 + self.step) * 1_009 + self.rank  # this step's, this process's
+        self.generator.manual_seed(seed)  # the GLM sampler's choices
+        torch.manual_seed(seed)  # dropout (the trainer's own generator, inside its _scope)
         self.optimizer.zero_grad(set_to_none=True)
         pieces, sums = self.my_pieces(batch), {}
         for i, (piece, u, k) in enumerate(pieces):
@@ -136,7 +144,7 @@ class DistributedTrainer(Trainer):
         """Sum each value over the processes (one all-reduce)."""
         if self.world == 1:
             return values
-        total = torch.tensor(list(values.values()), dtype=torch.float64)  # (K,)
+        total = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)  # (K,)
         dist.all_reduce(total)
         return dict(zip(values, total.tolist()))
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -272,8 +273,8 @@ def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = Fal
     manifest = Path(manifest)
     key = json.dumps([manifest.read_text(), frontend.n_mels, frontend.lfr_m, frontend.lfr_n])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = Path(root or cache_dir() / "features") / f"{manifest.stem}-{digest}"
-    path = path.with_suffix(".disk" if on_disk else ".pt")
+    name = f"{manifest.stem}-{digest}.{'disk' if on_disk else 'pt'}"
+    path = Path(root or cache_dir() / "features") / name
     if path.exists():
         return DiskFeatures(path) if on_disk else torch.load(path, weights_only=True)
     # (T', 560) each, computed one at a time
@@ -288,7 +289,9 @@ def cached_features(manifest, frontend: Frontend, root=None, on_disk: bool = Fal
     else:
         features = list(features)
         torch.save(features, partial)
-    partial.replace(path)  # atomic: a crash leaves no half-written cache
+    if not path.exists():  # another process (chapter 11) may have finished it first
+        partial.replace(path)  # atomic: a crash leaves no half-written cache
+    shutil.rmtree(partial, ignore_errors=True) if on_disk else partial.unlink(missing_ok=True)
     return DiskFeatures(path) if on_disk else features
 
 

@@ -224,9 +224,7 @@ class Trainer:
             disable=not progress,
         )  # on for the command line; off in notebooks and tests
         start, window, batches = time.perf_counter(), [], self.batches()
-        while not (max_steps and self.step >= max_steps) and not (
-            max_minutes and time.perf_counter() - start > 60 * max_minutes
-        ):
+        while not (max_steps and self.step >= max_steps) and not self._out_of_time(start, max_minutes):
             tick, cpu = time.perf_counter(), time.process_time()
             batch = next(batches)  # drawn only when it will be trained on: a resumed run skips nothing
             with self._scope():
@@ -245,6 +243,10 @@ class Trainer:
             self._evaluate_and_save()
         bar.close()
         return self.log
+
+    def _out_of_time(self, start: float, max_minutes: float) -> bool:
+        """True once the loop started at `start` has run max_minutes (0: no time budget)."""
+        return bool(max_minutes) and time.perf_counter() - start > 60 * max_minutes
 
     def _log_train(self, window: list[dict]) -> None:
         """Append the mean of each logged value over the steps since the last line."""

@@ -123,13 +123,13 @@ def test_common_voice_reads_mp3_clips_and_reports_broken_lines(tmp_path):
     write(root / "clips" / "a.mp3", 1.0, rate=48000, fmt="MP3")
     write(root / "clips" / "b.mp3", 1.5, rate=48000, fmt="MP3", seed=2)
     lines = ["client_id\tpath\tsentence\tup_votes", 'x\ta.mp3\tShe said "hello" there\t2',
-             "x\tb.mp3\tA second clip\t3", "x\tc.mp3\ttoo few fields"]
+             "x\tb.mp3\tA second clip\t3", "", "x\tc.mp3\ttoo few fields"]
     (root / "train.tsv").write_text("\n".join(lines) + "\n")
     report = prepare_corpus("common-voice", root / "train.tsv", tmp_path / "cv.jsonl")
     entries = read_manifest(report.manifest)
     assert [e["text"] for e in entries] == ['She said "hello" there', "A second clip"]  # quotes kept as written
     assert entries[1]["duration"] == pytest.approx(1.5, abs=0.06)  # MP3 frames round the length
-    assert report.problems == [Problem(f"{root / 'train.tsv'}:4", "3 fields, the header has 4")]
+    assert report.problems == [Problem(f"{root / 'train.tsv'}:5", "3 fields, the header has 4")]
     from paraformer_edu.audio import load_audio
     wave = load_audio(entries[0]["audio_filepath"])  # decoded and resampled to 16 kHz
     assert abs(wave.numel() - 16000) < 0.06 * 16000
@@ -174,8 +174,10 @@ def test_disk_features_equal_the_in_memory_cache(tmp_path):
     for i, seconds in enumerate([0.8, 1.3, 0.5]):
         write(tmp_path / f"{i}.wav", seconds, seed=i)
         entries.append(json.dumps({"audio_filepath": f"{i}.wav", "text": "x", "duration": seconds}))
-    manifest = tmp_path / "m.jsonl"
+    manifest = tmp_path / "m.v2.jsonl"  # a dot in the name: the cache keeps its digest
     manifest.write_text("\n".join(entries) + "\n")
+    other = tmp_path / "m.v3.jsonl"
+    other.write_text("\n".join(entries[:1]) + "\n")
     frontend = Frontend()
     memory = cached_features(manifest, frontend, root=tmp_path / "cache")
     disk = cached_features(manifest, frontend, root=tmp_path / "cache", on_disk=True)
@@ -186,12 +188,16 @@ def test_disk_features_equal_the_in_memory_cache(tmp_path):
     again = cached_features(manifest, frontend, root=tmp_path / "cache", on_disk=True)  # from the cache
     assert torch.equal(again[2], memory[2])
     assert not list((tmp_path / "cache").glob("*partial*"))
+    assert len(cached_features(other, frontend, root=tmp_path / "cache", on_disk=True)) == 1
 
 
 def test_the_real_recordings_manifest_lists_eleven_read_and_spoken_utterances():
     from paraformer_edu.corpora import real_recordings
 
-    entries = read_manifest(real_recordings())
+    try:
+        entries = read_manifest(real_recordings())
+    except CorpusError as error:  # a cold cache and no package registry
+        pytest.skip(str(error))
     assert len(entries) == 11
     assert entries[0]["text"].startswith("and mister john dashwood")
     assert entries[-1]["text"] == "go forward ten meters"
@@ -277,16 +283,24 @@ def test_a_long_recording_is_cut_in_its_silences_with_the_words_of_each_piece(bo
     assert len(pieces) > 2 and not report.problems and all(e["duration"] <= 6 for e in pieces)
     from paraformer_edu.tokenizer import normalize_text
 
-    assert " ".join(e["text"] for e in pieces).split() == normalize_text(text).split()
+    starts = np.concatenate([[0.0], np.cumsum([e["duration"] for e in pieces])])
+    spoken = ends - 0.5  # where each utterance's speech ends, before its half second of silence
+    said = [len(normalize_text(u["text"]).split()) for u in test]
+    truth = [sum(n for n, t in zip(said, spoken) if t < b) for b in starts[1:-1]]  # words before each cut
+    found = np.cumsum([len(e["text"].split()) for e in pieces])[:-1]
+    # the alignment of a model with 30% CER is approximate: a word next to a cut may land on its other side
+    assert all(abs(f - t) <= 2 for f, t in zip(found, truth)), (found, truth)
+    assert sum(f == t for f, t in zip(found, truth)) >= len(truth) // 2
     cuts = np.cumsum([e["duration"] for e in pieces])[:-1]
     assert all(any(end - 0.56 <= c <= end + 0.06 for end in ends) for c in cuts)  # each in a silence
     assert sum(e["duration"] for e in pieces) == pytest.approx(ends[-1], abs=1e-3)
-    assert sorted(p.name for p in (tmp_path / "out-pieces").iterdir())[0] == "long-00.flac"
+    names = sorted(p.name for p in (tmp_path / "out-pieces").iterdir())
+    assert len(names) == len(pieces) and names[0].startswith("long-") and names[0].endswith("-00.flac")
     # without split_with the same recording is left out, and said why
     report = prepare_corpus("jsonl", tmp_path / "l.jsonl", tmp_path / "out2.jsonl", max_seconds=60)
     assert report.utterances == 1
-    with pytest.raises(CorpusError, match="longer than max_seconds=6"):
-        prepare_corpus("jsonl", tmp_path / "l.jsonl", tmp_path / "out3.jsonl", max_seconds=6)
+    with pytest.raises(CorpusError, match="l.jsonl:1: .* s, longer than max_seconds=6"):
+        prepare_corpus("jsonl", tmp_path / "l.jsonl", tmp_path / "out3.jsonl", max_seconds=6, on_problem="raise")
 
 
 def test_a_single_word_longer_than_the_limit_is_a_problem(book_recognizer, tmp_path):

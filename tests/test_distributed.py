@@ -116,3 +116,23 @@ def test_a_two_process_run_resumes_exactly_with_glm_sampling(tmp_path):
     assert losses(straight) == losses(resumed)  # bit for bit
     assert [r["glm_replaced"] for r in straight if "loss" in r] == [r["glm_replaced"] for r in resumed if "loss" in r]
     assert any(r["glm_replaced"] > 0 for r in straight if "loss" in r)
+
+
+def test_two_processes_accumulating_small_batches_equal_one_process(tmp_path):
+    """Batches of two or three utterances in 2 x 2 pieces: some pieces are empty (weight-0 stand-ins)."""
+    build_corpus(corpus_config("tiny"))
+    overrides = TINY + EXACT + ["training.max_steps=4", "data.max_frames=100"]
+    train(tmp_path / "one", overrides)
+    train(tmp_path / "two", overrides + ["data.accumulate=2"], processes=2)
+    log = log_of(tmp_path / "one")
+    assert min(row["utterances_per_second"] for row in log if "loss" in row) > 0
+    assert close(losses(log), losses(log_of(tmp_path / "two"))) < TOLERANCE
+
+
+def test_a_time_budget_stops_every_process_at_the_same_step_and_disk_features_build_once(tmp_path):
+    build_corpus(corpus_config("tiny"))
+    overrides = TINY + ["training.max_steps=0", "training.max_minutes=0.05", "data.features_on_disk=true"]
+    done = train(tmp_path / "timed", overrides, processes=2)  # would hang if the processes disagreed
+    log = log_of(tmp_path / "timed")
+    assert log[-1]["step"] >= 1 and "dev_cer" in log[-1]
+    assert json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][0])["processes"] == 2
