@@ -615,7 +615,7 @@ for name, (kind, change) in systems.items():
     trainers[name] = BaselineTrainer(run, folder, kind)
     trainers[name].train()
     losses = [r["loss"] for r in trainers[name].log if "loss" in r]
-    assert sum(losses[-5:]) < sum(losses[:5]), name  # every system learns
+    assert losses[-1] < losses[0], name  # every system learns
 
 # %%
 # NBVAL_IGNORE_OUTPUT
