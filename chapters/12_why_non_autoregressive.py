@@ -879,6 +879,7 @@ plt.show()
 #    CTC head compare with the CTC model trained for the same time?
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# NBVAL_IGNORE_OUTPUT
 # Exercise 1: the time grows with the beam, and the CER keeps falling.
 first = SpeechDataset(manifests["test"], frontend, tokenizer.encode)
 rows = []
@@ -889,6 +890,7 @@ for beam in (1, 2, 4, 8):
 print_table(rows, ["beam", "CER", "seconds"], {"CER": ".1%", "seconds": ".1f"})
 
 # %% mystnb={"code_prompt_hide": "Hide the solution", "code_prompt_show": "Show the solution"} tags=["hide-cell"]
+# NBVAL_IGNORE_OUTPUT
 # Exercise 2: the Paraformer's CTC head, against the CTC model of the same budget.
 for name, model in [
     ("Paraformer's CTC head", ctc_view(trainers["Paraformer"].model)),
