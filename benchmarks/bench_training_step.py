@@ -7,7 +7,8 @@ The same batch (the first of the recipe's sampler, at most `data.max_frames` pad
 trained on by a fresh model of each configuration: forward, backward and Adam's step. Each time is
 the median of `--steps` steps after one warm-up step; the speed ratios compare times measured in
 this run. Chapter 7 shows the same comparison once; this script is where its speed goal lives
-(the recipe's step should be at least 1.5x faster than the defaults'). Not a test: timings depend
+(the recipe's step should be at least 1.5x faster than the defaults'), and the cost of bfloat16
+autocast (`training.precision=bfloat16`) on this CPU. Not a test: timings depend
 on the machine and on what else runs on it.
 """
 
@@ -23,13 +24,13 @@ import torch
 
 from paraformer_edu.config import load_config
 from paraformer_edu.model import Paraformer, ParaformerConfig
-from paraformer_edu.training import Trainer
+from paraformer_edu.training import Trainer, autocast
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.5  # the recipe's step at least this much faster than the defaults'
 
 
-def step_times(model_config: ParaformerConfig, batch: dict, steps: int) -> list[float]:
+def step_times(model_config: ParaformerConfig, batch: dict, steps: int, precision: str = "float32") -> list[float]:
     """Wall times (s) of `steps` training steps of a fresh model on one batch, after one warm-up step."""
     torch.manual_seed(0)
     model = Paraformer(model_config)
@@ -39,7 +40,9 @@ def step_times(model_config: ParaformerConfig, batch: dict, steps: int) -> list[
     for _ in range(steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad()
-        model(*args)["loss"].backward()
+        with autocast(torch.device("cpu"), precision):  # training.precision (chapter 7)
+            loss = model(*args)["loss"]
+        loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
     return times[1:]
@@ -60,11 +63,17 @@ def main() -> None:
                 "the recipe (144 x 4), dropout 0": config.model}
     print(f"batch {tuple(batch['features'].shape)}, {args.threads} threads, median of {args.steps} steps")
     medians = {name: statistics.median(step_times(c, batch, args.steps)) for name, c in variants.items()}
+    # mixed precision: what training.precision=bfloat16 would cost or save on this CPU
+    medians["the recipe, bfloat16 autocast"] = statistics.median(
+        step_times(config.model, batch, args.steps, "bfloat16"))
     first = next(iter(medians.values()))
     for name, seconds in medians.items():
         print(f"{name:<38} {1000 * seconds:8.0f} ms/step   {first / seconds:4.1f}x the defaults' speed")
     ratio = first / medians["the recipe (144 x 4), dropout 0"]
     print(f"goal: the recipe >= {GOAL}x the defaults' speed: {'met' if ratio >= GOAL else 'NOT met'} ({ratio:.1f}x)")
+    bf16 = medians["the recipe (144 x 4), dropout 0"] / medians["the recipe, bfloat16 autocast"]
+    print(f"bfloat16 autocast on this CPU: {bf16:.2f}x float32's speed "
+          f"({'faster' if bf16 > 1 else 'slower'}: training.precision=auto keeps float32 on a CPU)")
 
 
 if __name__ == "__main__":

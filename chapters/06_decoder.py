@@ -1101,15 +1101,14 @@ print_table(
 )
 factor = history[0]["loss"] / history[-1]["loss"]
 factor_ce = history[0]["loss_ce"] / history[-1]["loss_ce"]
+first_pass = history[-1]["accuracy_first_pass"]
 print(
-    f"the loss fell by a factor of more than 5: {factor > 5}; "
-    f"the decoder's CE by more than 20: {factor_ce > 20}"
+    f"the loss fell {factor:.1f}x, the decoder's CE {factor_ce:.1f}x; first pass right: {first_pass:.0%}"
 )
-print(f"first pass right on every token at the end: {history[-1]['accuracy_first_pass'] == 1.0}")
 # the bounds leave room for other CPUs: their float rounding changes this short run's path
 assert factor > 4 and factor_ce > 10 and history[-1]["accuracy_first_pass"] >= 0.9
 
-# %% mystnb={"figure": {"caption": "Overfitting three utterances for 50 steps. Left: the total loss and its three parts (log scale). Right: the decoder's first-pass accuracy rises to 1 while the share of tokens the GLM sampler replaces falls from about 0.4 to 0.", "name": "fig-ch06-overfit"}, "image": {"alt": "Left, four falling loss curves on a log scale over 50 steps, the quantity loss the most jagged and CTC the slowest. Right, an accuracy curve rising from near 0 to 1 and a replaced-share curve falling from about 0.36 to 0."}}
+# %% mystnb={"figure": {"caption": "Overfitting three utterances for 50 steps. Left: the total loss and its three parts (log scale). Right: the decoder's first-pass accuracy rises to about 1 while the share of tokens the GLM sampler replaces falls from about 0.4 to 0.", "name": "fig-ch06-overfit"}, "image": {"alt": "Left, four falling loss curves on a log scale over 50 steps, the quantity loss the most jagged and CTC the slowest. Right, an accuracy curve rising from near 0 to about 1 and a replaced-share curve falling from about 0.36 to 0."}}
 # NBVAL_IGNORE_OUTPUT
 steps = range(1, len(history) + 1)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
@@ -1142,7 +1141,7 @@ plt.show()
 
 # %% [markdown]
 # All three parts fall. The decoder's first pass (without any target token shown) goes
-# from chance to right everywhere, and with it the share of tokens the sampler
+# from chance to right almost everywhere, and with it the share of tokens the sampler
 # replaces falls from $\lambda = 0.4$ (everything wrong) to 0: the sampler's help fades
 # as the model learns, which is what makes training with it close to inference
 # without it. CTC, which must also find the alignment on its own, is the slowest part.

@@ -361,6 +361,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 2  # CPU threads (torch.set_num_threads)
+    precision: str = "auto"  # auto = bfloat16 autocast on a GPU that has it, else float32
 
 
 @dataclass(frozen=True)
@@ -536,8 +537,15 @@ for bad in ["training.lr=fast", "training.lrate=3e-4", "model.encoder.n_layers=4
 # first layer notices). CMVN and SpecAugment stay on the fly: CMVN is one subtraction
 # and division, and SpecAugment must draw new masks every epoch, from a generator
 # seeded by (seed, epoch, utterance), so an epoch's augmented batches are the same in
-# an interrupted and an uninterrupted run. The trainer needs only two small helpers
-# besides: which device to use, and moving a batch there.
+# an interrupted and an uninterrupted run. The trainer needs a few small helpers
+# besides: which device to use, moving a batch there, the front end's frame stacking
+# (chapter 1's LFR, implied by the model's input size and frame shift: 7 mel frames
+# every 60 ms give the encoder's 560 inputs), and the number format of the forward
+# pass. On a GPU with bfloat16 (`training.precision: auto`), the forward pass
+# runs under `torch.autocast`: matrix products in bfloat16, which a GPU's tensor cores
+# run much faster than float32, while the weights, the optimiser and the gradients stay
+# in float32. On a CPU, `auto` keeps float32: measure before you switch
+# (`python benchmarks/bench_training_step.py` prints the cost of bfloat16 on yours).
 
 # %%
 #| export
@@ -554,10 +562,10 @@ from tqdm import tqdm
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
-from paraformer_edu.features import Frontend, SpecAugment
+from paraformer_edu.features import N_MELS, Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import cer, sentence_accuracy, wer
-from paraformer_edu.model import Paraformer
+from paraformer_edu.model import Paraformer, ParaformerConfig
 from paraformer_edu.tokenizer import default_tokenizer
 
 
@@ -571,6 +579,35 @@ def choose_device(name: str = "auto") -> torch.device:
 def move_batch(batch: dict, device: torch.device) -> dict:
     """The batch with its tensors on device."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def frame_settings(model: ParaformerConfig) -> dict:
+    """The LFR stacking (lfr_m, lfr_n) that a model's input size and frame shift imply."""
+    lfr_m, rest = divmod(model.encoder.d_input, N_MELS)  # mel frames stacked into one
+    lfr_n = round(model.frame_shift / 0.01)  # 10-ms frames skipped between stacks
+    if rest or lfr_m < 1 or lfr_n < 1 or not math.isclose(lfr_n * 0.01, model.frame_shift):
+        raise ValueError(
+            f"model.encoder.d_input={model.encoder.d_input} must be a multiple of {N_MELS} "
+            f"and model.frame_shift={model.frame_shift} a multiple of 0.01 s "
+            "(LFR stacks d_input / 80 mel frames every frame_shift): e.g. 560 and 0.06, 400 and 0.04"
+        )
+    return {"lfr_m": lfr_m, "lfr_n": lfr_n}
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The forward pass's number format: 'auto' is bfloat16 on a GPU that supports it, else float32."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"training.precision={precision!r}: choose auto, float32 or bfloat16")
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bfloat16" if cuda_bf16 else "float32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the forward pass: bfloat16 matrix products if precision is 'bfloat16'."""
+    enabled = precision == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 # %% [markdown]
 # The first call computes and stores the features of the training set (chapter 1
@@ -944,6 +981,7 @@ class Trainer:
         self.config, self.out_dir, t = config, Path(out_dir), config.training
         disk = config.data.features_on_disk
         self.device = choose_device(t.device)
+        self.precision = resolve_precision(self.device, t.precision)
         if config.data.accumulate != 1 and type(self) is Trainer:
             raise ValueError("data.accumulate needs paraformer_edu.distributed (chapter 11)")
         self.manifests = manifests or training_manifests(config.data.corpus)
@@ -963,7 +1001,12 @@ class Trainer:
         self.frontend = (
             start[2]
             if start
-            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances, disk)
+            else Frontend.fit(
+                self.manifests["train"],
+                config.data.cmvn_utterances,
+                disk,
+                **frame_settings(config.model),
+            )
         )
         augment = SpecAugment() if config.data.spec_augment else None
         self.train_set = SpeechDataset(
@@ -1033,9 +1076,10 @@ def train_step(self, batch: dict) -> dict:
     for group in self.optimizer.param_groups:
         group["lr"] = lr
     b = move_batch(batch, self.device)
-    out = self.model(
-        b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
-    )
+    with autocast(self.device, self.precision):
+        out = self.model(
+            b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
+        )
     self.optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -1172,8 +1216,8 @@ def _log_train(self, window: list[dict]) -> None:
 
 
 @add_to_class(Trainer)
-def _evaluate_and_save(self) -> None:
-    """Evaluate on dev, log it, save the latest checkpoint and, if dev CER improved, the best."""
+def _evaluate_and_log(self) -> dict:
+    """Evaluate on dev and append the scores to the log; the scores."""
     scores = self.evaluate()
     row = {
         "step": self.step,
@@ -1183,6 +1227,13 @@ def _evaluate_and_save(self) -> None:
     }
     self.log.append(row)
     self._append_jsonl(row)
+    return scores
+
+
+@add_to_class(Trainer)
+def _evaluate_and_save(self) -> None:
+    """Evaluate and log; save the latest checkpoint and, if dev CER improved, the best."""
+    scores = self._evaluate_and_log()
     self.save(self.out_dir / "latest.pt")
     if scores["cer"] < self.best_cer:
         self.best_cer = scores["cer"]

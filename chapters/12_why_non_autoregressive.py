@@ -49,6 +49,7 @@
 # # %cd paraformer-edu
 # %matplotlib inline
 import math
+import json
 import os
 import shutil
 import time
@@ -536,9 +537,171 @@ def ctc_view(model: Paraformer) -> CTCModel:
 
 
 # %% [markdown]
-# ## One trainer, three models
+# ## Paraformer-v2: the decoder's queries from CTC
 #
-# Fairness is by construction: chapter 7's `Trainer` trains all three. `BaselineTrainer`
+# The Paraformer's predictor learns where the tokens are from one number per utterance,
+# the quantity loss; its CTC head, trained beside it, learns the same thing frame by
+# frame, and then only serves as an auxiliary loss. **Paraformer-v2** (An et al., 2024,
+# arXiv 2409.17746) lets the CTC head do the predictor's job: the frames where CTC emits
+# token $n$, from $s_n$ to $e_n$, make the decoder's query for that token, the average of
+# their CTC log-posteriors projected to the model width by a linear layer $W$:
+#
+# $$
+# e_n = W \, \frac{1}{e_n - s_n + 1} \sum_{t = s_n}^{e_n} \log p_{\text{ctc}}(\cdot \mid h_t).
+# $$
+#
+# At inference the frames come from CTC's greedy path (so the token count is CTC's); in
+# training they come from the **forced alignment** of the reference to the CTC
+# posteriors (the best path that spells exactly the reference, chapter 11's Viterbi, here
+# torchaudio's), so that there are exactly as many queries as reference tokens: the role
+# CIF's scaled weights play in chapter 5. No predictor and no quantity loss: the loss is
+# the decoder's cross-entropy plus CTC. First the segments: each run of one non-blank
+# token in a frame-level path is one token, and a matrix $A$ (B, N, T) averages its frames.
+
+# %%
+#| export
+import torch.nn.functional as F
+import torchaudio
+
+
+def path_spans(path: list, blank: int = 0) -> list:
+    """(first, last) frame of each token of a frame-level CTC path: runs of one non-blank id."""
+    spans = []
+    for t, token in enumerate(path):
+        if token != blank and (t == 0 or path[t - 1] != token):
+            spans.append([t, t])
+        elif token != blank:
+            spans[-1][1] = t
+    return [tuple(s) for s in spans]
+
+
+def averaging_matrix(spans: list, T: int) -> torch.Tensor:
+    """A (B, N, T) whose row n averages the frames of token n of each utterance's spans."""
+    N = max((len(s) for s in spans), default=0)
+    A = torch.zeros(len(spans), N, T)  # (B, N, T)
+    for b, utterance in enumerate(spans):
+        for n, (first, last) in enumerate(utterance):
+            A[b, n, first : last + 1] = 1.0 / (last - first + 1)
+    return A
+
+
+def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) -> list:
+    """Spans of each reference token on the Viterbi path through log_probs (B, T, V)."""
+    spans = []
+    for b, (T, U) in enumerate(zip(lengths.tolist(), target_lengths.tolist())):
+        if U == 0:
+            spans.append([])
+            continue
+        emissions = log_probs[b : b + 1, :T].detach().float().cpu()  # (1, T, V)
+        tokens = targets[b : b + 1, :U].int().cpu()  # (1, U)
+        try:
+            path, _ = torchaudio.functional.forced_align(emissions, tokens, blank=blank)  # (1, T)
+            spans.append(path_spans(path[0].tolist(), blank))
+        except RuntimeError:  # fewer frames than the reference needs: an even split instead
+            spans.append([(u * T // U, max(u * T // U, (u + 1) * T // U - 1)) for u in range(U)])
+    return spans
+
+
+# %% [markdown]
+# On a made-up path with a repeated token (`7 7` must be split by a blank to mean two
+# tokens, as in chapter 4's CTC), the spans and the averaging; then the forced alignment
+# of two references to random posteriors: one span per reference token, in order, the
+# repeated token split by a blank frame, nothing past an utterance's last frame.
+
+# %%
+path = [0, 5, 5, 0, 7, 0, 7, 7, 0, 0, 9]
+spans = path_spans(path)
+A = averaging_matrix([spans], len(path))  # (1, 4, 11)
+print("path  ", path)
+print("spans ", spans, " tokens", [path[first] for first, _ in spans])
+print("row of token 1 (the first 7):", A[0, 1].tolist())
+assert [path[first] for first, _ in spans] == [5, 7, 7, 9] and A.sum(2).eq(1).all()
+torch.manual_seed(0)
+log_probs = torch.randn(2, 30, 12).log_softmax(-1)  # (B, T, V)
+reference, reference_lengths = torch.tensor([[3, 3, 8, 2], [4, 1, 0, 0]]), torch.tensor([4, 2])
+aligned = forced_spans(log_probs, torch.tensor([30, 20]), reference, reference_lengths)
+print("forced spans:", aligned)
+in_order = all(a[1] < b[0] for s in aligned for a, b in zip(s, s[1:]))
+split = aligned[0][0][1] + 1 < aligned[0][1][0]  # the repeated 3: a blank frame between
+assert [len(s) for s in aligned] == [4, 2] and in_order and split and aligned[1][-1][1] < 20
+
+# %% [markdown]
+# The model: chapter 6's encoder, CTC head and decoder, and the projection $W$.
+
+# %%
+#| export
+class ParaformerV2(nn.Module):
+    """Paraformer-v2 (An et al., 2024): CTC's token segments, not CIF, give the decoder its queries."""
+
+    def __init__(self, config: ParaformerConfig):
+        super().__init__()
+        if config.ctc_weight <= 0:
+            raise ValueError("Paraformer-v2 needs model.ctc_weight > 0: its queries come from CTC")
+        self.config = c = config
+        d = c.encoder.d_model
+        self.encoder = SANMEncoder(c.encoder)
+        self.ctc = CTCHead(d, c.vocab_size)
+        self.query = nn.Linear(c.vocab_size, d)  # W: averaged log-posteriors -> query
+        self.decoder = ParaformerDecoder(
+            c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
+        )
+
+    def queries(self, log_probs: torch.Tensor, spans: list) -> torch.Tensor:
+        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors."""
+        A = averaging_matrix(spans, log_probs.size(1)).to(log_probs)  # (B, N, T)
+        return self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+
+    def forward(self, features, feature_lengths, targets, target_lengths, generator=None) -> dict:
+        """Training pass: queries from the forced alignment; CE of the decoder plus CTC."""
+        c = self.config
+        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+        log_probs = self.ctc(h)  # (B, T, V)
+        spans = forced_spans(log_probs, h_lengths, targets, target_lengths)
+        E = self.queries(log_probs, spans)  # (B, N, D) with N = max |y|
+        logits = self.decoder(E, target_lengths, h, h_lengths)  # (B, N, V)
+        targets = targets[:, : logits.size(1)]  # (B, N)
+        loss_ce = label_smoothing_loss(logits, targets, target_lengths, c.label_smoothing)
+        loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths)
+        accuracy = token_accuracy(logits.detach(), targets, target_lengths)
+        zero = loss_ce.new_zeros(())
+        return {
+            "loss": (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc,
+            "loss_ce": loss_ce,
+            "loss_quantity": zero,
+            "loss_ctc": loss_ctc,
+            "accuracy": accuracy,
+            "accuracy_first_pass": accuracy,
+            "glm_replaced": zero,
+        }
+
+    @torch.no_grad()
+    def recognize(self, features, feature_lengths, search=None) -> list:
+        """Token ids and (start, end) seconds per utterance: CTC's greedy segments, one decoder pass."""
+        if search is not None:
+            raise ValueError("ParaformerV2.recognize decodes greedily: pass search=None")
+        was_training = self.training
+        self.eval()
+        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+        log_probs = self.ctc(h)  # (B, T, V)
+        paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
+        spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
+        counts = torch.tensor([len(s) for s in spans])  # (B,)
+        ids = [[] for _ in spans]
+        if counts.max() > 0:
+            logits = self.decoder(self.queries(log_probs, spans), counts, h, h_lengths)  # (B, N, V)
+            ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
+        self.train(was_training)
+        shift = self.config.frame_shift
+        return [
+            Hypothesis(ids[b], [(first * shift, (last + 1) * shift) for first, last in spans[b]])
+            for b in range(len(spans))
+        ]
+
+
+# %% [markdown]
+# ## One trainer, four models
+#
+# Fairness is by construction: chapter 7's `Trainer` trains all four. `BaselineTrainer`
 # builds the trainer as usual (data, tokenizer, CMVN, batches, schedule) and swaps the
 # model for the one asked for, created from the same seed; its evaluations are logged
 # but not written as checkpoints (chapter 7's checkpoints hold a Paraformer).
@@ -547,7 +710,7 @@ def ctc_view(model: Paraformer) -> CTCModel:
 #| export
 from paraformer_edu.training import Trainer
 
-MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel}
+MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel, "paraformer-v2": ParaformerV2}
 
 
 class BaselineTrainer(Trainer):
@@ -566,25 +729,17 @@ class BaselineTrainer(Trainer):
         )
 
     def _evaluate_and_save(self) -> None:
-        """Evaluate on dev and log the row; no checkpoint."""
-        scores = self.evaluate()
-        row = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "train_seconds": self.train_seconds,
-            **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)},
-        }
-        self.log.append(row)
-        self._append_jsonl(row)
+        """Evaluate on dev and log the row (chapter 7); no checkpoint."""
+        self._evaluate_and_log()
 
 
 # %% [markdown]
 # The budget: chapter 7's live-run recipe (the 144 x 4 encoder; the AR decoder has the
 # Paraformer decoder's size) for five minutes of training each on two CPU cores, with
-# the dev set recognised every 250 steps. Two more runs ablate the Paraformer: without
-# the GLM sampler (chapter 6) and without the auxiliary CTC loss. (CI trains each run for
-# a budget of steps instead, half of chapter 7's; the outputs stored in the book come
-# from the five-minute runs. `PARAFORMER_EDU_TRAIN_MINUTES` sets another budget.)
+# the dev set recognised every 250 steps. (CI trains each run for a budget of steps
+# instead, half of chapter 7's; the outputs stored in the book come from the five-minute
+# runs. `PARAFORMER_EDU_TRAIN_MINUTES` sets another budget.) The ablations of the
+# Paraformer come later, from a benchmark script that trains eight systems.
 
 # %%
 from dataclasses import replace
@@ -594,7 +749,7 @@ from paraformer_edu.training import choose_device
 RUNS = Path(os.environ.get("PARAFORMER_EDU_RUNS", ROOT / "runs")) / "why-nar"
 config = load_config(ROOT / "configs" / "paraformer.yaml")
 minutes = float(os.environ.get("PARAFORMER_EDU_TRAIN_MINUTES", 5))
-steps = int(os.environ.get("PARAFORMER_EDU_TRAIN_STEPS", 0)) // 2  # five runs: half of chapter 7's
+steps = int(os.environ.get("PARAFORMER_EDU_TRAIN_STEPS", 0)) // 2  # four runs: half of chapter 7's
 budget = (
     {"max_minutes": 0, "max_steps": steps} if steps else {"max_minutes": minutes, "max_steps": 0}
 )
@@ -602,8 +757,7 @@ systems = {  # name: (model kind, settings changed)
     "Paraformer": ("paraformer", {}),
     "CTC": ("ctc", {}),
     "AR": ("ar", {}),
-    "Paraformer, no GLM": ("paraformer", {"glm_lambda": 0.0}),
-    "Paraformer, no CTC loss": ("paraformer", {"ctc_weight": 0.0}),
+    "Paraformer-v2": ("paraformer-v2", {}),
 }
 trainers = {}
 for name, (kind, change) in systems.items():
@@ -633,7 +787,7 @@ print_table(
 # How the three learned, as dev CER against minutes of training
 # ({numref}`fig-ch12-curves`):
 
-# %% mystnb={"figure": {"caption": "Dev CER (300 utterances) against minutes of training on two CPU cores, for the three systems and the two ablations of the Paraformer.", "name": "fig-ch12-curves"}, "image": {"alt": "Line chart of dev character error rate falling with training minutes for five systems."}}
+# %% mystnb={"figure": {"caption": "Dev CER (300 utterances) against minutes of training on two CPU cores, for the Paraformer, the CTC and AR baselines and Paraformer-v2.", "name": "fig-ch12-curves"}, "image": {"alt": "Line chart of dev character error rate falling with training minutes for four systems."}}
 fig, ax = plt.subplots(figsize=(8, 3.6))
 for name, t in trainers.items():
     rows = [r for r in t.log if "dev_cer" in r]
@@ -743,6 +897,52 @@ if min(t.step for t in trainers.values()) >= 1000:  # the stored runs (CI trains
 
 
 # %% [markdown]
+# ## What the gap is made of
+#
+# Why is the Paraformer behind CTC at equal time? It has three places to go wrong: its
+# encoder (shared with CTC), the predictor's token count, and the decoder reading the
+# acoustic embeddings. Each can be taken out in turn on the trained Paraformer: decode
+# it with the **true token count** forced on the predictor (chapter 5's scaling, as in
+# training), which removes counting errors; and decode it by its own **CTC head**
+# (`ctc_view`), which removes the predictor and the decoder and leaves its encoder.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from paraformer_edu.dataset import collate
+from paraformer_edu.metrics import cer
+
+
+@torch.no_grad()
+def oracle_count_texts(model, dataset, tokenizer, batch: int = 50) -> list:
+    """Texts the Paraformer recognises when the predictor is told the true token count."""
+    model.eval()
+    texts = []
+    for k in range(0, len(dataset), batch):
+        b = collate([dataset[i] for i in range(k, min(k + batch, len(dataset)))])
+        h, h_lengths = model.encoder(b["features"], b["feature_lengths"])  # (B, T, D), (B,)
+        N = b["target_lengths"]  # (B,) the true counts
+        E = model.predictor(h, h_lengths, N).embeds  # (B, max N, D): exactly N tokens each
+        logits = model.decoder(E, N, h, h_lengths)  # (B, max N, V)
+        texts += [
+            tokenizer.decode(logits[i, :n].argmax(-1).tolist()) for i, n in enumerate(N.tolist())
+        ]
+    return texts
+
+
+paraformer, test_set = trainers["Paraformer"].model, tests["test"]
+said = scores["Paraformer", 1]["test"]["references"]
+parts = {
+    "Paraformer (its own count)": scores["Paraformer", 1]["test"]["cer"],
+    "Paraformer, true count forced": cer(said, oracle_count_texts(paraformer, test_set, tokenizer)),
+    "its CTC head alone (ctc_view)": evaluate(ctc_view(paraformer), test_set, tokenizer)["cer"],
+    "the CTC model (same minutes)": scores["CTC", 1]["test"]["cer"],
+    "Paraformer-v2 (count from CTC)": scores["Paraformer-v2", 1]["test"]["cer"],
+}
+print_table(list(parts.items()), ["decoding", "test CER"], {"test CER": ".1%"})
+exact = scores["Paraformer", 1]["test"]["length_exact"]
+print(f"the Paraformer's count is exactly right on {exact:.0%} of the test utterances")
+
+# %% [markdown]
 # ## Speed, measured
 #
 # The real-time factor of each decoder (seconds of computing per second of speech,
@@ -785,6 +985,7 @@ runs = {  # decoder: (system, search)
     "CTC prefix beam 4": ("CTC", 4),
     "AR greedy (cached)": ("AR", None),
     "AR beam 4 (cached)": ("AR", 4),
+    "Paraformer-v2": ("Paraformer-v2", None),
 }
 rtf = {
     (name, b): decode_seconds(trainers[system].model, subset, b, search) / audio
@@ -851,6 +1052,34 @@ plt.show()
 # Paraformer's barely moves between 7 and 30 tokens. On recordings of a minute, with
 # hundreds of tokens, the gap would be many times wider.
 
+
+# %% [markdown]
+# ## Ablations
+#
+# What each piece of the Paraformer is worth at this budget, and what its successor
+# changes, is a question of eight training runs: more than a chapter should make its
+# reader wait for. `benchmarks/bench_why_nar.py` trains them one after the other, each for
+# five minutes on two CPU cores from the same seed (the Paraformer, CTC, AR,
+# Paraformer-v2; the Paraformer without the GLM sampler, without the CTC loss, on
+# characters instead of 200 BPE tokens, and on 40-ms frames, LFR 5/4, instead of 60 ms),
+# scores each on the test split and times its decoding, all in one run. Its stored
+# results:
+
+# %%
+bench = json.loads((ROOT / "benchmarks" / "results" / "why_nar.json").read_text())
+print(f"budget {bench['budget']}, {bench['machine']}, {bench['hours']:.1f} hours in all")
+table = {r["system"]: r for r in bench["rows"]}
+print_table(
+    [
+        (name, r["parameters"] / 1e6, r["steps"], d["test_cer"], d["voices_cer"], d["rtf_b1"])
+        for name, r in table.items()
+        for decoder, d in r["decoders"].items()
+        if decoder == "beam 1"
+    ],
+    ["system (greedy)", "M params", "steps", "test CER", "voices CER", "RTF b1"],
+    {"M params": ".2f", "test CER": ".1%", "voices CER": ".1%", "RTF b1": ".4f"},
+)
+cer_of = {name: r["decoders"]["beam 1"]["test_cer"] for name, r in table.items()}
 
 # %% [markdown]
 # ## Summary

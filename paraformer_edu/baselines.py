@@ -298,9 +298,131 @@ def ctc_view(model: Paraformer) -> CTCModel:
     return view
 
 
+import torch.nn.functional as F
+import torchaudio
+
+
+def path_spans(path: list, blank: int = 0) -> list:
+    """(first, last) frame of each token of a frame-level CTC path: runs of one non-blank id.
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+    spans = []
+    for t, token in enumerate(path):
+        if token != blank and (t == 0 or path[t - 1] != token):
+            spans.append([t, t])
+        elif token != blank:
+            spans[-1][1] = t
+    return [tuple(s) for s in spans]
+
+
+def averaging_matrix(spans: list, T: int) -> torch.Tensor:
+    """A (B, N, T) whose row n averages the frames of token n of each utterance's spans.
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+    N = max((len(s) for s in spans), default=0)
+    A = torch.zeros(len(spans), N, T)  # (B, N, T)
+    for b, utterance in enumerate(spans):
+        for n, (first, last) in enumerate(utterance):
+            A[b, n, first : last + 1] = 1.0 / (last - first + 1)
+    return A
+
+
+def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) -> list:
+    """Spans of each reference token on the Viterbi path through log_probs (B, T, V).
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+    spans = []
+    for b, (T, U) in enumerate(zip(lengths.tolist(), target_lengths.tolist())):
+        if U == 0:
+            spans.append([])
+            continue
+        emissions = log_probs[b : b + 1, :T].detach().float().cpu()  # (1, T, V)
+        tokens = targets[b : b + 1, :U].int().cpu()  # (1, U)
+        try:
+            path, _ = torchaudio.functional.forced_align(emissions, tokens, blank=blank)  # (1, T)
+            spans.append(path_spans(path[0].tolist(), blank))
+        except RuntimeError:  # fewer frames than the reference needs: an even split instead
+            spans.append([(u * T // U, max(u * T // U, (u + 1) * T // U - 1)) for u in range(U)])
+    return spans
+
+
+class ParaformerV2(nn.Module):
+    """Paraformer-v2 (An et al., 2024): CTC's token segments, not CIF, give the decoder its queries.
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+
+    def __init__(self, config: ParaformerConfig):
+        super().__init__()
+        if config.ctc_weight <= 0:
+            raise ValueError("Paraformer-v2 needs model.ctc_weight > 0: its queries come from CTC")
+        self.config = c = config
+        d = c.encoder.d_model
+        self.encoder = SANMEncoder(c.encoder)
+        self.ctc = CTCHead(d, c.vocab_size)
+        self.query = nn.Linear(c.vocab_size, d)  # W: averaged log-posteriors -> query
+        self.decoder = ParaformerDecoder(
+            c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
+        )
+
+    def queries(self, log_probs: torch.Tensor, spans: list) -> torch.Tensor:
+        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors."""
+        A = averaging_matrix(spans, log_probs.size(1)).to(log_probs)  # (B, N, T)
+        return self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+
+    def forward(self, features, feature_lengths, targets, target_lengths, generator=None) -> dict:
+        """Training pass: queries from the forced alignment; CE of the decoder plus CTC."""
+        c = self.config
+        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+        log_probs = self.ctc(h)  # (B, T, V)
+        spans = forced_spans(log_probs, h_lengths, targets, target_lengths)
+        E = self.queries(log_probs, spans)  # (B, N, D) with N = max |y|
+        logits = self.decoder(E, target_lengths, h, h_lengths)  # (B, N, V)
+        targets = targets[:, : logits.size(1)]  # (B, N)
+        loss_ce = label_smoothing_loss(logits, targets, target_lengths, c.label_smoothing)
+        loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths)
+        accuracy = token_accuracy(logits.detach(), targets, target_lengths)
+        zero = loss_ce.new_zeros(())
+        return {
+            "loss": (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc,
+            "loss_ce": loss_ce,
+            "loss_quantity": zero,
+            "loss_ctc": loss_ctc,
+            "accuracy": accuracy,
+            "accuracy_first_pass": accuracy,
+            "glm_replaced": zero,
+        }
+
+    @torch.no_grad()
+    def recognize(self, features, feature_lengths, search=None) -> list:
+        """Token ids and (start, end) seconds per utterance: CTC's greedy segments, one decoder pass."""
+        if search is not None:
+            raise ValueError("ParaformerV2.recognize decodes greedily: pass search=None")
+        was_training = self.training
+        self.eval()
+        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+        log_probs = self.ctc(h)  # (B, T, V)
+        paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
+        spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
+        counts = torch.tensor([len(s) for s in spans])  # (B,)
+        ids = [[] for _ in spans]
+        if counts.max() > 0:
+            logits = self.decoder(self.queries(log_probs, spans), counts, h, h_lengths)  # (B, N, V)
+            ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
+        self.train(was_training)
+        shift = self.config.frame_shift
+        return [
+            Hypothesis(ids[b], [(first * shift, (last + 1) * shift) for first, last in spans[b]])
+            for b in range(len(spans))
+        ]
+
+
 from paraformer_edu.training import Trainer
 
-MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel}
+MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel, "paraformer-v2": ParaformerV2}
 
 
 class BaselineTrainer(Trainer):
@@ -322,16 +444,8 @@ class BaselineTrainer(Trainer):
         )
 
     def _evaluate_and_save(self) -> None:
-        """Evaluate on dev and log the row; no checkpoint."""
-        scores = self.evaluate()
-        row = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "train_seconds": self.train_seconds,
-            **{f"dev_{k}": v for k, v in scores.items() if not isinstance(v, list)},
-        }
-        self.log.append(row)
-        self._append_jsonl(row)
+        """Evaluate on dev and log the row (chapter 7); no checkpoint."""
+        self._evaluate_and_log()
 
 
 import time
@@ -368,6 +482,10 @@ __all__ = [
     "extend_beams",
     "CTCModel",
     "ctc_view",
+    "path_spans",
+    "averaging_matrix",
+    "forced_spans",
+    "ParaformerV2",
     "MODELS",
     "BaselineTrainer",
     "decode_seconds",

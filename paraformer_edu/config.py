@@ -68,6 +68,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 2  # CPU threads (torch.set_num_threads)
+    precision: str = "auto"  # auto = bfloat16 autocast on a GPU that has it, else float32
 
 
 @dataclass(frozen=True)

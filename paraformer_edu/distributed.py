@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from paraformer_edu.training import Trainer, move_batch, warmup_lr
+from paraformer_edu.training import Trainer, autocast, move_batch, warmup_lr
 
 
 def shard_batch(batch: dict, parts: int) -> list[dict]:
@@ -115,13 +115,14 @@ class DistributedTrainer(Trainer):
             b = move_batch(piece, self.device)
             last = i == len(pieces) - 1
             with contextlib.nullcontext() if last or self.world == 1 else self.ddp.no_sync():
-                out = self.ddp(
-                    b["features"],
-                    b["feature_lengths"],
-                    b["targets"],
-                    b["target_lengths"],
-                    self.generator,
-                )
+                with autocast(self.device, self.precision):  # bfloat16 on a GPU (chapter 7)
+                    out = self.ddp(
+                        b["features"],
+                        b["feature_lengths"],
+                        b["targets"],
+                        b["target_lengths"],
+                        self.generator,
+                    )
                 out["loss"] = (1 - c.ctc_weight) * k * out["loss_ce"] + u * (
                     c.ctc_weight * out["loss_ctc"] + c.quantity_weight * out["loss_quantity"]
                 )

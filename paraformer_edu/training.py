@@ -19,10 +19,10 @@ from tqdm import tqdm
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
-from paraformer_edu.features import Frontend, SpecAugment
+from paraformer_edu.features import N_MELS, Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import cer, sentence_accuracy, wer
-from paraformer_edu.model import Paraformer
+from paraformer_edu.model import Paraformer, ParaformerConfig
 from paraformer_edu.tokenizer import default_tokenizer
 
 
@@ -42,6 +42,44 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     Defined in chapter 7, "Training the model".
     """
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def frame_settings(model: ParaformerConfig) -> dict:
+    """The LFR stacking (lfr_m, lfr_n) that a model's input size and frame shift imply.
+
+    Defined in chapter 7, "Training the model".
+    """
+    lfr_m, rest = divmod(model.encoder.d_input, N_MELS)  # mel frames stacked into one
+    lfr_n = round(model.frame_shift / 0.01)  # 10-ms frames skipped between stacks
+    if rest or lfr_m < 1 or lfr_n < 1 or not math.isclose(lfr_n * 0.01, model.frame_shift):
+        raise ValueError(
+            f"model.encoder.d_input={model.encoder.d_input} must be a multiple of {N_MELS} "
+            f"and model.frame_shift={model.frame_shift} a multiple of 0.01 s "
+            "(LFR stacks d_input / 80 mel frames every frame_shift): e.g. 560 and 0.06, 400 and 0.04"
+        )
+    return {"lfr_m": lfr_m, "lfr_n": lfr_n}
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The forward pass's number format: 'auto' is bfloat16 on a GPU that supports it, else float32.
+
+    Defined in chapter 7, "Training the model".
+    """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"training.precision={precision!r}: choose auto, float32 or bfloat16")
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bfloat16" if cuda_bf16 else "float32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the forward pass: bfloat16 matrix products if precision is 'bfloat16'.
+
+    Defined in chapter 7, "Training the model".
+    """
+    enabled = precision == "bfloat16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
@@ -103,6 +141,7 @@ class Trainer:
         self.config, self.out_dir, t = config, Path(out_dir), config.training
         disk = config.data.features_on_disk
         self.device = choose_device(t.device)
+        self.precision = resolve_precision(self.device, t.precision)
         if config.data.accumulate != 1 and type(self) is Trainer:
             raise ValueError("data.accumulate needs paraformer_edu.distributed (chapter 11)")
         self.manifests = manifests or training_manifests(config.data.corpus)
@@ -122,7 +161,12 @@ class Trainer:
         self.frontend = (
             start[2]
             if start
-            else Frontend.fit(self.manifests["train"], config.data.cmvn_utterances, disk)
+            else Frontend.fit(
+                self.manifests["train"],
+                config.data.cmvn_utterances,
+                disk,
+                **frame_settings(config.model),
+            )
         )
         augment = SpecAugment() if config.data.spec_augment else None
         self.train_set = SpeechDataset(
@@ -176,9 +220,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         b = move_batch(batch, self.device)
-        out = self.model(
-            b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
-        )
+        with autocast(self.device, self.precision):
+            out = self.model(
+                b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
+            )
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -274,8 +319,8 @@ class Trainer:
         self.log.append(row)
         self._append_jsonl(row)
 
-    def _evaluate_and_save(self) -> None:
-        """Evaluate on dev, log it, save the latest checkpoint and, if dev CER improved, the best."""
+    def _evaluate_and_log(self) -> dict:
+        """Evaluate on dev and append the scores to the log; the scores."""
         scores = self.evaluate()
         row = {
             "step": self.step,
@@ -285,6 +330,11 @@ class Trainer:
         }
         self.log.append(row)
         self._append_jsonl(row)
+        return scores
+
+    def _evaluate_and_save(self) -> None:
+        """Evaluate and log; save the latest checkpoint and, if dev CER improved, the best."""
+        scores = self._evaluate_and_log()
         self.save(self.out_dir / "latest.pt")
         if scores["cer"] < self.best_cer:
             self.best_cer = scores["cer"]
@@ -375,6 +425,9 @@ def step_seconds(wall: float, cpu: float) -> float:
 __all__ = [
     "choose_device",
     "move_batch",
+    "frame_settings",
+    "resolve_precision",
+    "autocast",
     "warmup_lr",
     "evaluate",
     "Trainer",

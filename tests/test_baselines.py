@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from paraformer_edu.attention import causal_mask
-from paraformer_edu.baselines import (ARModel, BaselineTrainer, CTCModel, ar_beam_search, ar_greedy, ctc_view,
-                                      teacher_forcing)
+from paraformer_edu.baselines import (ARModel, BaselineTrainer, CTCModel, ParaformerV2, ar_beam_search, ar_greedy,
+                                      averaging_matrix, ctc_view, forced_spans, path_spans, teacher_forcing)
+from paraformer_edu.corpora import ctc_forced_align
 from paraformer_edu.config import load_config
 from paraformer_edu.encoder import ctc_greedy_decode
 from paraformer_edu.model import Paraformer
@@ -121,10 +122,64 @@ def test_ctc_view_shares_the_paraformer_weights():
         assert [r.token_ids for r in view.recognize(X, lengths)] == ctc_greedy_decode(model.ctc(h), h_lengths)
 
 
-@pytest.mark.parametrize("kind", ["paraformer", "ctc", "ar"])
+def test_path_spans_and_averaging_against_a_plain_loop():
+    torch.manual_seed(2)
+    for _ in range(20):
+        path = torch.randint(0, 4, (25,)).tolist()  # blank 0 and three tokens, repeats and all
+        tokens, spans, previous = [], [], 0
+        for t, p in enumerate(path):  # CTC's collapse, by hand: a new token where the id changes
+            if p != 0 and p != previous:
+                tokens.append(p)
+                spans.append([t, t])
+            elif p != 0:
+                spans[-1][1] = t
+            previous = p
+        assert path_spans(path) == [tuple(s) for s in spans]
+        A = averaging_matrix([path_spans(path)], 25)[0]  # (N, 25)
+        log_probs = torch.randn(25, 6)
+        expected = [log_probs[a:b + 1].mean(0) for a, b in spans]
+        assert len(expected) == 0 or torch.allclose(A @ log_probs, torch.stack(expected), atol=1e-6)
+
+
+def test_forced_spans_equal_chapter_11s_viterbi():
+    """torchaudio's forced alignment (used in training) against chapter 11's own Viterbi."""
+    torch.manual_seed(3)
+    log_probs = torch.randn(4, 40, 10).log_softmax(-1)  # (B, T, V)
+    targets = torch.tensor([[3, 3, 5, 1], [2, 7, 0, 0], [9, 9, 9, 4], [6, 0, 0, 0]])
+    target_lengths, lengths = torch.tensor([4, 2, 4, 0]), torch.tensor([40, 25, 12, 30])
+    got = forced_spans(log_probs, lengths, targets, target_lengths)
+    for b in range(4):
+        U, T = int(target_lengths[b]), int(lengths[b])
+        expected = ctc_forced_align(log_probs[b, :T], targets[b, :U].tolist()) if U else []
+        assert got[b] == expected
+    # too few frames for the reference: an even split, one span per token, no error
+    short = forced_spans(log_probs[:1, :3], torch.tensor([3]), targets[:1], torch.tensor([4]))
+    assert len(short[0]) == 4
+
+
+def test_paraformer_v2_batches_equal_one_by_one_and_needs_ctc():
+    torch.manual_seed(4)
+    config = load_config(RECIPE, SMALL).model
+    model = ParaformerV2(config).eval()
+    X, lengths = torch.randn(3, 30, 560), torch.tensor([30, 22, 9])
+    batched = model.recognize(X, lengths)
+    for b in range(3):
+        n = int(lengths[b])
+        alone = model.recognize(X[b:b + 1, :n], lengths[b:b + 1])[0]
+        assert alone.token_ids == batched[b].token_ids and alone.timestamps == batched[b].timestamps
+    with torch.no_grad():  # as many tokens as CTC's greedy path holds
+        h, h_lengths = model.encoder(X, lengths)
+        counts = [len(ids) for ids in ctc_greedy_decode(model.ctc(h), h_lengths)]
+    assert [len(r.token_ids) for r in batched] == counts
+    with pytest.raises(ValueError, match="ctc_weight > 0"):
+        ParaformerV2(load_config(RECIPE, SMALL + ["model.ctc_weight=0"]).model)
+
+
+@pytest.mark.parametrize("kind", ["paraformer", "ctc", "ar", "paraformer-v2"])
 def test_the_baseline_trainer_trains_each_kind_on_the_same_batches(kind, tmp_path):
     trainer = BaselineTrainer(load_config(RECIPE, TINY), tmp_path / kind, kind)
-    assert type(trainer.model).__name__ == {"paraformer": "Paraformer", "ctc": "CTCModel", "ar": "ARModel"}[kind]
+    names = {"paraformer": "Paraformer", "ctc": "CTCModel", "ar": "ARModel", "paraformer-v2": "ParaformerV2"}
+    assert type(trainer.model).__name__ == names[kind]
     log = trainer.train(max_steps=12)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns

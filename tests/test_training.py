@@ -171,6 +171,22 @@ def test_training_logs_every_loss_part_and_checkpoints(tiny):
     assert len(lines) == len(tiny.log) and json.loads(lines[-1])["step"] == 6
 
 
+def test_precision_auto_is_float32_on_cpu_and_bfloat16_trains_close_to_it(tmp_path):
+    """training.precision (mixed precision on GPUs): auto changes nothing on a CPU; bfloat16 autocast
+    gives the same first loss within bfloat16's rounding; an unknown format is refused by name."""
+    losses = {}
+    for precision in ("float32", "auto", "bfloat16"):
+        trainer = Trainer(load_config(RECIPE, TINY + [f"training.precision={precision}"]), tmp_path / precision)
+        trainer.train(max_minutes=0, max_steps=2)
+        losses[precision] = [r["loss"] for r in trainer.log if "loss" in r]
+    assert trainer.precision == "bfloat16"
+    assert losses["auto"] == losses["float32"]
+    assert all(np.isfinite(losses["bfloat16"]))
+    assert losses["bfloat16"][0] == pytest.approx(losses["float32"][0], rel=0.03)
+    with pytest.raises(ValueError, match="training.precision='fp8'.*auto, float32 or bfloat16"):
+        Trainer(load_config(RECIPE, TINY + ["training.precision=fp8"]), tmp_path / "bad")
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     config = load_config(RECIPE, TINY)
     straight = Trainer(config, tmp_path / "a")

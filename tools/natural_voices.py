@@ -8,7 +8,8 @@ voices. Festival comes from Debian, not PyPI, so this is a script, not a chapter
     apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
     python tools/natural_voices.py [--steps 2000] [--sentences 4000] [--out runs/natural]
 
-It writes OUT/results.json and prints one table.
+It writes OUT/results.json and benchmarks/results/natural_voices.json (the copy chapter 11
+shows) and prints one table.
 """
 
 import argparse
@@ -122,8 +123,10 @@ def main() -> None:
     sets = {"real recordings": real_recordings(), "Festival voices (test)": festival["test"],
             "espeak-ng voices (test)": book["test"]}
     results = {m: {s: score(ckpt, manifest) for s, manifest in sets.items()} for m, ckpt in models.items()}
-    (out / "results.json").write_text(json.dumps({"steps": args.steps, "festival_sentences": args.sentences,
-                                                  "voices": VOICES, "results": results}, indent=1))
+    text = json.dumps({"steps": args.steps, "festival_sentences": args.sentences, "voices": VOICES,
+                       "results": results}, indent=1)
+    (out / "results.json").write_text(text)
+    (ROOT / "benchmarks" / "results" / "natural_voices.json").write_text(text + "\n")
     print(f"{'model':34}" + "".join(f"{s:>26}" for s in sets))
     for m, r in results.items():
         print(f"{m:34}" + "".join(f"{r[s]['cer']:>26.1%}" for s in sets))
