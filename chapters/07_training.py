@@ -598,8 +598,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The forward pass's number format: 'auto' is bfloat16 on a GPU that supports it, else float32."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"training.precision={precision!r}: choose auto, float32 or bfloat16")
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":  # bfloat16 in hardware: compute capability 8 (Ampere) or later
+        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return "bfloat16" if cuda_bf16 else "float32"
     return precision
 
@@ -826,8 +826,14 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
 
 # %%
 #| export checkpoint
-def model_from_checkpoint(payload: dict, config: Config | None = None):
+def model_from_checkpoint(payload: dict, config: Config | None = None, model_class=None):
     """(model, tokenizer, frontend, config) from a checkpoint; config, if given, must match it."""
+    kind = payload.get("kind", "paraformer")  # chapter 12's baselines record theirs
+    if model_class is None and kind != "paraformer":
+        raise CheckpointError(
+            f"the checkpoint holds a {kind!r} model (chapter 12), not a Paraformer: load it with "
+            "paraformer_edu.baselines.load_baseline, or evaluate it with --decoder"
+        )
     stored = config_from_dict(payload["config"])
     if config is not None and config.model != stored.model:
         theirs, ours = flat_settings(config_to_dict(stored)), flat_settings(config_to_dict(config))
@@ -848,7 +854,7 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
             f"the checkpoint's vocabulary has {tokenizer.vocab_size} tokens but its model "
             f"{stored.model.vocab_size}: the file is inconsistent"
         )
-    model = Paraformer(stored.model)
+    model = (model_class or Paraformer)(stored.model)
     weights, expected = payload["model"], model.state_dict()
     misfits = [
         f"{k}: checkpoint {tuple(weights[k].shape) if k in weights else 'missing'}, model "
@@ -976,6 +982,8 @@ def add_to_class(cls):
 #| export
 class Trainer:
     """Trains a Paraformer: batches, warm-up, clipping, dev evaluations, checkpoints, resume."""
+
+    kind = "paraformer"  # recorded in its checkpoints (chapter 12 trains other models)
 
     def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
         self.config, self.out_dir, t = config, Path(out_dir), config.training
@@ -1245,6 +1253,7 @@ def _evaluate_and_save(self) -> None:
             self.config,
             step=self.step,
             dev_cer=scores["cer"],
+            kind=self.kind,
         )
 
 
@@ -1283,6 +1292,7 @@ def save(self, path) -> None:
             "glm_rng": self.generator.get_state(),
             "cuda_rng": self.cuda_rng_state if self.cuda else [],
         },
+        kind=self.kind,
     )
     # the recipe, readable beside its checkpoint
     save_config(self.config, Path(path).parent / "config.yaml")

@@ -26,7 +26,10 @@
 #   fills all positions in one pass.
 #
 # All three are trained by the same loop, on the same batches, for the same time; then
-# their accuracy and their decoding speed are measured in one run.
+# their accuracy and their decoding speed are measured in one run. A fourth system,
+# **Paraformer-v2**, the Paraformer's successor, takes the token count and the decoder's
+# queries from the CTC head instead of the predictor; and the pieces of the Paraformer
+# (the GLM sampler, the CTC loss, its units and its frame rate) are ablated.
 #
 # ## Learning goals
 #
@@ -38,6 +41,8 @@
 #   search, and check both against slower references;
 # - say where each decoder spends its time, and why a sequential decoder's cost grows
 #   with the number of output tokens while a parallel decoder's does not;
+# - build Paraformer-v2's queries from CTC segments (forced alignment in training, the
+#   greedy path at inference), and take a model's errors apart: count, encoder, decoder;
 # - measure accuracy and real-time factor of several systems fairly: the same encoder,
 #   data, budget and machine.
 
@@ -541,13 +546,16 @@ def ctc_view(model: Paraformer) -> CTCModel:
 #
 # The Paraformer's predictor learns where the tokens are from one number per utterance,
 # the quantity loss; its CTC head, trained beside it, learns the same thing frame by
-# frame, and then only serves as an auxiliary loss. **Paraformer-v2** (An et al., 2024,
-# arXiv 2409.17746) lets the CTC head do the predictor's job: the frames where CTC emits
+# frame, and then only serves as an auxiliary loss. **Paraformer-v2**
+# {cite:p}`an2024paraformerv2` lets the CTC head do the predictor's job: the frames where CTC emits
 # token $n$, from $s_n$ to $e_n$, make the decoder's query for that token, the average of
-# their CTC log-posteriors projected to the model width by a linear layer $W$:
+# their CTC log-posteriors projected to the model width by a linear layer $W$, plus the
+# positional encoding of position $n$ (chapter 3; chapter 6's decoder has none of its own,
+# and averaged posteriors do not say where in the sentence a token stands):
 #
 # $$
-# e_n = W \, \frac{1}{e_n - s_n + 1} \sum_{t = s_n}^{e_n} \log p_{\text{ctc}}(\cdot \mid h_t).
+# q_n = W \, \frac{1}{e_n - s_n + 1} \sum_{t = s_n}^{e_n} \log p_{\text{ctc}}(\cdot \mid h_t)
+#   + \mathrm{PE}_n.
 # $$
 #
 # At inference the frames come from CTC's greedy path (so the token count is CTC's); in
@@ -560,7 +568,6 @@ def ctc_view(model: Paraformer) -> CTCModel:
 
 # %%
 #| export
-import torch.nn.functional as F
 import torchaudio
 
 
@@ -587,18 +594,16 @@ def averaging_matrix(spans: list, T: int) -> torch.Tensor:
 
 def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) -> list:
     """Spans of each reference token on the Viterbi path through log_probs (B, T, V)."""
+    log_probs, targets = log_probs.detach().float().cpu(), targets.int().cpu()  # (B, T, V), (B, U)
     spans = []
     for b, (T, U) in enumerate(zip(lengths.tolist(), target_lengths.tolist())):
-        if U == 0:
-            spans.append([])
-            continue
-        emissions = log_probs[b : b + 1, :T].detach().float().cpu()  # (1, T, V)
-        tokens = targets[b : b + 1, :U].int().cpu()  # (1, U)
-        try:
-            path, _ = torchaudio.functional.forced_align(emissions, tokens, blank=blank)  # (1, T)
-            spans.append(path_spans(path[0].tolist(), blank))
-        except RuntimeError:  # fewer frames than the reference needs: an even split instead
+        y = targets[b : b + 1, :U]  # (1, U)
+        needed = U + int((y[0, 1:] == y[0, :-1]).sum())  # a blank between repeated tokens
+        if U == 0 or T < needed:  # no path spells it: an even split of the frames instead
             spans.append([(u * T // U, max(u * T // U, (u + 1) * T // U - 1)) for u in range(U)])
+            continue
+        path, _ = torchaudio.functional.forced_align(log_probs[b : b + 1, :T], y, blank=blank)
+        spans.append(path_spans(path[0].tolist(), blank))  # path (1, T)
     return spans
 
 
@@ -606,9 +611,11 @@ def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) ->
 # On a made-up path with a repeated token (`7 7` must be split by a blank to mean two
 # tokens, as in chapter 4's CTC), the spans and the averaging; then the forced alignment
 # of two references to random posteriors: one span per reference token, in order, the
-# repeated token split by a blank frame, nothing past an utterance's last frame.
+# repeated token split by a blank frame, and the same spans as chapter 11's Viterbi.
 
 # %%
+from paraformer_edu.corpora import ctc_forced_align
+
 path = [0, 5, 5, 0, 7, 0, 7, 7, 0, 0, 9]
 spans = path_spans(path)
 A = averaging_matrix([spans], len(path))  # (1, 4, 11)
@@ -623,7 +630,12 @@ aligned = forced_spans(log_probs, torch.tensor([30, 20]), reference, reference_l
 print("forced spans:", aligned)
 in_order = all(a[1] < b[0] for s in aligned for a, b in zip(s, s[1:]))
 split = aligned[0][0][1] + 1 < aligned[0][1][0]  # the repeated 3: a blank frame between
-assert [len(s) for s in aligned] == [4, 2] and in_order and split and aligned[1][-1][1] < 20
+same = aligned == [
+    ctc_forced_align(log_probs[b, :T], reference[b, :U].tolist())  # chapter 11's own Viterbi
+    for b, (T, U) in enumerate([(30, 4), (20, 2)])
+]
+print(f"equal to chapter 11's Viterbi (ctc_forced_align): {same}")
+assert [len(s) for s in aligned] == [4, 2] and in_order and split and same
 
 # %% [markdown]
 # The model: chapter 6's encoder, CTC head and decoder, and the projection $W$.
@@ -645,11 +657,13 @@ class ParaformerV2(nn.Module):
         self.decoder = ParaformerDecoder(
             c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
         )
+        self.register_buffer("pe", sinusoidal_positional_encoding(512, d), persistent=False)
 
     def queries(self, log_probs: torch.Tensor, spans: list) -> torch.Tensor:
-        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors."""
+        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors, plus PE."""
         A = averaging_matrix(spans, log_probs.size(1)).to(log_probs)  # (B, N, T)
-        return self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+        q = self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+        return q + self.pe[: q.size(1)]  # (B, N, D)
 
     def forward(self, features, feature_lengths, targets, target_lengths, generator=None) -> dict:
         """Training pass: queries from the forced alignment; CE of the decoder plus CTC."""
@@ -681,21 +695,22 @@ class ParaformerV2(nn.Module):
             raise ValueError("ParaformerV2.recognize decodes greedily: pass search=None")
         was_training = self.training
         self.eval()
-        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
-        log_probs = self.ctc(h)  # (B, T, V)
-        paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
-        spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
-        counts = torch.tensor([len(s) for s in spans])  # (B,)
-        ids = [[] for _ in spans]
-        if counts.max() > 0:
-            logits = self.decoder(self.queries(log_probs, spans), counts, h, h_lengths)  # (B, N, V)
-            ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
-        self.train(was_training)
-        shift = self.config.frame_shift
-        return [
-            Hypothesis(ids[b], [(first * shift, (last + 1) * shift) for first, last in spans[b]])
-            for b in range(len(spans))
-        ]
+        try:
+            h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+            log_probs = self.ctc(h)  # (B, T, V)
+            paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
+            spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
+            counts = torch.tensor([len(s) for s in spans], device=h.device)  # (B,)
+            ids = [[] for _ in spans]
+            if counts.max() > 0:
+                E = self.queries(log_probs, spans)  # (B, N, D)
+                logits = self.decoder(E, counts, h, h_lengths)  # (B, N, V)
+                ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
+        finally:
+            self.train(was_training)
+        s = self.config.frame_shift
+        stamps = [[(round(i * s, 3), round((j + 1) * s, 3)) for i, j in row] for row in spans]
+        return [Hypothesis(ids[b], stamps[b]) for b in range(len(spans))]
 
 
 # %% [markdown]
@@ -703,11 +718,14 @@ class ParaformerV2(nn.Module):
 #
 # Fairness is by construction: chapter 7's `Trainer` trains all four. `BaselineTrainer`
 # builds the trainer as usual (data, tokenizer, CMVN, batches, schedule) and swaps the
-# model for the one asked for, created from the same seed; its evaluations are logged
-# but not written as checkpoints (chapter 7's checkpoints hold a Paraformer).
+# model for the one asked for, created from the same seed. Its checkpoints record the
+# model's kind, so that `load_baseline` rebuilds the right model from one (and
+# `python -m paraformer_edu evaluate --decoder ar` decodes an AR checkpoint).
 
 # %%
 #| export
+from paraformer_edu.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.training import Trainer
 
 MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel, "paraformer-v2": ParaformerV2}
@@ -720,7 +738,7 @@ class BaselineTrainer(Trainer):
         if kind not in MODELS:
             raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODELS)}")
         super().__init__(config, out_dir, manifests)
-        self.kind, t = kind, config.training
+        self.kind, t = kind, config.training  # its checkpoints record the kind
         with torch.random.fork_rng(devices=self.cuda):
             torch.manual_seed(t.seed)
             self.model = MODELS[kind](config.model).to(self.device)
@@ -728,9 +746,26 @@ class BaselineTrainer(Trainer):
             self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9
         )
 
-    def _evaluate_and_save(self) -> None:
-        """Evaluate on dev and log the row (chapter 7); no checkpoint."""
-        self._evaluate_and_log()
+    @classmethod
+    def resume(cls, *args, **kwargs):
+        """Not offered: a baseline run is short and starts afresh (chapter 7's Trainer resumes)."""
+        raise NotImplementedError(
+            "BaselineTrainer runs start afresh; Trainer.resume resumes Paraformers"
+        )
+
+
+def load_baseline(path, device: str = "cpu") -> Recognizer:
+    """A Recognizer for a checkpoint of any of MODELS; its `kind` says which model it holds."""
+    payload = load_checkpoint(path)
+    kind = payload.get("kind", "paraformer")
+    if kind not in MODELS:
+        raise CheckpointError(
+            f"{path} holds a model of unknown kind {kind!r}: not one of {sorted(MODELS)}"
+        )
+    model, tokenizer, frontend, config = model_from_checkpoint(payload, model_class=MODELS[kind])
+    recognizer = Recognizer(model, tokenizer, frontend, config, device)
+    recognizer.kind = kind
+    return recognizer
 
 
 # %% [markdown]

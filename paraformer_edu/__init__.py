@@ -29,7 +29,7 @@ file, hand-written, gathers the public API:
 - `corpora` (chapter 11): real corpora (LibriSpeech, LJSpeech, Common Voice, JSON lines) into checked manifests,
   bad rows reported with their file and line; the real recordings of PyPI's pocketsphinx source package;
 - `baselines` (chapter 12): the CTC and autoregressive baselines (key/value-cached greedy decoding, batched
-  length-normalised beam search), `BaselineTrainer`, `decode_seconds`;
+  length-normalised beam search), Paraformer-v2 (queries from CTC segments), `BaselineTrainer`, `decode_seconds`;
 - `distributed` (chapter 11): `DistributedTrainer`, data parallelism under torchrun and gradient accumulation that
   train the same model as one process;
 - `display` (hand-written, needs IPython and matplotlib; not imported here): the chapters' figure
@@ -44,7 +44,7 @@ from . import (attention, audio, baselines, beam_search, checkpoint, config, cor
                tokenizer, training, transcription)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
-from .baselines import ARModel, BaselineTrainer, CTCModel
+from .baselines import ARModel, BaselineTrainer, CTCModel, ParaformerV2
 from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
 from .checkpoint import CheckpointError
 from .config import Config, load_config
@@ -97,5 +97,5 @@ __all__ = [
     # chapter 11
     "CorpusError", "prepare_manifest", "prepare_corpus", "real_recordings", "DistributedTrainer",
     # chapter 12
-    "ARModel", "CTCModel", "BaselineTrainer",
+    "ARModel", "CTCModel", "ParaformerV2", "BaselineTrainer",
 ]

@@ -298,7 +298,6 @@ def ctc_view(model: Paraformer) -> CTCModel:
     return view
 
 
-import torch.nn.functional as F
 import torchaudio
 
 
@@ -334,18 +333,16 @@ def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) ->
 
     Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
     """
+    log_probs, targets = log_probs.detach().float().cpu(), targets.int().cpu()  # (B, T, V), (B, U)
     spans = []
     for b, (T, U) in enumerate(zip(lengths.tolist(), target_lengths.tolist())):
-        if U == 0:
-            spans.append([])
-            continue
-        emissions = log_probs[b : b + 1, :T].detach().float().cpu()  # (1, T, V)
-        tokens = targets[b : b + 1, :U].int().cpu()  # (1, U)
-        try:
-            path, _ = torchaudio.functional.forced_align(emissions, tokens, blank=blank)  # (1, T)
-            spans.append(path_spans(path[0].tolist(), blank))
-        except RuntimeError:  # fewer frames than the reference needs: an even split instead
+        y = targets[b : b + 1, :U]  # (1, U)
+        needed = U + int((y[0, 1:] == y[0, :-1]).sum())  # a blank between repeated tokens
+        if U == 0 or T < needed:  # no path spells it: an even split of the frames instead
             spans.append([(u * T // U, max(u * T // U, (u + 1) * T // U - 1)) for u in range(U)])
+            continue
+        path, _ = torchaudio.functional.forced_align(log_probs[b : b + 1, :T], y, blank=blank)
+        spans.append(path_spans(path[0].tolist(), blank))  # path (1, T)
     return spans
 
 
@@ -367,11 +364,13 @@ class ParaformerV2(nn.Module):
         self.decoder = ParaformerDecoder(
             c.vocab_size, d, c.decoder_layers, c.decoder_heads, c.decoder_ffn, c.decoder_dropout
         )
+        self.register_buffer("pe", sinusoidal_positional_encoding(512, d), persistent=False)
 
     def queries(self, log_probs: torch.Tensor, spans: list) -> torch.Tensor:
-        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors."""
+        """Decoder queries (B, N, D): W times each token's average CTC log-posteriors, plus PE."""
         A = averaging_matrix(spans, log_probs.size(1)).to(log_probs)  # (B, N, T)
-        return self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+        q = self.query(A @ log_probs.detach())  # (B, N, V) -> (B, N, D)
+        return q + self.pe[: q.size(1)]  # (B, N, D)
 
     def forward(self, features, feature_lengths, targets, target_lengths, generator=None) -> dict:
         """Training pass: queries from the forced alignment; CE of the decoder plus CTC."""
@@ -403,23 +402,26 @@ class ParaformerV2(nn.Module):
             raise ValueError("ParaformerV2.recognize decodes greedily: pass search=None")
         was_training = self.training
         self.eval()
-        h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
-        log_probs = self.ctc(h)  # (B, T, V)
-        paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
-        spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
-        counts = torch.tensor([len(s) for s in spans])  # (B,)
-        ids = [[] for _ in spans]
-        if counts.max() > 0:
-            logits = self.decoder(self.queries(log_probs, spans), counts, h, h_lengths)  # (B, N, V)
-            ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
-        self.train(was_training)
-        shift = self.config.frame_shift
-        return [
-            Hypothesis(ids[b], [(first * shift, (last + 1) * shift) for first, last in spans[b]])
-            for b in range(len(spans))
-        ]
+        try:
+            h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
+            log_probs = self.ctc(h)  # (B, T, V)
+            paths = log_probs.argmax(-1).tolist()  # (B, T) greedy path
+            spans = [path_spans(paths[b][:n]) for b, n in enumerate(h_lengths.tolist())]
+            counts = torch.tensor([len(s) for s in spans], device=h.device)  # (B,)
+            ids = [[] for _ in spans]
+            if counts.max() > 0:
+                E = self.queries(log_probs, spans)  # (B, N, D)
+                logits = self.decoder(E, counts, h, h_lengths)  # (B, N, V)
+                ids = [logits[b, :n].argmax(-1).tolist() for b, n in enumerate(counts.tolist())]
+        finally:
+            self.train(was_training)
+        s = self.config.frame_shift
+        stamps = [[(round(i * s, 3), round((j + 1) * s, 3)) for i, j in row] for row in spans]
+        return [Hypothesis(ids[b], stamps[b]) for b in range(len(spans))]
 
 
+from paraformer_edu.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from paraformer_edu.inference import Recognizer
 from paraformer_edu.training import Trainer
 
 MODELS = {"paraformer": Paraformer, "ctc": CTCModel, "ar": ARModel, "paraformer-v2": ParaformerV2}
@@ -435,7 +437,7 @@ class BaselineTrainer(Trainer):
         if kind not in MODELS:
             raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODELS)}")
         super().__init__(config, out_dir, manifests)
-        self.kind, t = kind, config.training
+        self.kind, t = kind, config.training  # its checkpoints record the kind
         with torch.random.fork_rng(devices=self.cuda):
             torch.manual_seed(t.seed)
             self.model = MODELS[kind](config.model).to(self.device)
@@ -443,9 +445,29 @@ class BaselineTrainer(Trainer):
             self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9
         )
 
-    def _evaluate_and_save(self) -> None:
-        """Evaluate on dev and log the row (chapter 7); no checkpoint."""
-        self._evaluate_and_log()
+    @classmethod
+    def resume(cls, *args, **kwargs):
+        """Not offered: a baseline run is short and starts afresh (chapter 7's Trainer resumes)."""
+        raise NotImplementedError(
+            "BaselineTrainer runs start afresh; Trainer.resume resumes Paraformers"
+        )
+
+
+def load_baseline(path, device: str = "cpu") -> Recognizer:
+    """A Recognizer for a checkpoint of any of MODELS; its `kind` says which model it holds.
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+    payload = load_checkpoint(path)
+    kind = payload.get("kind", "paraformer")
+    if kind not in MODELS:
+        raise CheckpointError(
+            f"{path} holds a model of unknown kind {kind!r}: not one of {sorted(MODELS)}"
+        )
+    model, tokenizer, frontend, config = model_from_checkpoint(payload, model_class=MODELS[kind])
+    recognizer = Recognizer(model, tokenizer, frontend, config, device)
+    recognizer.kind = kind
+    return recognizer
 
 
 import time
@@ -488,5 +510,6 @@ __all__ = [
     "ParaformerV2",
     "MODELS",
     "BaselineTrainer",
+    "load_baseline",
     "decode_seconds",
 ]

@@ -132,11 +132,17 @@ def tokenizer_from_lines(kind: str, lines: list[str]):
         raise CheckpointError(str(error)) from None
 
 
-def model_from_checkpoint(payload: dict, config: Config | None = None):
+def model_from_checkpoint(payload: dict, config: Config | None = None, model_class=None):
     """(model, tokenizer, frontend, config) from a checkpoint; config, if given, must match it.
 
     Defined in chapter 7, "Training the model".
     """
+    kind = payload.get("kind", "paraformer")  # chapter 12's baselines record theirs
+    if model_class is None and kind != "paraformer":
+        raise CheckpointError(
+            f"the checkpoint holds a {kind!r} model (chapter 12), not a Paraformer: load it with "
+            "paraformer_edu.baselines.load_baseline, or evaluate it with --decoder"
+        )
     stored = config_from_dict(payload["config"])
     if config is not None and config.model != stored.model:
         theirs, ours = flat_settings(config_to_dict(stored)), flat_settings(config_to_dict(config))
@@ -157,7 +163,7 @@ def model_from_checkpoint(payload: dict, config: Config | None = None):
             f"the checkpoint's vocabulary has {tokenizer.vocab_size} tokens but its model "
             f"{stored.model.vocab_size}: the file is inconsistent"
         )
-    model = Paraformer(stored.model)
+    model = (model_class or Paraformer)(stored.model)
     weights, expected = payload["model"], model.state_dict()
     misfits = [
         f"{k}: checkpoint {tuple(weights[k].shape) if k in weights else 'missing'}, model "

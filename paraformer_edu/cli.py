@@ -93,18 +93,10 @@ def _prepare(args) -> int:
 
 def _evaluate(args) -> int:
     """Per manifest: CER, WER, sentence accuracy and real-time factor; last line one JSON object."""
-    from paraformer_edu.inference import load_model
     from paraformer_edu.metrics import cer, sentence_accuracy, wer
     from paraformer_edu.tokenizer import normalize_text
 
-    recognizer = _with_search(load_model(args.checkpoint, args.device), args)
-    if args.decoder == "ar":
-        raise ValueError(f"{args.checkpoint} holds a Paraformer: it has no autoregressive decoder "
-                         "(chapter 12 trains AR models with BaselineTrainer, in memory)")
-    if args.decoder == "ctc":  # chapter 12: the Paraformer's CTC head, greedy or prefix beam search
-        from paraformer_edu.baselines import ctc_view
-
-        recognizer.model, recognizer.search = ctc_view(recognizer.model), args.beam
+    recognizer = _decoder(args)
     references, hypotheses, total_audio, total_seconds = [], [], 0.0, 0.0
     for manifest in args.manifest:
         entries = read_manifest(manifest)
@@ -124,6 +116,30 @@ def _evaluate(args) -> int:
                       "utterances": len(references), "rtf": total_seconds / total_audio,
                       "decoder": args.decoder, "beam": args.beam, "lm_weight": args.lm_weight}))
     return 0
+
+
+def _decoder(args):
+    """The recognizer evaluate asks for: the checkpoint's model (chapter 12 records its kind) decoded
+    by its parallel decoder, its CTC head, or its autoregressive decoder, greedily or with a beam."""
+    from paraformer_edu.baselines import ctc_view, load_baseline
+
+    recognizer = load_baseline(args.checkpoint, args.device)
+    kind, beam = recognizer.kind, args.beam if args.beam > 1 else None
+    if args.decoder == "ar" and kind != "ar":
+        raise ValueError(f"{args.checkpoint} holds a {kind} model: it has no autoregressive decoder "
+                         "(chapter 12's BaselineTrainer trains one: kind 'ar')")
+    if args.decoder == "paraformer" and kind not in ("paraformer", "paraformer-v2"):
+        raise ValueError(f"{args.checkpoint} holds a {kind} model: it has no parallel decoder; "
+                         f"use --decoder {'ctc' if kind == 'ctc' else 'ar'}")
+    if args.decoder == "paraformer" and kind == "paraformer-v2" and (beam or args.lm_weight > 0):
+        raise ValueError("a Paraformer-v2 checkpoint decodes greedily: leave out --beam and --lm-weight")
+    if args.decoder == "ctc":  # chapter 12: the encoder's CTC head, greedy or prefix beam search
+        recognizer.model, recognizer.search = ctc_view(recognizer.model), beam
+    elif args.decoder == "ar":
+        recognizer.search = beam  # chapter 12's length-normalised beam
+    elif kind == "paraformer":
+        recognizer = _with_search(recognizer, args)
+    return recognizer
 
 
 def _with_search(recognizer, args):

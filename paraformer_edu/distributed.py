@@ -99,9 +99,22 @@ class DistributedTrainer(Trainer):
         stand_in = shard_batch(batch, len(batch["texts"]))[0]  # keeps all processes in step
         return [(p, *shares(p, batch)) if p["texts"] else (stand_in, 0.0, 0.0) for p in mine]
 
+    def piece_loss(self, piece: dict, u: float, k: float) -> dict:
+        """The forward pass of one piece; its loss is the piece's share of the batch's loss."""
+        c = self.config.model
+        b = move_batch(piece, self.device)
+        with autocast(self.device, self.precision):  # bfloat16 on a GPU (chapter 7)
+            out = self.ddp(
+                b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
+            )
+        out["loss"] = (1 - c.ctc_weight) * k * out["loss_ce"] + u * (
+            c.ctc_weight * out["loss_ctc"] + c.quantity_weight * out["loss_quantity"]
+        )
+        return out
+
     def train_step(self, batch: dict) -> dict:
         """One optimiser step over this process's pieces of the batch; gradients averaged by DDP."""
-        t, c = self.config.training, self.config.model
+        t = self.config.training
         self.step += 1
         lr = warmup_lr(self.step, t.lr, t.warmup_steps)
         for group in self.optimizer.param_groups:
@@ -112,33 +125,21 @@ class DistributedTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         pieces, sums = self.my_pieces(batch), {}
         for i, (piece, u, k) in enumerate(pieces):
-            b = move_batch(piece, self.device)
-            last = i == len(pieces) - 1
+            last = i == len(pieces) - 1  # gradients are averaged over processes after the last
             with contextlib.nullcontext() if last or self.world == 1 else self.ddp.no_sync():
-                with autocast(self.device, self.precision):  # bfloat16 on a GPU (chapter 7)
-                    out = self.ddp(
-                        b["features"],
-                        b["feature_lengths"],
-                        b["targets"],
-                        b["target_lengths"],
-                        self.generator,
-                    )
-                out["loss"] = (1 - c.ctc_weight) * k * out["loss_ce"] + u * (
-                    c.ctc_weight * out["loss_ctc"] + c.quantity_weight * out["loss_quantity"]
-                )
+                out = self.piece_loss(piece, u, k)
                 (self.world * out["loss"]).backward()
             for key, value in out.items():  # the batch's statistics: weighted sums of the pieces'
                 w = 1.0 if key == "loss" else k if key in PER_TOKEN else u
                 sums[key] = sums.get(key, 0.0) + w * float(value.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
-        stats = self.all_sum(sums)
         return {
             "step": self.step,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "utterances": len(batch["texts"]),
-            **stats,
+            **self.all_sum(sums),
         }
 
     def all_sum(self, values: dict) -> dict:

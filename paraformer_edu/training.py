@@ -67,8 +67,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"training.precision={precision!r}: choose auto, float32 or bfloat16")
-    if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":  # bfloat16 in hardware: compute capability 8 (Ampere) or later
+        cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return "bfloat16" if cuda_bf16 else "float32"
     return precision
 
@@ -136,6 +136,8 @@ class Trainer:
 
     Defined in chapter 7, "Training the model".
     """
+
+    kind = "paraformer"  # recorded in its checkpoints (chapter 12 trains other models)
 
     def __init__(self, config: Config, out_dir, manifests: dict | None = None, init=None):
         self.config, self.out_dir, t = config, Path(out_dir), config.training
@@ -346,6 +348,7 @@ class Trainer:
                 self.config,
                 step=self.step,
                 dev_cer=scores["cer"],
+                kind=self.kind,
             )
 
     def _append_jsonl(self, row: dict) -> None:
@@ -374,6 +377,7 @@ class Trainer:
                 "glm_rng": self.generator.get_state(),
                 "cuda_rng": self.cuda_rng_state if self.cuda else [],
             },
+            kind=self.kind,
         )
         # the recipe, readable beside its checkpoint
         save_config(self.config, Path(path).parent / "config.yaml")

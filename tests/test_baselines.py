@@ -10,7 +10,10 @@ import torch
 
 from paraformer_edu.attention import causal_mask
 from paraformer_edu.baselines import (ARModel, BaselineTrainer, CTCModel, ParaformerV2, ar_beam_search, ar_greedy,
-                                      averaging_matrix, ctc_view, forced_spans, path_spans, teacher_forcing)
+                                      averaging_matrix, ctc_view, forced_spans, load_baseline, path_spans,
+                                      teacher_forcing)
+from paraformer_edu.checkpoint import CheckpointError
+from paraformer_edu.inference import load_model
 from paraformer_edu.corpora import ctc_forced_align
 from paraformer_edu.config import load_config
 from paraformer_edu.encoder import ctc_greedy_decode
@@ -183,7 +186,16 @@ def test_the_baseline_trainer_trains_each_kind_on_the_same_batches(kind, tmp_pat
     log = trainer.train(max_steps=12)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # it learns
-    assert "dev_cer" in log[-1] and not list((tmp_path / kind).glob("*.pt"))  # logged, no checkpoint
+    assert "dev_cer" in log[-1]
+    # the checkpoint records the kind: load_baseline rebuilds the same model, load_model refuses it
+    loaded = load_baseline(tmp_path / kind / "best.pt")
+    assert loaded.kind == kind and type(loaded.model) is type(trainer.model)
+    X, lengths = torch.randn(2, 30, 560), torch.tensor([30, 17])
+    assert [h.token_ids for h in loaded.model.recognize(X, lengths)] == \
+        [h.token_ids for h in trainer.model.eval().recognize(X, lengths)]
+    if kind != "paraformer":
+        with pytest.raises(CheckpointError, match=f"holds a '{kind}' model"):
+            load_model(tmp_path / kind / "best.pt")
     with pytest.raises(ValueError, match="unknown model kind 'rnnt'"):
         BaselineTrainer(load_config(RECIPE, TINY), tmp_path, "rnnt")
 
@@ -207,3 +219,16 @@ def test_cli_evaluate_decodes_a_paraformer_checkpoint_by_its_ctc_head(tmp_path):
     done = subprocess.run([sys.executable, "-m", "paraformer_edu", "evaluate", "--checkpoint", str(ckpt),
                            "--manifest", str(small), "--decoder", "ar"], capture_output=True, text=True)
     assert done.returncode == 2 and "has no autoregressive decoder" in done.stderr
+    # an AR checkpoint written by BaselineTrainer: greedy and beam, the JSON line says which
+    trainer = BaselineTrainer(load_config(RECIPE, TINY), tmp_path / "ar", "ar")
+    trainer.train(max_steps=2)
+    for beam in ("1", "3"):
+        done = subprocess.run([sys.executable, "-m", "paraformer_edu", "evaluate", "--checkpoint",
+                               str(tmp_path / "ar" / "best.pt"), "--manifest", str(small), "--decoder", "ar",
+                               "--beam", beam], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        line = json.loads(done.stdout.strip().splitlines()[-1])
+        assert line["decoder"] == "ar" and line["beam"] == int(beam) and line["utterances"] == 6
+    done = subprocess.run([sys.executable, "-m", "paraformer_edu", "evaluate", "--checkpoint",
+                           str(tmp_path / "ar" / "best.pt"), "--manifest", str(small)], capture_output=True, text=True)
+    assert done.returncode == 2 and "no parallel decoder; use --decoder ar" in done.stderr

@@ -10,8 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from paraformer_edu.corpora import (CorpusError, Problem, Row, check_row, common_voice_rows, jsonl_rows,
-                                    librispeech_rows, ljspeech_rows, prepare_corpus, prepare_manifest)
+from paraformer_edu.corpora import (CorpusError, Problem, Row, check_row, common_voice_rows, librispeech_rows, ljspeech_rows, prepare_corpus, prepare_manifest)
 from paraformer_edu.corpus import read_manifest
 from paraformer_edu.features import DiskFeatures, Frontend, cached_features
 

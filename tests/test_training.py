@@ -174,17 +174,29 @@ def test_training_logs_every_loss_part_and_checkpoints(tiny):
 def test_precision_auto_is_float32_on_cpu_and_bfloat16_trains_close_to_it(tmp_path):
     """training.precision (mixed precision on GPUs): auto changes nothing on a CPU; bfloat16 autocast
     gives the same first loss within bfloat16's rounding; an unknown format is refused by name."""
-    losses = {}
+    losses, chosen = {}, {}
     for precision in ("float32", "auto", "bfloat16"):
-        trainer = Trainer(load_config(RECIPE, TINY + [f"training.precision={precision}"]), tmp_path / precision)
+        settings = TINY + [f"training.precision={precision}", "training.device=cpu"]
+        trainer = Trainer(load_config(RECIPE, settings), tmp_path / precision)
         trainer.train(max_minutes=0, max_steps=2)
-        losses[precision] = [r["loss"] for r in trainer.log if "loss" in r]
-    assert trainer.precision == "bfloat16"
+        losses[precision], chosen[precision] = [r["loss"] for r in trainer.log if "loss" in r], trainer.precision
+    assert chosen == {"float32": "float32", "auto": "float32", "bfloat16": "bfloat16"}
     assert losses["auto"] == losses["float32"]
     assert all(np.isfinite(losses["bfloat16"]))
     assert losses["bfloat16"][0] == pytest.approx(losses["float32"][0], rel=0.03)
     with pytest.raises(ValueError, match="training.precision='fp8'.*auto, float32 or bfloat16"):
         Trainer(load_config(RECIPE, TINY + ["training.precision=fp8"]), tmp_path / "bad")
+
+
+def test_the_front_end_stacks_frames_as_the_model_config_says(tmp_path):
+    """LFR m/n follow model.encoder.d_input and model.frame_shift (40-ms frames: 5 stacked every 4)."""
+    trainer = Trainer(load_config(RECIPE, TINY + ["model.encoder.d_input=400", "model.frame_shift=0.04"]), tmp_path)
+    assert (trainer.frontend.lfr_m, trainer.frontend.lfr_n) == (5, 4)
+    item = trainer.train_set[0]
+    assert item["features"].shape[1] == 400
+    trainer.train(max_minutes=0, max_steps=1)
+    with pytest.raises(ValueError, match="d_input=500 must be a multiple of 80"):
+        Trainer(load_config(RECIPE, TINY + ["model.encoder.d_input=500"]), tmp_path / "bad")
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

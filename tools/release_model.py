@@ -1,6 +1,8 @@
 """Release a trained checkpoint as the book's model: float16 weights, config, vocabulary, log, metrics.
 
     python tools/release_model.py runs/book/best.pt models/paraformer-book [--log runs/book/train_log.jsonl]
+    python tools/release_model.py runs/more/best.pt models/paraformer-book --continues models/paraformer-book
+                                  # a run that started from the released model (train --init)
 
 Writes into the folder:
 - model.pt        one file for `paraformer_edu.load_model`: float16 weights, configuration,
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,8 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--log", type=Path, help="training log (default: train_log.jsonl beside the checkpoint)")
+    parser.add_argument("--continues", type=Path, metavar="FOLDER",
+                        help="the released model the run started from (train --init): its steps, training "
+                             "time and log come first, so the figures count the whole training")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    earlier_steps, earlier_seconds, earlier_log = 0, 0.0, []
+    if args.continues:  # read before the folder is overwritten (it may be the same folder)
+        earlier = json.loads((args.continues / "metrics.json").read_text())
+        earlier_steps, earlier_seconds = earlier["steps"], 3600 * earlier["train_hours"]
+        earlier_log = [line for line in (args.continues / "train_log.jsonl").read_text().splitlines()
+                       if line.strip() and json.loads(line)["step"] <= earlier_steps]  # up to its weights
     payload = load_checkpoint(args.checkpoint)
     model, tokenizer, frontend, config = model_from_checkpoint(payload)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -68,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     save_config(config, args.folder / "config.yaml")
     tokenizer.save(args.folder / "vocab.txt")
     log_path = args.log or args.checkpoint.parent / "train_log.jsonl"
-    shutil.copyfile(log_path, args.folder / "train_log.jsonl")
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     step = payload.get("step", max(row["step"] for row in log))
     seconds = max(row["train_seconds"] for row in log if row["step"] <= step)
+    # a continued run's rows carry on from the released model's last step and time
+    shifted = [{**row, "step": row["step"] + earlier_steps, "train_seconds": row["train_seconds"] + earlier_seconds,
+                **({"continued_from": str(args.continues)} if i == 0 and args.continues else {})}
+               for i, row in enumerate(log)]
+    (args.folder / "train_log.jsonl").write_text("".join(line + "\n" for line in earlier_log)
+                                                 + "".join(json.dumps(row) + "\n" for row in shifted))
+    step, seconds = step + earlier_steps, seconds + earlier_seconds
     # measure the released file, not the float32 checkpoint: what users load is what is scored
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
     manifests = build_corpus(corpus_config(config.data.corpus), splits=("dev", "test", "test-voices"))
