@@ -72,8 +72,9 @@ def main() -> None:
     ratio = first / medians["the recipe (144 x 4), dropout 0"]
     print(f"goal: the recipe >= {GOAL}x the defaults' speed: {'met' if ratio >= GOAL else 'NOT met'} ({ratio:.1f}x)")
     bf16 = medians["the recipe (144 x 4), dropout 0"] / medians["the recipe, bfloat16 autocast"]
+    advice = "training.precision=bfloat16 opts in" if bf16 > 1 else "keep float32 (training.precision=auto)"
     print(f"bfloat16 autocast on this CPU: {bf16:.2f}x float32's speed "
-          f"({'faster' if bf16 > 1 else 'slower'}: training.precision=auto keeps float32 on a CPU)")
+          f"({'faster' if bf16 > 1 else 'slower'} here: {advice})")
 
 
 if __name__ == "__main__":

@@ -1103,7 +1103,8 @@ factor = history[0]["loss"] / history[-1]["loss"]
 factor_ce = history[0]["loss_ce"] / history[-1]["loss_ce"]
 first_pass = history[-1]["accuracy_first_pass"]
 print(
-    f"the loss fell {factor:.1f}x, the decoder's CE {factor_ce:.1f}x; first pass right: {first_pass:.0%}"
+    f"the loss fell {factor:.1f}x, the decoder's CE {factor_ce:.1f}x; "
+    f"first pass right: {first_pass:.0%}"
 )
 # the bounds leave room for other CPUs: their float rounding changes this short run's path
 assert factor > 4 and factor_ce > 10 and history[-1]["accuracy_first_pass"] >= 0.9
@@ -1149,10 +1150,10 @@ plt.show()
 # The batch is now recognised, without targets, by the inference path: the predictor
 # counts the tokens, the decoder reads them. We score it with the **character error
 # rate** (CER): the edit distance between the recognised and the reference characters,
-# divided by the number of reference characters. In this run two of the three come back
-# exactly and the longest is garbled in its middle (16% CER): at inference the
-# predictor's own weights, not the target lengths, make the embeddings, and they are
-# not yet exact. Three utterances learned by heart prove nothing about new ones; that
+# divided by the number of reference characters. In the stored run the shortest comes
+# back exactly and the two longer ones are garbled in places (12% CER; the exact
+# figure varies with the CPU's rounding): at inference the predictor's own weights, not
+# the target lengths, make the embeddings, and they are not yet exact. Three utterances learned by heart prove nothing about new ones; that
 # is the next chapter's job.
 
 # %%

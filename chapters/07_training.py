@@ -544,8 +544,10 @@ for bad in ["training.lr=fast", "training.lrate=3e-4", "model.encoder.n_layers=4
 # pass. On a GPU with bfloat16 (`training.precision: auto`), the forward pass
 # runs under `torch.autocast`: matrix products in bfloat16, which a GPU's tensor cores
 # run much faster than float32, while the weights, the optimiser and the gradients stay
-# in float32. On a CPU, `auto` keeps float32: measure before you switch
-# (`python benchmarks/bench_training_step.py` prints the cost of bfloat16 on yours).
+# in float32. On a CPU, `auto` keeps float32: bfloat16 is slower than float32 on many
+# CPUs and faster on those with bfloat16 matrix units (AMX), so measure before you opt in
+# with `training.precision: bfloat16` (`python benchmarks/bench_training_step.py` prints
+# the ratio on yours).
 
 # %%
 #| export
@@ -589,13 +591,13 @@ def frame_settings(model: ParaformerConfig) -> dict:
         raise ValueError(
             f"model.encoder.d_input={model.encoder.d_input} must be a multiple of {N_MELS} "
             f"and model.frame_shift={model.frame_shift} a multiple of 0.01 s "
-            "(LFR stacks d_input / 80 mel frames every frame_shift): e.g. 560 and 0.06, 400 and 0.04"
+            "(LFR stacks d_input / 80 mel frames every frame_shift): 560 and 0.06, 400 and 0.04"
         )
     return {"lfr_m": lfr_m, "lfr_n": lfr_n}
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The forward pass's number format: 'auto' is bfloat16 on a GPU that supports it, else float32."""
+    """The forward pass's number format: 'auto' is bfloat16 on a GPU that has it, else float32."""
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"training.precision={precision!r}: choose auto, float32 or bfloat16")
     if precision == "auto":  # bfloat16 in hardware: compute capability 8 (Ampere) or later
@@ -1628,7 +1630,7 @@ def load_model(path, device: str | torch.device = "cpu") -> Recognizer:
 # of $4 \cdot 10^{-3}$ was no better than $2 \cdot 10^{-3}$. SpecAugment slows the
 # first steps (the model has to learn around holes in its input before it has learned
 # the input), so the recipe switches it on only from step 4,000: the live run, about
-# 2,400 steps, never reaches it; the book's model, 7,000 steps with its own recipe and
+# 2,500 steps, never reaches it; the book's model, 7,000 steps with its own recipe and
 # the same setting, does, where it pays off by regularising.
 
 # %%
@@ -1730,7 +1732,7 @@ plt.show()
 # The claims, checked: every loss part fell from the first 25 steps to the last
 # (the total by at least a quarter), and the best dev CER is below the bound that the
 # number of steps trained promises: 55% from 2,000 steps (the ten minutes on two cores
-# gave about 2,400 steps in the run printed above, and about 43% dev CER), 98% below
+# gave about 2,500 steps in the run printed above, and about 40% dev CER), 98% below
 # that (CI's budget of 250 steps gives 70% on one CPU and 94% on another: the model is
 # just starting to spell). The bounds are what trial runs of the recipe
 # reached, with a margin; they depend on the steps, not on the clock. Ten minutes give
@@ -1826,7 +1828,7 @@ for ref, hyp in list(zip(test["references"], test["hypotheses"]))[:6]:
 # %% [markdown]
 # ## The book's model
 #
-# Ten minutes on the book corpus's 3,700 words leave the live model at about 43% CER;
+# Ten minutes on the book corpus's 3,700 words leave the live model at about 40% CER;
 # everyday English needs more words, more speech and more steps. The book's model is
 # trained by a second recipe, `configs/paraformer-book.yaml`: a wider and deeper model
 # (192 x 6, the code's defaults, no dropout, SpecAugment from step 4,000) on chapter 1's

@@ -347,7 +347,7 @@ def forced_spans(log_probs, lengths, targets, target_lengths, blank: int = 0) ->
 
 
 class ParaformerV2(nn.Module):
-    """Paraformer-v2 (An et al., 2024): CTC's token segments, not CIF, give the decoder its queries.
+    """Paraformer-v2 (An et al., 2024): CTC's token segments give the decoder its queries.
 
     Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
     """
@@ -397,7 +397,7 @@ class ParaformerV2(nn.Module):
 
     @torch.no_grad()
     def recognize(self, features, feature_lengths, search=None) -> list:
-        """Token ids and (start, end) seconds per utterance: CTC's greedy segments, one decoder pass."""
+        """Token ids and (start, end) seconds per utterance: CTC's greedy segments, one pass."""
         if search is not None:
             raise ValueError("ParaformerV2.recognize decodes greedily: pass search=None")
         was_training = self.training

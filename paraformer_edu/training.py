@@ -55,13 +55,13 @@ def frame_settings(model: ParaformerConfig) -> dict:
         raise ValueError(
             f"model.encoder.d_input={model.encoder.d_input} must be a multiple of {N_MELS} "
             f"and model.frame_shift={model.frame_shift} a multiple of 0.01 s "
-            "(LFR stacks d_input / 80 mel frames every frame_shift): e.g. 560 and 0.06, 400 and 0.04"
+            "(LFR stacks d_input / 80 mel frames every frame_shift): 560 and 0.06, 400 and 0.04"
         )
     return {"lfr_m": lfr_m, "lfr_n": lfr_n}
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The forward pass's number format: 'auto' is bfloat16 on a GPU that supports it, else float32.
+    """The forward pass's number format: 'auto' is bfloat16 on a GPU that has it, else float32.
 
     Defined in chapter 7, "Training the model".
     """
