@@ -37,6 +37,23 @@ def teacher_forcing(targets: torch.Tensor, lengths: torch.Tensor) -> tuple:
     return inputs, outputs
 
 
+def ce_ctc_outputs(c: ParaformerConfig, loss_ce, loss_ctc, accuracy) -> dict:
+    """The loss (CE and CTC weighted as in chapter 6) and the statistics chapter 7 logs.
+
+    Defined in chapter 12, "Why non-autoregressive? Paraformer against AR and CTC, measured".
+    """
+    zero = loss_ce.new_zeros(())
+    return {
+        "loss": (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc,
+        "loss_ce": loss_ce,
+        "loss_quantity": zero,
+        "loss_ctc": loss_ctc,
+        "accuracy": accuracy,
+        "accuracy_first_pass": accuracy,
+        "glm_replaced": zero,
+    }
+
+
 class ARModel(nn.Module):
     """Attention encoder-decoder: the Paraformer's encoder and CTC head, a causal decoder.
 
@@ -69,16 +86,7 @@ class ARModel(nn.Module):
         loss_ce = label_smoothing_loss(logits, outputs, target_lengths + 1, c.label_smoothing)
         loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths)
         accuracy = token_accuracy(logits.detach(), outputs, target_lengths + 1)
-        zero = loss_ce.new_zeros(())
-        return {
-            "loss": (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc,
-            "loss_ce": loss_ce,
-            "loss_quantity": zero,
-            "loss_ctc": loss_ctc,
-            "accuracy": accuracy,
-            "accuracy_first_pass": accuracy,
-            "glm_replaced": zero,
-        }
+        return ce_ctc_outputs(c, loss_ce, loss_ctc, accuracy)
 
     @torch.no_grad()
     def recognize(self, features, feature_lengths, search=None) -> list:
@@ -384,16 +392,7 @@ class ParaformerV2(nn.Module):
         loss_ce = label_smoothing_loss(logits, targets, target_lengths, c.label_smoothing)
         loss_ctc = self.ctc.loss(h, h_lengths, targets, target_lengths)
         accuracy = token_accuracy(logits.detach(), targets, target_lengths)
-        zero = loss_ce.new_zeros(())
-        return {
-            "loss": (1 - c.ctc_weight) * loss_ce + c.ctc_weight * loss_ctc,
-            "loss_ce": loss_ce,
-            "loss_quantity": zero,
-            "loss_ctc": loss_ctc,
-            "accuracy": accuracy,
-            "accuracy_first_pass": accuracy,
-            "glm_replaced": zero,
-        }
+        return ce_ctc_outputs(c, loss_ce, loss_ctc, accuracy)
 
     @torch.no_grad()
     def recognize(self, features, feature_lengths, search=None) -> list:
@@ -494,6 +493,7 @@ def decode_seconds(model, features: list, batch: int, search=None, repeats: int 
 
 __all__ = [
     "teacher_forcing",
+    "ce_ctc_outputs",
     "ARModel",
     "Cache",
     "start_cache",
