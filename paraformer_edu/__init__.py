@@ -15,6 +15,8 @@ file, hand-written, gathers the public API:
 - `decoder`, `model` (chapter 6): the parallel decoder, the GLM sampler, the whole Paraformer;
 - `metrics`, `config`, `training`, `checkpoint` (chapter 7): CER/WER, the recipe, the trainer,
   saving and loading checkpoints;
+- `phonemes` (chapter 7): espeak-ng's phonemes of a transcript and `PhonemeCTC`, the auxiliary phoneme
+  CTC loss on an intermediate encoder layer (`training.phoneme_ctc`);
 - `inference` (chapter 7): `load_model`, the `Recognizer` and its `Transcript`s;
 - `inspection` (chapter 8): attention maps and predictor internals of one utterance (`look_inside`),
   word timestamps with bias correction, onset errors, CER by group;
@@ -40,7 +42,7 @@ file, hand-written, gathers the public API:
 __version__ = "0.1.0"
 
 from . import (attention, audio, baselines, beam_search, checkpoint, config, corpora, corpus, dataset, decoder, distributed,
-               encoder, features, inference, inspection, language_model, metrics, model, predictor, synthesis,
+               encoder, features, inference, inspection, language_model, metrics, model, phonemes, predictor, synthesis,
                tokenizer, training, transcription)
 from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_positional_encoding
 from .audio import AudioError, load_audio
@@ -60,6 +62,7 @@ from .inspection import Inside, cer_by, look_inside, onset_errors, word_timestam
 from .language_model import NGramLM, book_language_model
 from .metrics import cer, wer
 from .model import Hypothesis, Paraformer, ParaformerConfig
+from .phonemes import PhonemeCTC, espeak_phonemes
 from .predictor import CifPredictor, cif, cif_timestamps, quantity_loss
 from .synthesis import synthesize
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, normalize_text
@@ -70,7 +73,7 @@ __all__ = [
     "__version__",
     # modules
     "audio", "synthesis", "corpus", "features", "dataset", "tokenizer", "attention", "encoder", "predictor", "decoder",
-    "model", "metrics", "config", "training", "checkpoint", "inference", "inspection", "language_model", "beam_search",
+    "model", "metrics", "config", "training", "phonemes", "checkpoint", "inference", "inspection", "language_model", "beam_search",
     "transcription", "corpora", "distributed", "baselines",
     # chapter 1
     "AudioError", "load_audio", "synthesize", "build_corpus", "corpus_config", "read_manifest",
@@ -87,7 +90,8 @@ __all__ = [
     # chapter 6
     "ParaformerDecoder", "glm_sample", "ParaformerConfig", "Paraformer", "Hypothesis",
     # chapter 7
-    "cer", "wer", "Config", "load_config", "Trainer", "CheckpointError", "Recognizer", "Transcript", "load_model",
+    "cer", "wer", "Config", "load_config", "Trainer", "PhonemeCTC", "espeak_phonemes", "CheckpointError", "Recognizer",
+    "Transcript", "load_model",
     # chapter 8
     "Inside", "look_inside", "word_timestamps", "onset_errors", "cer_by",
     # chapter 9

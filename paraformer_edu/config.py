@@ -69,6 +69,8 @@ class TrainingConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 2  # CPU threads (torch.set_num_threads)
     precision: str = "auto"  # auto = bfloat16 autocast on a GPU that has it, else float32
+    phoneme_ctc: float = 0.0  # weight of the auxiliary phoneme CTC loss; 0 = none
+    phoneme_layer: int = 0  # the encoder layer it reads, 1..n_layers; 0 = the middle one
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from paraformer_edu.features import N_MELS, Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
 from paraformer_edu.metrics import cer, sentence_accuracy, wer
 from paraformer_edu.model import Paraformer, ParaformerConfig
+from paraformer_edu.phonemes import PhonemeCTC
 from paraformer_edu.tokenizer import default_tokenizer
 
 
@@ -146,6 +147,10 @@ class Trainer:
         self.precision = resolve_precision(self.device, t.precision)
         if config.data.accumulate != 1 and type(self) is Trainer:
             raise ValueError("data.accumulate needs paraformer_edu.distributed (chapter 11)")
+        if t.phoneme_ctc and type(self) is not Trainer:
+            raise ValueError(
+                "training.phoneme_ctc: only chapter 7's Trainer trains it; set it to 0"
+            )
         self.manifests = manifests or training_manifests(config.data.corpus)
         # same model config
         start = model_from_checkpoint(load_checkpoint(init), config) if init else None
@@ -187,10 +192,17 @@ class Trainer:
             # init: the checkpoint's weights, vocabulary and CMVN; a new optimiser and warm-up
             if start:
                 self.model.load_state_dict(start[0].state_dict())
+            # the auxiliary phoneme head: trained with the model, not part of it
+            self.phoneme_ctc = (
+                PhonemeCTC(self.model.encoder, t.phoneme_layer).to(self.device)
+                if t.phoneme_ctc
+                else None
+            )
             self.rng_state = torch.get_rng_state()  # the run's own generators: dropout
             self.cuda_rng_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
+        head = [] if self.phoneme_ctc is None else list(self.phoneme_ctc.parameters())
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9
+            [*self.model.parameters(), *head], lr=t.lr, betas=(0.9, 0.98), eps=1e-9
         )
         self.generator = torch.Generator().manual_seed(t.seed)  # the GLM sampler's choices
         self.step, self.epoch, self.batch_in_epoch, self.train_seconds = 0, 0, 0, 0.0
@@ -226,9 +238,13 @@ class Trainer:
             out = self.model(
                 b["features"], b["feature_lengths"], b["targets"], b["target_lengths"], self.generator
             )
+            if self.phoneme_ctc is not None:  # the head read encoder layer k in the forward pass
+                out["loss_phoneme"] = self.phoneme_ctc.loss(b["feature_lengths"], batch["texts"])
+                out["loss"] = out["loss"] + t.phoneme_ctc * out["loss_phoneme"]
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        parameters = self.optimizer.param_groups[0]["params"]  # the model's and the head's
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
         self.optimizer.step()
         return {
             "step": self.step,
@@ -306,6 +322,7 @@ class Trainer:
             "accuracy_first_pass",
             "glm_replaced",
             "grad_norm",
+            *(["loss_phoneme"] if "loss_phoneme" in window[0] else []),
         )
         previous = [r["train_seconds"] for r in self.log if "loss" in r]
         # training time of the window's steps
@@ -376,6 +393,7 @@ class Trainer:
                 "rng": self.rng_state,
                 "glm_rng": self.generator.get_state(),
                 "cuda_rng": self.cuda_rng_state if self.cuda else [],
+                "phoneme_ctc": {} if self.phoneme_ctc is None else self.phoneme_ctc.state_dict(),
             },
             kind=self.kind,
         )
@@ -396,6 +414,14 @@ class Trainer:
         # weights, vocabulary, CMVN
         trainer = cls(config or stored, out_dir or Path(path).parent, manifests, init=path)
         state = payload["trainer"]
+        with_head = trainer.phoneme_ctc is not None
+        if bool(state.get("phoneme_ctc")) != with_head:
+            raise ValueError(
+                f"{path} was trained with{'out' if with_head else ''} training.phoneme_ctc: "
+                "resume with the run's setting, or start a new run from its weights (train --init)"
+            )
+        if with_head:
+            trainer.phoneme_ctc.load_state_dict(state["phoneme_ctc"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.epoch, trainer.batch_in_epoch = (
             state["step"],

@@ -473,8 +473,8 @@ def test_step_seconds_leaves_out_a_pause():
         [sys.executable, "-c", (
             "import sys, time\n"
             "from paraformer_edu.training import step_seconds\n"
-            "print('go', flush=True)\n"
             "tick, cpu = time.perf_counter(), time.process_time()\n"
+            "print('go', flush=True)  # the clocks run before the pause can come\n"
             "x = 0\n"
             "while time.process_time() - cpu < 1.0: x += 1\n"
             "wall, cpu = time.perf_counter() - tick, time.process_time() - cpu\n"
@@ -486,3 +486,70 @@ def test_step_seconds_leaves_out_a_pause():
     child.send_signal(signal.SIGCONT)
     wall, counted = map(float, child.communicate(timeout=120)[0].split())
     assert wall > 4.0 and counted < wall - 3.0, (wall, counted)
+
+
+# --- the auxiliary phoneme CTC loss (training.phoneme_ctc) ---------------------------------------------------
+
+def test_espeak_phonemes_and_their_ctc_targets():
+    from paraformer_edu.phonemes import OTHER_PHONEME, PHONEME_IDS, espeak_phonemes, phoneme_targets
+    assert espeak_phonemes("Tomorrow morning.") == ("t", "ə", "m", "ɑː", "ɹ", "oʊ", "m", "ɔːɹ", "n", "ɪ", "ŋ")
+    assert espeak_phonemes("") == ()
+    flat, lengths = phoneme_targets(["the cat", "", "the"])
+    assert lengths.tolist() == [5, 0, 2] and flat.tolist()[:2] == flat.tolist()[-2:]
+    assert flat.min() >= 1 and OTHER_PHONEME == len(PHONEME_IDS) + 1 and OTHER_PHONEME not in flat.tolist()
+
+
+def test_phoneme_head_reads_its_layer_and_trains_only_the_layers_below():
+    from paraformer_edu.encoder import EncoderConfig, SANMEncoder
+    from paraformer_edu.phonemes import PhonemeCTC
+    torch.manual_seed(0)
+    encoder = SANMEncoder(EncoderConfig(d_model=32, n_heads=2, n_layers=3, d_ffn=64, dropout=0.0)).train()
+    head = PhonemeCTC(encoder, layer=1)
+    x, lengths = torch.randn(2, 40, 560), torch.tensor([40, 30])
+    encoder(x, lengths)
+    texts = ["a cat", "the dog ran"]
+    loss = head.loss(lengths, texts)
+    assert head.hidden is None
+    alone = []  # each utterance on its own, without padding: batched equals unbatched
+    for i, n in enumerate(lengths.tolist()):
+        encoder(x[i : i + 1, :n], lengths[i : i + 1])
+        alone.append(head.loss(lengths[i : i + 1], texts[i : i + 1]))
+    assert torch.allclose(loss, torch.stack(alone).mean(), atol=1e-5)
+    loss.backward()
+    assert [any(p.grad is not None for p in layer.parameters()) for layer in encoder.layers] == [True, False, False]
+    with pytest.raises(ValueError, match="phoneme_layer=4: choose 1..3"):
+        PhonemeCTC(encoder, layer=4)
+    encoder.eval()(x, lengths)
+    assert head.hidden is None  # inference keeps nothing
+
+
+def test_phoneme_ctc_trains_logs_and_resumes_exactly(tmp_path):
+    settings = TINY + ["training.phoneme_ctc=0.3"]
+    config = load_config(RECIPE, settings)
+    straight = Trainer(config, tmp_path / "a")
+    straight.train(max_minutes=0, max_steps=6)
+    rows = [r for r in straight.log if "loss" in r]
+    assert all(np.isfinite(r["loss_phoneme"]) and r["loss_phoneme"] > 0 for r in rows)
+    plain = Trainer(load_config(RECIPE, TINY), tmp_path / "plain")
+    plain.train(max_minutes=0, max_steps=2)
+    assert rows[0]["loss"] != [r for r in plain.log if "loss" in r][0]["loss"]  # the head adds its loss
+    first = Trainer(config, tmp_path / "b")
+    first.train(max_minutes=0, max_steps=3)
+    resumed = Trainer.resume(tmp_path / "b" / "latest.pt")
+    resumed.train(max_minutes=0, max_steps=6)
+    for a, b in ((straight.phoneme_ctc, resumed.phoneme_ctc), (straight.model, resumed.model)):
+        a, b = a.state_dict(), b.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda t: [r["loss_phoneme"] for r in t.log if "loss" in r and r["step"] > 4]  # noqa: E731
+    assert losses(straight) == losses(resumed)
+    # the model a checkpoint stores is the same with or without the head
+    assert set(load_checkpoint(tmp_path / "a" / "best.pt")["model"]) == set(plain.model.state_dict())
+    with pytest.raises(ValueError, match="trained with training.phoneme_ctc: resume with the run's setting"):
+        Trainer.resume(tmp_path / "b" / "latest.pt", config=load_config(RECIPE, TINY))
+    with pytest.raises(ValueError, match="trained without training.phoneme_ctc.*train --init"):
+        Trainer.resume(tmp_path / "plain" / "latest.pt", config=config)
+    from paraformer_edu.baselines import BaselineTrainer
+    from paraformer_edu.distributed import DistributedTrainer
+    for other in (lambda: BaselineTrainer(config, tmp_path / "ctc", "ctc"), lambda: DistributedTrainer(config, tmp_path / "d")):
+        with pytest.raises(ValueError, match="only chapter 7's Trainer trains it; set it to 0"):
+            other()
