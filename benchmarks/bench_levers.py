@@ -1,13 +1,14 @@
 """The training levers of issue 11, each measured against chapter 7's live recipe in one run.
 
     python benchmarks/bench_levers.py                       # every lever, 5 minutes each
-    python benchmarks/bench_levers.py --minutes 10 --levers "live recipe" "phoneme CTC"
+    python benchmarks/bench_levers.py --minutes 10 --levers "live recipe" "phoneme CTC, layer 2 (0.3)"
 
 Every run starts from the same seed on configs/paraformer.yaml (144 x 4 on the book corpus) and
 changes one thing: the model's width and depth, SpecAugment (off in the live run: it starts at step
 4,000), the peak learning rate or the schedule's shape, an auxiliary phoneme CTC loss on the middle
-encoder layer (the phonemes espeak-ng reports for each sentence), and, for the live recipe's own
-run, checkpoint averaging (the mean of its last five weights of those kept every 100 steps).
+encoder layer (chapter 7's training.phoneme_ctc: the phonemes espeak-ng gives each sentence), and,
+for the live recipe's own run, checkpoint averaging (the mean of its final weights and the last four
+kept every 100 steps); a second seed of the live recipe shows what chance alone moves.
 Each is trained for the same wall-clock budget (evaluations included, as in the live run), then
 scored greedily on the test and test-voices splits. It prints one table and writes the figures to
 --out (benchmarks/results/levers.json, the file chapter 7 shows). Timings depend on the machine
@@ -18,25 +19,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import functools
 import json
 import math
 import platform
 import shutil
 import time
-import types
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from paraformer_edu import training
 from paraformer_edu.config import load_config
 from paraformer_edu.dataset import SpeechDataset
 from paraformer_edu.features import SpecAugment
-from paraformer_edu.synthesis import _get_espeak
 from paraformer_edu.training import Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,58 +47,15 @@ LEVERS = {
     "peak LR 1e-3": {"training": {"lr": 1e-3}},
     "peak LR 4e-3": {"training": {"lr": 4e-3}},
     "cosine decay to 0": {"schedule": "cosine"},
-    "phoneme CTC, layer 2 (0.3)": {"phoneme_ctc": 0.3},
+    "phoneme CTC, layer 2 (0.3)": {"training": {"phoneme_ctc": 0.3}},  # chapter 7's PhonemeCTC
 }
-STRESS = str.maketrans("", "", "ˈˌ")
-
-
-@functools.cache
-def phonemes(text: str) -> tuple[str, ...]:
-    """The IPA phonemes espeak-ng (en-us) speaks for a sentence, stress marks dropped."""
-    lib = _get_espeak().lib
-    lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
-    lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
-    lib.espeak_SetVoiceByName(b"en-us")
-    buffer, out = ctypes.c_char_p(text.encode()), []
-    while buffer.value:  # one clause per call; the pointer moves on
-        # espeakCHARS_UTF8 = 1; mode 2 = IPA, bits 8-15: the separator between phonemes
-        clause = lib.espeak_TextToPhonemes(ctypes.byref(buffer), 1, 2 | ord(" ") << 8)
-        out += clause.decode().translate(STRESS).split()
-    return tuple(out)
-
-
-def add_phoneme_ctc(trainer: Trainer, weight: float) -> None:
-    """Give the trainer's model a phoneme CTC head on its middle encoder layer, weighted into the loss."""
-    model, tokenizer = trainer.model, trainer.tokenizer
-    inventory: dict[str, int] = {}  # phoneme -> id (0 is the blank), grown as sentences come
-    layer = model.encoder.layers[len(model.encoder.layers) // 2 - 1]
-    torch.manual_seed(trainer.config.training.seed)
-    d = model.config.encoder.d_model
-    model.phoneme_head = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, 100))
-    captured = {}
-    layer.register_forward_hook(lambda m, args, out: captured.__setitem__("h", out))
-
-    def forward(self, features, feature_lengths, targets, target_lengths, generator=None):
-        out = type(self).forward(self, features, feature_lengths, targets, target_lengths, generator)
-        texts = [tokenizer.decode(t[:n].tolist()) for t, n in zip(targets, target_lengths)]
-        ids = [[inventory.setdefault(p, len(inventory) + 1) for p in phonemes(t)] for t in texts]
-        lengths = torch.tensor([len(i) for i in ids])  # (B,)
-        flat = torch.tensor([p for i in ids for p in i], dtype=torch.long)  # (sum U_ph,)
-        log_probs = self.phoneme_head(captured["h"]).log_softmax(-1)  # (B, T, 100)
-        loss = F.ctc_loss(log_probs.transpose(0, 1), flat, feature_lengths, lengths, zero_infinity=True)
-        out["loss"] = out["loss"] + weight * loss
-        out["loss_phoneme_ctc"] = loss.detach()
-        return out
-
-    model.forward = types.MethodType(forward, model)
-    t = trainer.config.training
-    trainer.optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(0.9, 0.98), eps=1e-9)
 
 
 def cosine_lr(total_steps: int):
     """Linear warm-up to the peak, then half a cosine down to 0 at total_steps."""
 
     def lr(step, peak_lr, warmup_steps):
+        """The learning rate of a step (the signature of training.warmup_lr)."""
         s = max(step, 1)
         if s < warmup_steps:
             return peak_lr * s / warmup_steps
@@ -117,6 +70,7 @@ def keep_snapshots(trainer: Trainer, every: int) -> list:
     snapshots, train_step = [], trainer.train_step
 
     def step_and_keep(batch):
+        """The trainer's step, then a copy of the weights if the step is a multiple of `every`."""
         out = train_step(batch)
         if trainer.step % every == 0:
             snapshots.append(copy.deepcopy(trainer.model.state_dict()))
@@ -157,8 +111,6 @@ def measure(name: str, config, budget: dict, folder: Path, live_steps: int | Non
     if "spec_strength" in lever:
         k = lever["spec_strength"]
         trainer.train_set.spec_augment = SpecAugment(2 * k, 15, 2 * k, 6, 0.1 * k)
-    if "phoneme_ctc" in lever:
-        add_phoneme_ctc(trainer, lever["phoneme_ctc"])
     snapshots = keep_snapshots(trainer, lever["average"][1]) if "average" in lever else None
     schedule = training.warmup_lr
     if lever.get("schedule") == "cosine":
@@ -167,14 +119,16 @@ def measure(name: str, config, budget: dict, folder: Path, live_steps: int | Non
         trainer.train()
     finally:
         training.warmup_lr = schedule
-    params = sum(p.numel() for n, p in trainer.model.named_parameters() if not n.startswith("phoneme_head"))
+    params = sum(p.numel() for p in trainer.model.parameters())  # the phoneme head is not the model's
     row = {"lever": name, "parameters": params, "steps": trainer.step,
            "train_minutes": trainer.train_seconds / 60,
            "steps_per_hour": trainer.step / max(1e-9, trainer.train_seconds) * 3600, **score(trainer)}
     if snapshots:
         n, every = lever["average"]
+        if trainer.step % every:  # the final weights are the last of the mean
+            snapshots.append(copy.deepcopy(trainer.model.state_dict()))
         trainer.model.load_state_dict(average(snapshots[-n:]))
-        row["averaged"] = {"checkpoints": n, "every": every, "last_step": len(snapshots) * every,
+        row["averaged"] = {"checkpoints": n, "every": every, "last_step": trainer.step,
                            **score(trainer)}
     return row
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paraformer_edu.synthesis import _get_espeak
+from paraformer_edu.tokenizer import normalize_text
 
 # espeak-ng's en-us phonemes, most frequent first in WordNet's 33,239 example sentences
 PHONEMES = (
@@ -40,7 +41,7 @@ def espeak_phonemes(text: str) -> tuple[str, ...]:
     lib.espeak_SetVoiceByName(b"en-us")
     buffer, phonemes = ctypes.c_char_p(text.encode()), []
     while buffer.value:  # one clause per call; the pointer moves on to the next
-        # espeakCHARS_UTF8 = 1; mode: 2 = IPA, bits 8-15 the separator between phonemes
+        # espeakCHARS_UTF8 = 1; mode: 2 = IPA, bits 8-23 the separator between phonemes
         clause = lib.espeak_TextToPhonemes(ctypes.byref(buffer), 1, 2 | ord(" ") << 8)
         phonemes += clause.decode().translate(str.maketrans("", "", "ˈˌ")).split()
     return tuple(phonemes)
@@ -51,7 +52,8 @@ def phoneme_targets(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
     Defined in chapter 7, "Training the model".
     """
-    ids = [[PHONEME_IDS.get(p, OTHER_PHONEME) for p in espeak_phonemes(t)] for t in texts]
+    spoken = [normalize_text(t) for t in texts]  # as the tokenizer reads them: no capitals
+    ids = [[PHONEME_IDS.get(p, OTHER_PHONEME) for p in espeak_phonemes(t)] for t in spoken]
     flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)  # (sum U,)
     return flat, torch.tensor([len(row) for row in ids], dtype=torch.long)  # (B,)
 
@@ -65,13 +67,17 @@ class PhonemeCTC(nn.Module):
     def __init__(self, encoder: nn.Module, layer: int = 0):
         super().__init__()
         n = len(encoder.layers)
-        k = layer or n // 2  # 0: the middle layer
+        k = layer or max(1, n // 2)  # 0: the middle layer
         if not 1 <= k <= n:
-            raise ValueError(f"training.phoneme_layer={layer}: choose 1..{n}, or 0 for the middle")
+            raise ValueError(
+                f"training.phoneme_layer={layer}: the encoder has {n} layers; "
+                f"choose 1..{n}, or 0 for the middle one"
+            )
         d = encoder.config.d_model
         self.k, self.norm, self.proj = k, nn.LayerNorm(d), nn.Linear(d, OTHER_PHONEME + 1)
         self.hidden = None
-        encoder.layers[k - 1].register_forward_hook(self._keep)
+        # self.hook.remove() detaches the head from the encoder
+        self.hook = encoder.layers[k - 1].register_forward_hook(self._keep)
 
     def _keep(self, module, args, out) -> None:
         """The forward hook: keep layer k's output (B, T, D) of a training pass."""
@@ -79,6 +85,10 @@ class PhonemeCTC(nn.Module):
 
     def loss(self, h_lengths: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """CTC loss of the phonemes of texts on the kept layer output (the encoder ran first)."""
+        if self.hidden is None:
+            raise RuntimeError(
+                "PhonemeCTC.loss reads a training-mode pass of the encoder: run it first"
+            )
         targets, lengths = phoneme_targets(texts)  # (sum U,), (B,)
         log_probs = self.proj(self.norm(self.hidden)).float().log_softmax(-1)  # (B, T, P)
         self.hidden = None

@@ -394,6 +394,7 @@ class Trainer:
                 "glm_rng": self.generator.get_state(),
                 "cuda_rng": self.cuda_rng_state if self.cuda else [],
                 "phoneme_ctc": {} if self.phoneme_ctc is None else self.phoneme_ctc.state_dict(),
+                "phoneme_layer": 0 if self.phoneme_ctc is None else self.phoneme_ctc.k,
             },
             kind=self.kind,
         )
@@ -417,10 +418,17 @@ class Trainer:
         with_head = trainer.phoneme_ctc is not None
         if bool(state.get("phoneme_ctc")) != with_head:
             raise ValueError(
-                f"{path} was trained with{'out' if with_head else ''} training.phoneme_ctc: "
-                "resume with the run's setting, or start a new run from its weights (train --init)"
+                f"{path} was trained with{'out' if with_head else ''} training.phoneme_ctc: resume "
+                "with the run's own setting (no --config, or --override training.phoneme_ctc=...), "
+                "or start a new run from its weights (train --init)"
             )
         if with_head:
+            layer = state.get("phoneme_layer", trainer.phoneme_ctc.k)
+            if layer != trainer.phoneme_ctc.k:
+                raise ValueError(
+                    f"{path}'s phoneme head reads encoder layer {layer}, the recipe's layer "
+                    f"{trainer.phoneme_ctc.k}: resume with --override training.phoneme_layer={layer}"
+                )
             trainer.phoneme_ctc.load_state_dict(state["phoneme_ctc"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.epoch, trainer.batch_in_epoch = (

@@ -496,6 +496,7 @@ def test_espeak_phonemes_and_their_ctc_targets():
     assert espeak_phonemes("") == ()
     flat, lengths = phoneme_targets(["the cat", "", "the"])
     assert lengths.tolist() == [5, 0, 2] and flat.tolist()[:2] == flat.tolist()[-2:]
+    assert phoneme_targets(["THE CAT!"])[0].tolist() == phoneme_targets(["the cat"])[0].tolist()  # as spoken
     assert flat.min() >= 1 and OTHER_PHONEME == len(PHONEME_IDS) + 1 and OTHER_PHONEME not in flat.tolist()
 
 
@@ -517,10 +518,17 @@ def test_phoneme_head_reads_its_layer_and_trains_only_the_layers_below():
     assert torch.allclose(loss, torch.stack(alone).mean(), atol=1e-5)
     loss.backward()
     assert [any(p.grad is not None for p in layer.parameters()) for layer in encoder.layers] == [True, False, False]
-    with pytest.raises(ValueError, match="phoneme_layer=4: choose 1..3"):
+    with pytest.raises(ValueError, match="phoneme_layer=4: the encoder has 3 layers; choose 1..3"):
         PhonemeCTC(encoder, layer=4)
     encoder.eval()(x, lengths)
     assert head.hidden is None  # inference keeps nothing
+    with pytest.raises(RuntimeError, match="training-mode pass of the encoder"):
+        head.loss(lengths, texts)
+    head.hook.remove()
+    encoder.train()(x, lengths)
+    assert head.hidden is None  # detached
+    one = SANMEncoder(EncoderConfig(d_model=32, n_heads=2, n_layers=1, d_ffn=64))
+    assert PhonemeCTC(one).k == 1 and PhonemeCTC(encoder).k == 1  # the middle of 1 and of 3 layers
 
 
 def test_phoneme_ctc_trains_logs_and_resumes_exactly(tmp_path):
@@ -544,8 +552,10 @@ def test_phoneme_ctc_trains_logs_and_resumes_exactly(tmp_path):
     assert losses(straight) == losses(resumed)
     # the model a checkpoint stores is the same with or without the head
     assert set(load_checkpoint(tmp_path / "a" / "best.pt")["model"]) == set(plain.model.state_dict())
-    with pytest.raises(ValueError, match="trained with training.phoneme_ctc: resume with the run's setting"):
+    with pytest.raises(ValueError, match="trained with training.phoneme_ctc: resume with the run's own setting"):
         Trainer.resume(tmp_path / "b" / "latest.pt", config=load_config(RECIPE, TINY))
+    with pytest.raises(ValueError, match="reads encoder layer 1, the recipe's layer 2: .*phoneme_layer=1"):
+        Trainer.resume(tmp_path / "b" / "latest.pt", config=load_config(RECIPE, settings + ["training.phoneme_layer=2"]))
     with pytest.raises(ValueError, match="trained without training.phoneme_ctc.*train --init"):
         Trainer.resume(tmp_path / "plain" / "latest.pt", config=config)
     from paraformer_edu.baselines import BaselineTrainer
