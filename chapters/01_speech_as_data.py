@@ -1102,6 +1102,8 @@ def _synthesize_chunk(folder: Path, split: str, start: int, utterances: list[dic
 
 def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 1000) -> None:
     """Synthesise every split, chunk by chunk, each chunk in a fresh worker process."""
+    # espeak-ng carries state from one utterance to the next within a process: fresh
+    # processes for the same chunks give the same audio, two chunks in one process do not
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
