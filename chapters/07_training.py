@@ -364,6 +364,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto = bfloat16 autocast on a GPU that has it, else float32
     phoneme_ctc: float = 0.0  # weight of the auxiliary phoneme CTC loss; 0 = none
     phoneme_layer: int = 0  # the encoder layer it reads, 1..n_layers; 0 = the middle one
+    keep_checkpoints: int = 0  # keep the weights of the last N evaluations, to average; 0 = none
 
 
 @dataclass(frozen=True)
@@ -761,6 +762,11 @@ def save_checkpoint(
         "model": weights,
         **extra,
     }
+    _save_atomically(payload, path)
+
+
+def _save_atomically(payload: dict, path) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -882,6 +888,51 @@ def model_from_checkpoint(payload: dict, config: Config | None = None, model_cla
     frontend.cmvn.mean.copy_(f["cmvn_mean"])
     frontend.cmvn.std.copy_(f["cmvn_std"])
     return model.eval(), tokenizer, frontend, stored
+
+# %% [markdown]
+# **Averaging checkpoints.** Late in a long run the learning rate is small and the
+# weights wander around a minimum rather than descend into it. The mean of the last
+# $K$ checkpoints,
+#
+# $$\bar\theta = \frac{1}{K} \sum_{k=1}^{K} \theta_k,$$
+#
+# sits nearer its centre than any one of them (FunASR and ESPnet release such averages).
+# `training.keep_checkpoints: K` keeps the model weights of the last $K$ evaluations in
+# `checkpoints/step-N.pt`; `average_checkpoints` (and `python -m paraformer_edu average`)
+# writes their mean as a new checkpoint. Only checkpoints of one model can be averaged:
+# the same configuration, vocabulary and CMVN statistics, which it checks first. The
+# section "What pays" below measures whether it helps.
+
+# %%
+#| export checkpoint
+def average_checkpoints(paths: list, out) -> dict:
+    """Write the mean of several checkpoints' weights (one model's) to `out`; its payload."""
+    if len(paths) < 2:
+        raise CheckpointError(f"averaging needs two or more checkpoints, got {len(paths)}")
+    payloads = [load_checkpoint(p) for p in paths]
+    first = payloads[0]
+    for path, other in zip(paths[1:], payloads[1:]):
+        same = (
+            other["config"]["model"] == first["config"]["model"]
+            and other["vocab"] == first["vocab"]
+            and other.get("kind", "paraformer") == first.get("kind", "paraformer")
+            and all(
+                torch.equal(other["frontend"][k], first["frontend"][k])
+                for k in ("cmvn_mean", "cmvn_std")
+            )
+        )
+        if not same:
+            raise CheckpointError(
+                f"{path} and {paths[0]} hold different models (configuration, vocabulary or "
+                "CMVN statistics): average checkpoints of one run"
+            )
+    n = len(payloads)  # the mean in float32, whatever precision the checkpoints store:
+    weights = {k: sum(p["model"][k].float() for p in payloads) / n for k in first["model"]}
+    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind", "step")
+    payload = {k: v for k, v in payloads[-1].items() if k in keep}
+    payload |= {"model": weights, "averaged_from": [str(p) for p in paths]}
+    _save_atomically(payload, out)
+    return payload
 
 # %% [markdown]
 # ## A second teacher for the encoder: phonemes
@@ -1429,17 +1480,27 @@ def _evaluate_and_log(self) -> dict:
 
 @add_to_class(Trainer)
 def _evaluate_and_save(self) -> None:
-    """Evaluate and log; save the latest checkpoint and, if dev CER improved, the best."""
+    """Evaluate and log; save the latest checkpoint, the best (by dev CER), the last few kept."""
     scores = self._evaluate_and_log()
     self.save(self.out_dir / "latest.pt")
+    model_only = (self.model, self.tokenizer, self.frontend, self.config)
+    keep = self.config.training.keep_checkpoints
+    if keep:  # model-only checkpoints of the last `keep` evaluations, for average_checkpoints
+        kept = self.out_dir / "checkpoints"
+        save_checkpoint(
+            kept / f"step-{self.step:07d}.pt",
+            *model_only,
+            step=self.step,
+            dev_cer=scores["cer"],
+            kind=self.kind,
+        )
+        for old in sorted(kept.glob("step-*.pt"))[:-keep]:
+            old.unlink()
     if scores["cer"] < self.best_cer:
         self.best_cer = scores["cer"]
         save_checkpoint(
             self.out_dir / "best.pt",
-            self.model,
-            self.tokenizer,
-            self.frontend,
-            self.config,
+            *model_only,
             step=self.step,
             dev_cer=scores["cer"],
             kind=self.kind,
@@ -1656,6 +1717,7 @@ with tempfile.TemporaryDirectory() as folder:
             good, config=load_config(RECIPE, ["model.encoder.n_layers=6"])
         ),
         "weights that don't fit": lambda: model_from_checkpoint(load_checkpoint(foreign)),
+        "averaging two models": lambda: average_checkpoints([good, foreign], Path(folder) / "x.pt"),
     }
     for name, attempt in attempts.items():
         try:
@@ -1666,6 +1728,26 @@ with tempfile.TemporaryDirectory() as folder:
             print(textwrap.fill(message, 100, initial_indent="  ", subsequent_indent="  "))
         else:
             raise AssertionError(f"{name} was accepted")
+
+# %% [markdown]
+# **Averaging, checked.** A run of eight steps that keeps the checkpoints of its last
+# two evaluations (every four steps) leaves `step-0000004.pt` and `step-0000008.pt`;
+# their average must be their element-wise mean, and it must load like any checkpoint:
+
+# %%
+kept = load_config(RECIPE, ["training.eval_utterances=8", "training.eval_every=4"])
+kept = replace(kept, training=replace(kept.training, keep_checkpoints=2))
+with tempfile.TemporaryDirectory() as folder:
+    Trainer(kept, Path(folder)).train(max_minutes=0, max_steps=8)
+    paths = sorted((Path(folder) / "checkpoints").glob("step-*.pt"))
+    print("kept:", [p.name for p in paths])
+    mean = average_checkpoints(paths, Path(folder) / "averaged.pt")
+    a, b = (load_checkpoint(p)["model"] for p in paths)
+    worst = max((mean["model"][k] - (a[k] + b[k]) / 2).abs().max().item() for k in a)
+    averaged_model, *_ = model_from_checkpoint(load_checkpoint(Path(folder) / "averaged.pt"))
+    print(f"averaged weights against (a + b) / 2: max abs diff {worst:.1e}")
+    print("averaged from", [Path(p).name for p in mean["averaged_from"]], "at step", mean["step"])
+assert [p.name for p in paths] == ["step-0000004.pt", "step-0000008.pt"] and worst < 1e-6
 
 # %% [markdown]
 # ## From a checkpoint to a transcript: inference
@@ -2313,7 +2395,8 @@ for batch_size in (1, 16):
 #   optimiser, the position in the data and every random state.
 # - **Checkpoints** are dictionaries of tensors and strings, written atomically, read with
 #   `weights_only=True`, and refused with a clear message when truncated, foreign, or of
-#   another configuration.
+#   another configuration. `average_checkpoints` writes the mean of one run's checkpoints
+#   (`training.keep_checkpoints` keeps them).
 # - **The live run**: ten minutes on two CPU cores take the model from nothing to the dev
 #   CER printed above. The book's model, 192 x 6 and trained by its own recipe
 #   (`configs/paraformer-book.yaml`) for 7,000 steps on 40,000 utterances, reaches about
@@ -2325,9 +2408,10 @@ for batch_size in (1, 16):
 # `sentence_accuracy`. In `paraformer_edu.config`: `Config`, `DataConfig`,
 # `TrainingConfig`, `load_config`, `save_config`. In `paraformer_edu.training`:
 # `choose_device`, `warmup_lr`, `evaluate`, `Trainer`. In `paraformer_edu.checkpoint`:
-# `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`. In
+# `save_checkpoint`, `load_checkpoint`, `model_from_checkpoint`, `average_checkpoints`. In
+# `paraformer_edu.phonemes`: `espeak_phonemes`, `phoneme_targets`, `PhonemeCTC`. In
 # `paraformer_edu.inference`: `Transcript`, `Recognizer`, `load_model`. On the command line:
-# `python -m paraformer_edu train | evaluate | transcribe`.
+# `python -m paraformer_edu train | average | evaluate | transcribe`.
 #
 # ## Exercises
 #

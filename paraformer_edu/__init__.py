@@ -14,7 +14,7 @@ file, hand-written, gathers the public API:
 - `predictor` (chapter 5): continuous integrate-and-fire (CIF);
 - `decoder`, `model` (chapter 6): the parallel decoder, the GLM sampler, the whole Paraformer;
 - `metrics`, `config`, `training`, `checkpoint` (chapter 7): CER/WER, the recipe, the trainer,
-  saving and loading checkpoints;
+  saving, loading and averaging checkpoints;
 - `phonemes` (chapter 7): espeak-ng's phonemes of a transcript and `PhonemeCTC`, the auxiliary phoneme
   CTC loss on an intermediate encoder layer (`training.phoneme_ctc`);
 - `inference` (chapter 7): `load_model`, the `Recognizer` and its `Transcript`s;
@@ -48,7 +48,7 @@ from .attention import MultiHeadAttention, scaled_dot_product_attention, sinusoi
 from .audio import AudioError, load_audio
 from .baselines import ARModel, BaselineTrainer, CTCModel, ParaformerV2
 from .beam_search import Beam, LMSearch, ctc_prefix_beam_search, paraformer_beam_search
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, average_checkpoints
 from .config import Config, load_config
 from .corpora import CorpusError, prepare_corpus, prepare_manifest, real_recordings
 from .corpus import build_corpus, corpus_config, read_manifest
@@ -90,7 +90,8 @@ __all__ = [
     # chapter 6
     "ParaformerDecoder", "glm_sample", "ParaformerConfig", "Paraformer", "Hypothesis",
     # chapter 7
-    "cer", "wer", "Config", "load_config", "Trainer", "PhonemeCTC", "espeak_phonemes", "CheckpointError", "Recognizer",
+    "cer", "wer", "Config", "load_config", "Trainer", "PhonemeCTC", "espeak_phonemes", "CheckpointError",
+    "average_checkpoints", "Recognizer",
     "Transcript", "load_model",
     # chapter 8
     "Inside", "look_inside", "word_timestamps", "onset_errors", "cer_by",

@@ -63,6 +63,11 @@ def save_checkpoint(
         "model": weights,
         **extra,
     }
+    _save_atomically(payload, path)
+
+
+def _save_atomically(payload: dict, path) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -188,6 +193,39 @@ def model_from_checkpoint(payload: dict, config: Config | None = None, model_cla
     return model.eval(), tokenizer, frontend, stored
 
 
+def average_checkpoints(paths: list, out) -> dict:
+    """Write the mean of several checkpoints' weights (one model's) to `out`; its payload.
+
+    Defined in chapter 7, "Training the model".
+    """
+    if len(paths) < 2:
+        raise CheckpointError(f"averaging needs two or more checkpoints, got {len(paths)}")
+    payloads = [load_checkpoint(p) for p in paths]
+    first = payloads[0]
+    for path, other in zip(paths[1:], payloads[1:]):
+        same = (
+            other["config"]["model"] == first["config"]["model"]
+            and other["vocab"] == first["vocab"]
+            and other.get("kind", "paraformer") == first.get("kind", "paraformer")
+            and all(
+                torch.equal(other["frontend"][k], first["frontend"][k])
+                for k in ("cmvn_mean", "cmvn_std")
+            )
+        )
+        if not same:
+            raise CheckpointError(
+                f"{path} and {paths[0]} hold different models (configuration, vocabulary or "
+                "CMVN statistics): average checkpoints of one run"
+            )
+    n = len(payloads)  # the mean in float32, whatever precision the checkpoints store:
+    weights = {k: sum(p["model"][k].float() for p in payloads) / n for k in first["model"]}
+    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind", "step")
+    payload = {k: v for k, v in payloads[-1].items() if k in keep}
+    payload |= {"model": weights, "averaged_from": [str(p) for p in paths]}
+    _save_atomically(payload, out)
+    return payload
+
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
@@ -195,4 +233,5 @@ __all__ = [
     "load_checkpoint",
     "tokenizer_from_lines",
     "model_from_checkpoint",
+    "average_checkpoints",
 ]

@@ -1,4 +1,4 @@
-"""The command line: `python -m paraformer_edu train | prepare | evaluate | transcribe | serve`.
+"""The command line: `python -m paraformer_edu train | average | prepare | evaluate | transcribe | serve`.
 
 Hand-written (not generated): a thin layer over what chapter 7 builds
 (`paraformer_edu.training`, `paraformer_edu.inference`, `paraformer_edu.metrics`).
@@ -6,6 +6,7 @@ Hand-written (not generated): a thin layer over what chapter 7 builds
     python -m paraformer_edu train --config configs/paraformer.yaml [--override training.lr=3e-4 ...]
                                    [--out runs/NAME] [--resume runs/NAME/latest.pt] [--init model.pt]
     torchrun --nproc-per-node=N -m paraformer_edu train ...   (chapter 11: N processes, one writes)
+    python -m paraformer_edu average runs/NAME/checkpoints/step-*.pt --out runs/NAME/averaged.pt
     python -m paraformer_edu prepare librispeech|ljspeech|common-voice|jsonl SOURCE --out train.jsonl
                                    [--max-seconds 20 [--split-with CKPT]] [--on-problem skip|raise]
     python -m paraformer_edu evaluate --checkpoint CKPT --manifest dev.jsonl [--manifest test.jsonl ...]
@@ -70,6 +71,16 @@ def _train(args) -> int:
                           "out": str(trainer.out_dir)}))
     if world > 1:
         torch.distributed.destroy_process_group()
+    return 0
+
+
+def _average(args) -> int:
+    """Write the mean of several checkpoints' weights (chapter 7's average_checkpoints)."""
+    from paraformer_edu.checkpoint import average_checkpoints
+
+    payload = average_checkpoints(args.checkpoints, args.out)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.out} (the last at step "
+          f"{payload.get('step', '?')}); score it with: python -m paraformer_edu evaluate --checkpoint {args.out} ...")
     return 0
 
 
@@ -218,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", help="output folder (default runs/<config name>)")
     train.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (e.g. the book's model.pt): "
                        "its vocabulary and CMVN, a new optimiser and warm-up; the recipe's model must match it")
+    average = commands.add_parser("average", help="average the weights of checkpoints of one run (chapter 7), e.g. "
+                                  "those kept by training.keep_checkpoints")
+    average.add_argument("checkpoints", nargs="+", help="two or more checkpoints of one model")
+    average.add_argument("--out", required=True, help="the averaged checkpoint to write")
     prepare = commands.add_parser("prepare", help="turn a corpus (LibriSpeech, LJSpeech, Common Voice, JSON "
                                   "lines) into a checked manifest (chapter 11)")
     prepare.add_argument("layout", choices=["librispeech", "ljspeech", "common-voice", "jsonl"])
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("evaluate", "transcribe") and (args.beam < 1 or args.lm_weight < 0):
         parser.error(f"--beam must be at least 1 and --lm-weight at least 0 (got {args.beam} and {args.lm_weight})")
     try:
-        commands = {"train": _train, "prepare": _prepare, "evaluate": _evaluate, "transcribe": _transcribe,
+        commands = {"train": _train, "average": _average, "prepare": _prepare, "evaluate": _evaluate, "transcribe": _transcribe,
                     "serve": _serve}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError, AudioError, config errors

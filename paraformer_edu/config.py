@@ -71,6 +71,7 @@ class TrainingConfig:
     precision: str = "auto"  # auto = bfloat16 autocast on a GPU that has it, else float32
     phoneme_ctc: float = 0.0  # weight of the auxiliary phoneme CTC loss; 0 = none
     phoneme_layer: int = 0  # the encoder layer it reads, 1..n_layers; 0 = the middle one
+    keep_checkpoints: int = 0  # keep the weights of the last N evaluations, to average; 0 = none
 
 
 @dataclass(frozen=True)

@@ -352,17 +352,27 @@ class Trainer:
         return scores
 
     def _evaluate_and_save(self) -> None:
-        """Evaluate and log; save the latest checkpoint and, if dev CER improved, the best."""
+        """Evaluate and log; save the latest checkpoint, the best (by dev CER), the last few kept."""
         scores = self._evaluate_and_log()
         self.save(self.out_dir / "latest.pt")
+        model_only = (self.model, self.tokenizer, self.frontend, self.config)
+        keep = self.config.training.keep_checkpoints
+        if keep:  # model-only checkpoints of the last `keep` evaluations, for average_checkpoints
+            kept = self.out_dir / "checkpoints"
+            save_checkpoint(
+                kept / f"step-{self.step:07d}.pt",
+                *model_only,
+                step=self.step,
+                dev_cer=scores["cer"],
+                kind=self.kind,
+            )
+            for old in sorted(kept.glob("step-*.pt"))[:-keep]:
+                old.unlink()
         if scores["cer"] < self.best_cer:
             self.best_cer = scores["cer"]
             save_checkpoint(
                 self.out_dir / "best.pt",
-                self.model,
-                self.tokenizer,
-                self.frontend,
-                self.config,
+                *model_only,
                 step=self.step,
                 dev_cer=scores["cer"],
                 kind=self.kind,

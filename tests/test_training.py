@@ -1,6 +1,7 @@
 """Chapter 7: metrics against jiwer and torchaudio, configuration, checkpoints, exact resume, the recognizer, the CLI."""
 
 import json
+from dataclasses import replace
 import random
 import shutil
 import subprocess
@@ -274,6 +275,44 @@ def test_bad_checkpoints_get_clear_errors(tiny, tmp_path):
     del payload["model"]["decoder.output.weight"]
     with pytest.raises(CheckpointError, match="decoder.output.weight: checkpoint missing"):
         model_from_checkpoint(payload)
+
+
+def test_kept_checkpoints_are_the_last_evaluations_and_average_to_their_mean(tmp_path):
+    config = load_config(RECIPE, TINY + ["training.eval_every=2", "training.keep_checkpoints=2"])
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.train(max_minutes=0, max_steps=6)
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    assert [p.name for p in kept] == ["step-0000004.pt", "step-0000006.pt"]  # step 2's was dropped
+    assert [load_checkpoint(p)["step"] for p in kept] == [4, 6]
+    # a float16 copy of one of them averages like its float32 self (to float16's precision)
+    save_checkpoint(tmp_path / "half.pt", trainer.model, trainer.tokenizer, trainer.frontend, config, half=True)
+    for paths, tolerance in ((kept, 1e-7), ([kept[0], tmp_path / "half.pt"], 1e-3)):
+        payload = paraformer_edu.average_checkpoints(paths, tmp_path / "mean.pt")
+        a, b = (load_checkpoint(p)["model"] for p in paths)
+        worst = max((payload["model"][k] - (a[k].float() + b[k].float()) / 2).abs().max().item() for k in a)
+        assert worst < tolerance and payload["averaged_from"] == [str(p) for p in paths]
+    # a checkpoint like any other: it loads, transcribes, and has no training state to resume from
+    recognizer = load_model(tmp_path / "mean.pt")
+    assert all(torch.equal(v, payload["model"][k]) for k, v in recognizer.model.state_dict().items())
+    audio = read_manifest(trainer.manifests["test"])[0]["audio_filepath"]
+    assert isinstance(recognizer.transcribe(audio), str)
+    with pytest.raises(ValueError, match="no training state"):
+        Trainer.resume(tmp_path / "mean.pt")
+
+
+def test_averaging_refuses_one_checkpoint_and_checkpoints_of_other_models(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="two or more checkpoints, got 1"):
+        paraformer_edu.average_checkpoints([tiny.out_dir / "best.pt"], tmp_path / "x.pt")
+    other = paraformer_edu.Paraformer(replace(tiny.config.model, decoder_layers=2))
+    save_checkpoint(tmp_path / "other.pt", other, tiny.tokenizer, tiny.frontend,
+                    replace(tiny.config, model=replace(tiny.config.model, decoder_layers=2)))
+    with pytest.raises(CheckpointError, match="hold different models .*average checkpoints of one run"):
+        paraformer_edu.average_checkpoints([tiny.out_dir / "best.pt", tmp_path / "other.pt"], tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    done = run_cli("average", tiny.out_dir / "best.pt", tiny.out_dir / "latest.pt", "--out", tmp_path / "y.pt")
+    assert done.returncode == 0 and "averaged 2 checkpoints" in done.stdout, done.stderr
+    done = run_cli("average", tiny.out_dir / "best.pt", tmp_path / "other.pt", "--out", tmp_path / "z.pt")
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
 
 
 # --- the recognizer ------------------------------------------------------------------------------------------------
