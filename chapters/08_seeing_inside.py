@@ -893,12 +893,21 @@ def plot_training_log(rows: list, marks: dict | None = None):
 log_file = CHECKPOINT.parent / "train_log.jsonl"
 log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
 evaluations = [r for r in log if "dev_cer" in r]
-data_config = recognizer.config.data if recognizer.config else None
-marks = (
-    {"SpecAugment on": data_config.spec_augment_from}
-    if data_config and data_config.spec_augment
-    else {}
-)
+# the stretches of training and the settings each changed (chapter 7's release records them)
+history = recorded.get("history", []) if metrics_file.exists() else []
+marks = {}
+for i, stretch in enumerate(history):
+    first, changed = stretch["steps"][0], stretch["settings"]
+    if i:
+        marks[f"continued ({i})"] = first
+    if changed.get("data.spec_augment") and changed.get("data.spec_augment_from", 0) > 0:
+        marks["SpecAugment on"] = first + changed["data.spec_augment_from"]
+shown = ("data.corpus", "training.lr", "training.warmup_steps", "data.spec_augment")
+shown += ("data.spec_augment_from", "training.phoneme_ctc")
+for stretch in history:
+    changed = ", ".join(f"{k}={v}" for k, v in stretch["settings"].items() if k in shown)
+    line = f"steps {stretch['steps'][0]:>5} to {stretch['steps'][1]:>5}: {changed}"
+    print(textwrap.fill(line, 100, subsequent_indent=" " * 22))
 if log:
     plot_training_log(log, marks)
     plt.show()
@@ -917,7 +926,7 @@ if log:
         early, late = (sum(r[part] for r in rows) / k for rows in (train_rows[:k], train_rows[-k:]))
         print(f"{part:<14} first tenth {early:.2f} -> last tenth {late:.2f}")
         assert late < early
-    if marks:
+    if "SpecAugment on" in marks:
         step = marks["SpecAugment on"]
         before = [r["loss_quantity"] for r in train_rows if step - 250 <= r["step"] < step]
         after = [r["loss_quantity"] for r in train_rows if step <= r["step"] < step + 250]

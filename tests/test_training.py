@@ -460,6 +460,28 @@ def test_cli_train_and_resume(tmp_path):
     assert json.loads(more.stdout.splitlines()[-1])["step"] == 5
 
 
+def test_a_release_counts_every_run_it_continued(tiny, tmp_path):
+    """tools/release_model.py --continues RELEASED RUN: steps, time, log and settings of the whole chain."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from release_model import earlier_training
+
+    released = tmp_path / "released"
+    released.mkdir()
+    save_config(tiny.config, released / "config.yaml")
+    (released / "metrics.json").write_text(json.dumps({"steps": 4, "train_hours": 1.0}))
+    rows = [{"step": s, "train_seconds": 10.0 * s, "loss": 1.0} for s in (2, 4, 6)]  # 6: after its weights
+    (released / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    more = Trainer(replace(tiny.config, training=replace(tiny.config.training, lr=1e-4)), tmp_path / "more",
+                   init=tiny.out_dir / "best.pt")
+    more.train(max_minutes=0, max_steps=3)
+    steps, seconds, log, history = earlier_training([released, tmp_path / "more"])
+    assert steps == 4 + 3 and seconds == pytest.approx(3600 + more.train_seconds)
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 4 + 2, 4 + 3]
+    assert [r.get("continued_from") for r in log if r["step"] > 4][0] == str(released)
+    assert [h["steps"] for h in history] == [[0, 4], [4, 7]]
+    assert history[1]["settings"] == {"training.lr": 1e-4}  # only what the continuation changed
+
+
 # --- the book's committed model ------------------------------------------------------------------------------
 
 def test_book_model_is_small_and_reaches_its_recorded_dev_cer():

@@ -3,6 +3,8 @@
     python tools/release_model.py runs/book/best.pt models/paraformer-book [--log runs/book/train_log.jsonl]
     python tools/release_model.py runs/more/best.pt models/paraformer-book --continues models/paraformer-book
                                   # a run that started from the released model (train --init)
+    python tools/release_model.py runs/c/best.pt models/paraformer-book --continues models/paraformer-book runs/b
+                                  # runs/b started from the released model, runs/c from runs/b/latest.pt
 
 Writes into the folder:
 - model.pt        one file for `paraformer_edu.load_model`: float16 weights, configuration,
@@ -30,7 +32,7 @@ import torch
 
 from paraformer_edu.beam_search import LMSearch
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import save_config
+from paraformer_edu.config import config_to_dict, flat_settings, load_config, save_config
 from paraformer_edu.corpus import build_corpus, corpus_config, read_manifest
 from paraformer_edu.dataset import SpeechDataset
 from paraformer_edu.inference import Recognizer
@@ -54,23 +56,56 @@ def real_time_factor(model, dataset, batch: int, n: int = 96) -> float:
     return seconds / sum(dataset.entries[i]["duration"] for i in range(len(items)))
 
 
+def settings(config) -> dict:
+    """A configuration's dotted settings: {'training.lr': 0.0006, ...}."""
+    return flat_settings(config_to_dict(config))
+
+
+def segment(folder, first: int, last: int, config, before: list) -> dict:
+    """One stretch of the training history: its steps, and its settings that differ from the stretch before."""
+    earlier = {}
+    for row in before:  # the settings in force at the end of the history so far
+        earlier |= row["settings"]
+    return {"run": str(folder), "steps": [first, last],
+            "settings": {k: v for k, v in settings(config).items() if earlier.get(k, object()) != v}}
+
+
+def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[dict]]:
+    """Steps, training seconds, log rows and history of what a run continued: a released folder, then runs."""
+    steps, seconds, log, history = 0, 0.0, [], []
+    for i, folder in enumerate(folders):
+        rows = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
+        if (folder / "metrics.json").exists():  # a released model: its log is already the whole story
+            if i:
+                raise SystemExit(f"{folder}: a released model can only come first in --continues")
+            metrics = json.loads((folder / "metrics.json").read_text())
+            steps, seconds = metrics["steps"], 3600 * metrics["train_hours"]
+            log = [row for row in rows if row["step"] <= steps]  # up to its weights
+            history = metrics.get("history") or [segment(folder, 0, steps, load_config(folder / "config.yaml"), [])]
+            continue
+        state = load_checkpoint(folder / "latest.pt")["trainer"]  # the next run started from it
+        log += [{**row, "step": row["step"] + steps, "train_seconds": row["train_seconds"] + seconds,
+                 **({"continued_from": str(folders[i - 1])} if j == 0 and i else {})}
+                for j, row in enumerate(rows) if row["step"] <= state["step"]]
+        history.append(segment(folder, steps, steps + state["step"], load_config(folder / "config.yaml"), history))
+        steps, seconds = steps + state["step"], seconds + state["train_seconds"]
+    return steps, seconds, log, history
+
+
 def main(argv: list[str] | None = None) -> int:
     """Convert, copy and measure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--log", type=Path, help="training log (default: train_log.jsonl beside the checkpoint)")
-    parser.add_argument("--continues", type=Path, metavar="FOLDER",
-                        help="the released model the run started from (train --init): its steps, training "
-                             "time and log come first, so the figures count the whole training")
+    parser.add_argument("--continues", type=Path, nargs="+", default=[], metavar="FOLDER",
+                        help="what the run started from (train --init), oldest first: a released model's "
+                             "folder, then any run folders whose latest.pt the next run started from; their "
+                             "steps, training time and logs come first, so the figures count the whole training")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    earlier_steps, earlier_seconds, earlier_log = 0, 0.0, []
-    if args.continues:  # read before the folder is overwritten (it may be the same folder)
-        earlier = json.loads((args.continues / "metrics.json").read_text())
-        earlier_steps, earlier_seconds = earlier["steps"], 3600 * earlier["train_hours"]
-        earlier_log = [line for line in (args.continues / "train_log.jsonl").read_text().splitlines()
-                       if line.strip() and json.loads(line)["step"] <= earlier_steps]  # up to its weights
+    # read before the folder is overwritten (it may be the same folder)
+    earlier_steps, earlier_seconds, earlier_log, history = earlier_training(args.continues)
     payload = load_checkpoint(args.checkpoint)
     model, tokenizer, frontend, config = model_from_checkpoint(payload)
     args.folder.mkdir(parents=True, exist_ok=True)
@@ -83,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = max(row["train_seconds"] for row in log if row["step"] <= step)
     # a continued run's rows carry on from the released model's last step and time
     shifted = [{**row, "step": row["step"] + earlier_steps, "train_seconds": row["train_seconds"] + earlier_seconds,
-                **({"continued_from": str(args.continues)} if i == 0 and args.continues else {})}
+                **({"continued_from": str(args.continues[-1])} if i == 0 and args.continues else {})}
                for i, row in enumerate(log)]
-    (args.folder / "train_log.jsonl").write_text("".join(line + "\n" for line in earlier_log)
-                                                 + "".join(json.dumps(row) + "\n" for row in shifted))
+    (args.folder / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in earlier_log + shifted))
+    history.append(segment(args.checkpoint.parent, earlier_steps, step + earlier_steps, config, history))
     step, seconds = step + earlier_steps, seconds + earlier_seconds
     # measure the released file, not the float32 checkpoint: what users load is what is scored
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
@@ -95,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                "device": "cuda" if choose_device(config.training.device).type == "cuda"
                else f"{platform.machine()} CPU, {config.training.threads} threads",
                "parameters": sum(p.numel() for p in model.parameters()),
-               "size_mb": (args.folder / "model.pt").stat().st_size / 2**20}
+               "size_mb": (args.folder / "model.pt").stat().st_size / 2**20,
+               "history": history}  # each stretch of training: its steps and the settings it changed
     datasets = {split: SpeechDataset(manifests[split], frontend, tokenizer.encode) for split in manifests}
     lm = book_language_model(tokenizer)
     dev_cer = {w: evaluate(model, datasets["dev"], tokenizer, search=LMSearch(lm, w, 4))["cer"] for w in LM_WEIGHTS}
