@@ -2192,7 +2192,10 @@ base = runs["live recipe"]
 k, every = base["averaged"]["checkpoints"], base["averaged"]["every"]
 runs = {
     "live recipe": base,
-    f"  its final weights and {k - 1} before (every {every}), averaged": {**base, **base["averaged"]},
+    f"  its final weights and {k - 1} before (every {every}), averaged": {
+        **base,
+        **base["averaged"],
+    },
     **{name: r for name, r in runs.items() if name != "live recipe"},
 }
 change = {name: r["test_cer"] - base["test_cer"] for name, r in runs.items()}

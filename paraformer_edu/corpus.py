@@ -551,10 +551,14 @@ def _synthesize_plan(folder: Path, plan: dict[str, list[dict]], chunk: int = 100
     workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2))
     # two PyTorch threads per worker, one worker per two cores: more threads than cores slow
     # every worker down (4x with two workers on two cores), and the same thread count on any
-    # machine gives the same samples (resampling sums in the threads' order)
+    # machine gives the same samples (resampling sums in the threads' order). The workers are
+    # forked from a server process that imported this module but never ran espeak-ng: each
+    # starts as fresh as a new process, without importing PyTorch again
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["paraformer_edu.corpus"])
     with ProcessPoolExecutor(
         workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         max_tasks_per_child=1,
         initializer=torch.set_num_threads,
         initargs=(2,),
