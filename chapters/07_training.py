@@ -565,7 +565,14 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
+from paraformer_edu.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    flat_settings,
+    save_config,
+    training_manifests,
+)
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import N_MELS, Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
@@ -928,9 +935,11 @@ def average_checkpoints(paths: list, out) -> dict:
             )
     n = len(payloads)  # the mean in float32, whatever precision the checkpoints store:
     weights = {k: sum(p["model"][k].float() for p in payloads) / n for k in first["model"]}
-    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind", "step")
-    payload = {k: v for k, v in payloads[-1].items() if k in keep}
-    payload |= {"model": weights, "averaged_from": [str(p) for p in paths]}
+    last = payloads[-1]
+    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind")
+    payload = {k: v for k, v in last.items() if k in keep}
+    step = last.get("step", last.get("trainer", {}).get("step"))  # a model's, or a latest.pt's
+    payload |= {"model": weights, "step": step, "averaged_from": [str(p) for p in paths]}
     _save_atomically(payload, out)
     return payload
 
@@ -1517,7 +1526,10 @@ def _append_jsonl(self, row: dict) -> None:
 
 # %% [markdown]
 # Saving and resuming: `latest.pt` holds everything the run needs to go on as if it had
-# never stopped, and `resume` rebuilds the trainer from it.
+# never stopped, and `resume` rebuilds the trainer from it. A run may be resumed with
+# other settings (`--override training.threads=1`, or SpecAugment switched off): the log
+# then gets a row at that step with each changed setting, before and after, so that the
+# log tells the whole story of the run.
 
 # %%
 #| export
@@ -1599,7 +1611,21 @@ def resume(
     # rows logged after the checkpoint will be logged again: the file as it was then
     if log_file.exists():
         log_file.write_text("".join(json.dumps(row) + "\n" for row in trainer.log))
+    trainer._log_changed_settings(payload["config"])
     return trainer
+
+
+@add_to_class(Trainer)
+def _log_changed_settings(self, stored: dict) -> None:
+    """Log the settings a resumed run changed, {setting: [before, after]}, at the step it resumed."""
+    # settings the stored configuration predates count as their defaults
+    before = flat_settings(config_to_dict(config_from_dict(stored)))
+    after = flat_settings(config_to_dict(self.config))
+    changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v}
+    if changed:  # the log tells from which step the run went on with other settings
+        row = {"step": self.step, "resumed_with": changed}
+        self.log.append(row)
+        self._append_jsonl(row)
 
 
 # %% [markdown]

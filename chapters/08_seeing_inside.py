@@ -895,17 +895,21 @@ log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_fi
 evaluations = [r for r in log if "dev_cer" in r]
 # the stretches of training and the settings each changed (chapter 7's release records them)
 history = recorded.get("history", []) if metrics_file.exists() else []
-marks = {}
-for i, stretch in enumerate(history):
+marks, runs = {}, 0
+for stretch in history:
     first, changed = stretch["steps"][0], stretch["settings"]
-    if i:
-        marks[f"continued ({i})"] = first
+    if stretch.get("resumed") and "data.spec_augment" in changed:  # the same run, resumed
+        marks[f"SpecAugment {'on' if changed['data.spec_augment'] else 'off'}"] = first
+    elif first and not stretch.get("resumed"):  # a new run from the weights so far (train --init)
+        runs += 1
+        marks[f"continued ({runs})"] = first
     if changed.get("data.spec_augment") and changed.get("data.spec_augment_from", 0) > 0:
         marks["SpecAugment on"] = first + changed["data.spec_augment_from"]
 shown = ("data.corpus", "training.lr", "training.warmup_steps", "data.spec_augment")
 shown += ("data.spec_augment_from", "training.phoneme_ctc")
 for stretch in history:
     changed = ", ".join(f"{k}={v}" for k, v in stretch["settings"].items() if k in shown)
+    changed += " (resumed)" if stretch.get("resumed") else ""
     line = f"steps {stretch['steps'][0]:>5} to {stretch['steps'][1]:>5}: {changed}"
     print(textwrap.fill(line, 100, subsequent_indent=" " * 22))
 if log:

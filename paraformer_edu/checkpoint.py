@@ -219,9 +219,11 @@ def average_checkpoints(paths: list, out) -> dict:
             )
     n = len(payloads)  # the mean in float32, whatever precision the checkpoints store:
     weights = {k: sum(p["model"][k].float() for p in payloads) / n for k in first["model"]}
-    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind", "step")
-    payload = {k: v for k, v in payloads[-1].items() if k in keep}
-    payload |= {"model": weights, "averaged_from": [str(p) for p in paths]}
+    last = payloads[-1]
+    keep = ("format", "package_version", "config", "tokenizer", "vocab", "frontend", "kind")
+    payload = {k: v for k, v in last.items() if k in keep}
+    step = last.get("step", last.get("trainer", {}).get("step"))  # a model's, or a latest.pt's
+    payload |= {"model": weights, "step": step, "averaged_from": [str(p) for p in paths]}
     _save_atomically(payload, out)
     return payload
 

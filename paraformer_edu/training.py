@@ -17,7 +17,14 @@ import torch
 from tqdm import tqdm
 
 from paraformer_edu.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from paraformer_edu.config import Config, config_from_dict, save_config, training_manifests
+from paraformer_edu.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    flat_settings,
+    save_config,
+    training_manifests,
+)
 from paraformer_edu.dataset import BucketBatchSampler, SpeechDataset, collate
 from paraformer_edu.features import N_MELS, Frontend, SpecAugment
 from paraformer_edu.inference import Recognizer
@@ -459,7 +466,19 @@ class Trainer:
         # rows logged after the checkpoint will be logged again: the file as it was then
         if log_file.exists():
             log_file.write_text("".join(json.dumps(row) + "\n" for row in trainer.log))
+        trainer._log_changed_settings(payload["config"])
         return trainer
+
+    def _log_changed_settings(self, stored: dict) -> None:
+        """Log the settings a resumed run changed, {setting: [before, after]}, at the step it resumed."""
+        # settings the stored configuration predates count as their defaults
+        before = flat_settings(config_to_dict(config_from_dict(stored)))
+        after = flat_settings(config_to_dict(self.config))
+        changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v}
+        if changed:  # the log tells from which step the run went on with other settings
+            row = {"step": self.step, "resumed_with": changed}
+            self.log.append(row)
+            self._append_jsonl(row)
 
 
 def step_seconds(wall: float, cpu: float) -> float:

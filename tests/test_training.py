@@ -230,6 +230,20 @@ def test_resume_drops_log_rows_written_after_the_checkpoint(tmp_path):
     assert len(keys) == len(set(keys)) and rows == resumed.log
 
 
+def test_a_resume_with_other_settings_logs_what_changed(tmp_path):
+    first = Trainer(load_config(RECIPE, TINY), tmp_path / "run")
+    first.train(max_minutes=0, max_steps=2)
+    same = Trainer.resume(tmp_path / "run" / "latest.pt")
+    assert not any("resumed_with" in r for r in same.log)  # nothing changed, nothing logged
+    other = load_config(RECIPE, TINY + ["training.lr=1e-4", "data.spec_augment=false"])
+    resumed = Trainer.resume(tmp_path / "run" / "latest.pt", config=other)
+    assert resumed.log[-1] == {"step": 2, "resumed_with": {"data.spec_augment": [True, False],
+                                                           "training.lr": [0.002, 0.0001]}}
+    resumed.train(max_minutes=0, max_steps=4)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert rows == resumed.log and sum("resumed_with" in r for r in rows) == 1
+
+
 def test_resume_refuses_another_model_configuration(tiny):
     other = load_config(RECIPE, TINY + ["model.encoder.n_layers=3"])
     with pytest.raises(CheckpointError, match=r"model.encoder.n_layers: checkpoint 2, config 3"):
@@ -298,6 +312,9 @@ def test_kept_checkpoints_are_the_last_evaluations_and_average_to_their_mean(tmp
     assert isinstance(recognizer.transcribe(audio), str)
     with pytest.raises(ValueError, match="no training state"):
         Trainer.resume(tmp_path / "mean.pt")
+    # a latest.pt (weights and training state) averages too; its step is the trainer's
+    latest = paraformer_edu.average_checkpoints([kept[0], tmp_path / "run" / "latest.pt"], tmp_path / "m2.pt")
+    assert latest["step"] == 6 and "trainer" not in latest
 
 
 def test_averaging_refuses_one_checkpoint_and_checkpoints_of_other_models(tiny, tmp_path):
@@ -474,12 +491,17 @@ def test_a_release_counts_every_run_it_continued(tiny, tmp_path):
     more = Trainer(replace(tiny.config, training=replace(tiny.config.training, lr=1e-4)), tmp_path / "more",
                    init=tiny.out_dir / "best.pt")
     more.train(max_minutes=0, max_steps=3)
+    resumed = Trainer.resume(tmp_path / "more" / "latest.pt", config=replace(
+        more.config, data=replace(more.config.data, spec_augment=False)))  # resumed with SpecAugment off
+    resumed.train(max_minutes=0, max_steps=5)
     steps, seconds, log, history = earlier_training([released, tmp_path / "more"])
-    assert steps == 4 + 3 and seconds == pytest.approx(3600 + more.train_seconds)
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 4 + 2, 4 + 3]
+    assert steps == 4 + 5 and seconds == pytest.approx(3600 + resumed.train_seconds)
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 4 + 2, 4 + 3, 4 + 4, 4 + 5]
     assert [r.get("continued_from") for r in log if r["step"] > 4][0] == str(released)
-    assert [h["steps"] for h in history] == [[0, 4], [4, 7]]
+    assert [h["steps"] for h in history] == [[0, 4], [4, 7], [7, 9]]
     assert history[1]["settings"] == {"training.lr": 1e-4}  # only what the continuation changed
+    assert history[2] == {"run": str(tmp_path / "more"), "steps": [7, 9], "resumed": True,
+                          "settings": {"data.spec_augment": False}}
 
 
 # --- the book's committed model ------------------------------------------------------------------------------

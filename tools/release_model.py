@@ -61,13 +61,29 @@ def settings(config) -> dict:
     return flat_settings(config_to_dict(config))
 
 
-def segment(folder, first: int, last: int, config, before: list) -> dict:
-    """One stretch of the training history: its steps, and its settings that differ from the stretch before."""
+def stretches(folder, first: int, last: int, config, rows: list, before: list) -> list:
+    """A run's stretches of the training history (split where it was resumed with other settings): their
+    steps, and the settings each changed from the stretch before."""
+    resumes = [r for r in rows if "resumed_with" in r and r["step"] < last - first]
+    current = settings(config)  # the run's settings at its end; undo the resumes for its start
+    for row in reversed(resumes):
+        current |= {k: was for k, (was, _) in row["resumed_with"].items()}
     earlier = {}
-    for row in before:  # the settings in force at the end of the history so far
-        earlier |= row["settings"]
-    return {"run": str(folder), "steps": [first, last],
-            "settings": {k: v for k, v in settings(config).items() if earlier.get(k, object()) != v}}
+    for stretch in before:  # the settings in force at the end of the history so far
+        earlier |= stretch["settings"]
+    out = [{"run": str(folder), "steps": [first, last],
+            "settings": {k: v for k, v in current.items() if earlier.get(k, object()) != v}}]
+    for row in resumes:
+        out[-1]["steps"][1] = first + row["step"]
+        out.append({"run": str(folder), "steps": [first + row["step"], last], "resumed": True,
+                    "settings": {k: now for k, (_, now) in row["resumed_with"].items()}})
+    return out
+
+
+def shifted(row: dict, steps: int, seconds: float) -> dict:
+    """A log row of a continued run, on the clock and step count of the whole training."""
+    return {**row, "step": row["step"] + steps,
+            **({"train_seconds": row["train_seconds"] + seconds} if "train_seconds" in row else {})}
 
 
 def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[dict]]:
@@ -81,13 +97,14 @@ def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[
             metrics = json.loads((folder / "metrics.json").read_text())
             steps, seconds = metrics["steps"], 3600 * metrics["train_hours"]
             log = [row for row in rows if row["step"] <= steps]  # up to its weights
-            history = metrics.get("history") or [segment(folder, 0, steps, load_config(folder / "config.yaml"), [])]
+            history = metrics.get("history") or stretches(folder, 0, steps, load_config(folder / "config.yaml"),
+                                                          log, [])
             continue
         state = load_checkpoint(folder / "latest.pt")["trainer"]  # the next run started from it
-        log += [{**row, "step": row["step"] + steps, "train_seconds": row["train_seconds"] + seconds,
-                 **({"continued_from": str(folders[i - 1])} if j == 0 and i else {})}
-                for j, row in enumerate(rows) if row["step"] <= state["step"]]
-        history.append(segment(folder, steps, steps + state["step"], load_config(folder / "config.yaml"), history))
+        rows = [row for row in rows if row["step"] <= state["step"]]
+        log += [{**shifted(row, steps, seconds), **({"continued_from": str(folders[i - 1])} if j == 0 and i else {})}
+                for j, row in enumerate(rows)]
+        history += stretches(folder, steps, steps + state["step"], load_config(folder / "config.yaml"), rows, history)
         steps, seconds = steps + state["step"], seconds + state["train_seconds"]
     return steps, seconds, log, history
 
@@ -115,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.log or args.checkpoint.parent / "train_log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     step = payload.get("step", max(row["step"] for row in log))
-    seconds = max(row["train_seconds"] for row in log if row["step"] <= step)
+    seconds = max(row["train_seconds"] for row in log if row["step"] <= step and "train_seconds" in row)
     # a continued run's rows carry on from the released model's last step and time
-    shifted = [{**row, "step": row["step"] + earlier_steps, "train_seconds": row["train_seconds"] + earlier_seconds,
-                **({"continued_from": str(args.continues[-1])} if i == 0 and args.continues else {})}
-               for i, row in enumerate(log)]
-    (args.folder / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in earlier_log + shifted))
-    history.append(segment(args.checkpoint.parent, earlier_steps, step + earlier_steps, config, history))
+    moved = [{**shifted(row, earlier_steps, earlier_seconds),
+              **({"continued_from": str(args.continues[-1])} if i == 0 and args.continues else {})}
+             for i, row in enumerate(log)]
+    (args.folder / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in earlier_log + moved))
+    history += stretches(args.checkpoint.parent, earlier_steps, step + earlier_steps, config,
+                         [row for row in log if row["step"] <= step], history)
     step, seconds = step + earlier_steps, seconds + earlier_seconds
     # measure the released file, not the float32 checkpoint: what users load is what is scored
     model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
