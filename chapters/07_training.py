@@ -2170,6 +2170,33 @@ for ref, hyp in list(zip(test["references"], test["hypotheses"]))[:6]:
 # it still reaches the dev CER recorded when it was released, so a change to the code
 # that breaks the model cannot go unnoticed.
 
+# %% [markdown]
+# The release records the model's history in `metrics.json`: each stretch of training,
+# a run or a resumed part of one, with the settings it changed. One line per stretch:
+
+# %%
+#| export
+HISTORY_KEYS = (
+    "data.corpus",
+    "training.lr",
+    "training.warmup_steps",
+    "data.spec_augment",
+    "data.spec_augment_from",
+    "training.phoneme_ctc",
+)
+
+
+def history_lines(history: list, keys: tuple = HISTORY_KEYS) -> list[str]:
+    """One line per stretch of a released model's training: its steps, the settings it changed."""
+    lines = []
+    for stretch in history:
+        (first, last), changed = stretch["steps"], stretch["settings"]
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items() if k in keys)
+        resumed = " (the same run, resumed)" if stretch.get("resumed") else ""
+        lines.append(f"steps {first:>6,} to {last:>6,}: {shown or 'no change shown'}{resumed}")
+    return lines
+
+
 # %%
 # NBVAL_IGNORE_OUTPUT
 BOOK_MODEL = ROOT / "models" / "paraformer-book"
@@ -2188,6 +2215,8 @@ print(
     f"dev CER now {book_scores['dev']['cer']:.2%}, recorded at release {recorded['dev']['cer']:.2%}"
 )
 assert abs(book_scores["dev"]["cer"] - recorded["dev"]["cer"]) < 0.005
+for line in history_lines(recorded.get("history", [])):
+    print(textwrap.fill(line, 100, subsequent_indent=" " * 24))
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -905,13 +905,8 @@ for stretch in history:
         marks[f"continued ({runs})"] = first
     if changed.get("data.spec_augment") and changed.get("data.spec_augment_from", 0) > 0:
         marks["SpecAugment on"] = first + changed["data.spec_augment_from"]
-shown = ("data.corpus", "training.lr", "training.warmup_steps", "data.spec_augment")
-shown += ("data.spec_augment_from", "training.phoneme_ctc")
-for stretch in history:
-    changed = ", ".join(f"{k}={v}" for k, v in stretch["settings"].items() if k in shown)
-    changed += " (resumed)" if stretch.get("resumed") else ""
-    line = f"steps {stretch['steps'][0]:>5} to {stretch['steps'][1]:>5}: {changed}"
-    print(textwrap.fill(line, 100, subsequent_indent=" " * 22))
+for line in paraformer_edu.training.history_lines(history):  # chapter 7
+    print(textwrap.fill(line, 100, subsequent_indent=" " * 24))
 if log:
     plot_training_log(log, marks)
     plt.show()

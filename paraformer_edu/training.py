@@ -489,6 +489,30 @@ def step_seconds(wall: float, cpu: float) -> float:
     return cpu if wall > 1.0 and cpu < 0.5 * wall else wall
 
 
+HISTORY_KEYS = (
+    "data.corpus",
+    "training.lr",
+    "training.warmup_steps",
+    "data.spec_augment",
+    "data.spec_augment_from",
+    "training.phoneme_ctc",
+)
+
+
+def history_lines(history: list, keys: tuple = HISTORY_KEYS) -> list[str]:
+    """One line per stretch of a released model's training: its steps, the settings it changed.
+
+    Defined in chapter 7, "Training the model".
+    """
+    lines = []
+    for stretch in history:
+        (first, last), changed = stretch["steps"], stretch["settings"]
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items() if k in keys)
+        resumed = " (the same run, resumed)" if stretch.get("resumed") else ""
+        lines.append(f"steps {first:>6,} to {last:>6,}: {shown or 'no change shown'}{resumed}")
+    return lines
+
+
 __all__ = [
     "choose_device",
     "move_batch",
@@ -499,4 +523,6 @@ __all__ = [
     "evaluate",
     "Trainer",
     "step_seconds",
+    "HISTORY_KEYS",
+    "history_lines",
 ]

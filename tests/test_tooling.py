@@ -258,3 +258,14 @@ x = 1</pre></div>
     for expected in ["too wide: output", "math not rendered", "no alt text", "no caption", "no page",
                      "no anchor #nowhere", "build marker", "without a label", "JavaScript error"]:
         assert expected in run.stdout, (expected, run.stdout)
+
+
+def test_the_readme_quotes_the_committed_models_measured_figures():
+    """The README's table of the book's model is metrics.json, as tools/release_model.py measured it."""
+    metrics = json.loads((ROOT / "models" / "paraformer-book" / "metrics.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for split, label in (("dev", "dev"), ("test", "test"), ("test-voices", "test-voices (unheard voices)")):
+        m, lm = metrics[split], metrics[split]["with_lm"]
+        row = f"| {label} | {m['cer']:.1%} | {m['wer']:.1%} | {lm['cer']:.1%} | {lm['wer']:.1%} |"
+        assert row in readme, f"README.md should have the row {row!r} (from metrics.json)"
+    assert f"{metrics['steps']:,} steps" in readme and f"{metrics['parameters'] / 1e6:.1f} M parameters" in readme
