@@ -16,7 +16,9 @@ Writes into the folder:
                   model.pt itself, greedy and with chapter 9's beam search and n-gram LM (its
                   weight tuned on dev), with parameters, steps and training time, the real-time
                   factor at batch 1 and 16, and the word-onset bias on dev with the corrected
-                  onset errors on test (chapter 8).
+                  onset errors on test (chapter 8); the greedy CER on 300 training utterances
+                  (beside dev's: underfitting or overfitting); and the training history, each
+                  stretch of it (run, or resumed run) with the settings it changed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -38,6 +41,8 @@ from paraformer_edu.dataset import SpeechDataset
 from paraformer_edu.inference import Recognizer
 from paraformer_edu.inspection import error_summary, onset_errors
 from paraformer_edu.language_model import book_language_model
+from paraformer_edu.metrics import cer, wer
+from paraformer_edu.tokenizer import normalize_text
 from paraformer_edu.training import choose_device, evaluate
 
 
@@ -109,6 +114,17 @@ def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[
     return steps, seconds, log, history
 
 
+def train_sample_scores(recognizer: Recognizer, corpus: str, n: int = 300) -> dict:
+    """Greedy CER and WER on a fixed sample of training utterances (augmented and non-speech ones included,
+    as the model heard them): beside dev's, it tells underfitting from overfitting."""
+    train = read_manifest(build_corpus(corpus_config(corpus), splits=("train",))["train"])
+    entries = random.Random(0).sample(train, min(n, len(train)))
+    hypotheses = [t.text for t in recognizer.recognize_features(
+        [recognizer.features(e["audio_filepath"]) for e in entries])]
+    references = [normalize_text(e["text"]) for e in entries]
+    return {"cer": cer(references, hypotheses), "wer": wer(references, hypotheses), "utterances": len(entries)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Convert, copy and measure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics[split]["with_lm"] = {k: v for k, v in fused.items() if not isinstance(v, list)}
         print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}; with the LM: CER {fused['cer']:.2%} "
               f"WER {fused['wer']:.2%}", file=sys.stderr)
+    metrics["train_sample"] = train_sample_scores(Recognizer(model, tokenizer, frontend, config), config.data.corpus)
+    print(f"300 training utterances: CER {metrics['train_sample']['cer']:.2%}", file=sys.stderr)
     metrics["rtf_cpu"] = {f"batch_{b}": real_time_factor(model, datasets["test"], b) for b in (1, 16)}
     recognizer = Recognizer(model, tokenizer, frontend, config)
     dev_errors, _ = onset_errors(recognizer, read_manifest(manifests["dev"]))
