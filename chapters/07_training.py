@@ -2235,8 +2235,22 @@ print(
     f"dev CER now {book_scores['dev']['cer']:.2%}, recorded at release {recorded['dev']['cer']:.2%}"
 )
 assert abs(book_scores["dev"]["cer"] - recorded["dev"]["cer"]) < 0.005
-for line in history_lines(recorded.get("history", [])):
+for line in history_lines(recorded["history"]):
     print(textwrap.fill(line, 100, subsequent_indent=" " * 24))
+train_cer, dev_cer = recorded["train_sample"]["cer"], recorded["dev"]["cer"]
+print(f"CER on 300 of its training utterances {train_cer:.1%}, on dev {dev_cer:.1%}")
+assert train_cer > dev_cer - 0.01  # no better on what it trained on: it underfits
+book_log = [json.loads(line) for line in (BOOK_MODEL / "train_log.jsonl").read_text().splitlines()]
+dev_at = {r["step"]: r["dev_cer"] for r in book_log if "dev_cer" in r}
+off = next(
+    h["steps"][0] for h in recorded["history"] if h["settings"].get("data.spec_augment") is False
+)
+fell = [dev_at[off - 1000] - dev_at[off], dev_at[off] - dev_at[off + 1000]]
+print(
+    f"SpecAugment off at step {off:,}: dev CER fell {100 * fell[0]:.1f} points in the 1,000 "
+    f"steps before, {100 * fell[1]:.1f} in the 1,000 after"
+)
+assert fell[1] > fell[0]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
