@@ -46,7 +46,7 @@ from paraformer_edu.tokenizer import normalize_text
 from paraformer_edu.training import choose_device, evaluate
 
 
-LM_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6)
+LM_WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 def real_time_factor(model, dataset, batch: int, n: int = 96) -> float:
