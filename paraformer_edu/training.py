@@ -470,7 +470,7 @@ class Trainer:
         return trainer
 
     def _log_changed_settings(self, stored: dict) -> None:
-        """Log the settings a resumed run changed, {setting: [before, after]}, at the step it resumed."""
+        """Log the settings a resumed run changed ({setting: [before, after]}) at its step."""
         # settings the stored configuration predates count as their defaults
         before = flat_settings(config_to_dict(config_from_dict(stored)))
         after = flat_settings(config_to_dict(self.config))
