@@ -919,19 +919,10 @@ def average_checkpoints(paths: list, out) -> dict:
     payloads = [load_checkpoint(p) for p in paths]
     first = payloads[0]
     for path, other in zip(paths[1:], payloads[1:]):
-        same = (
-            other["config"]["model"] == first["config"]["model"]
-            and other["vocab"] == first["vocab"]
-            and other.get("kind", "paraformer") == first.get("kind", "paraformer")
-            and all(
-                torch.equal(other["frontend"][k], first["frontend"][k])
-                for k in ("cmvn_mean", "cmvn_std")
-            )
-        )
-        if not same:
+        if not _same_model(first, other):
             raise CheckpointError(
-                f"{path} and {paths[0]} hold different models (configuration, vocabulary or "
-                "CMVN statistics): average checkpoints of one run"
+                f"{path} and {paths[0]} hold different models (configuration, vocabulary, "
+                "CMVN statistics or weight shapes): average checkpoints of one run"
             )
     n = len(payloads)  # the mean in float32, whatever precision the checkpoints store:
     weights = {k: sum(p["model"][k].float() for p in payloads) / n for k in first["model"]}
@@ -942,6 +933,18 @@ def average_checkpoints(paths: list, out) -> dict:
     payload |= {"model": weights, "step": step, "averaged_from": [str(p) for p in paths]}
     _save_atomically(payload, out)
     return payload
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    """Whether two checkpoints hold one model: configuration, vocabulary, CMVN, weight shapes."""
+    shapes = [{k: v.shape for k, v in p["model"].items()} for p in (a, b)]
+    return (
+        a["config"]["model"] == b["config"]["model"]
+        and a["vocab"] == b["vocab"]
+        and a.get("kind", "paraformer") == b.get("kind", "paraformer")
+        and all(torch.equal(a["frontend"][k], b["frontend"][k]) for k in ("cmvn_mean", "cmvn_std"))
+        and shapes[0] == shapes[1]
+    )
 
 # %% [markdown]
 # ## A second teacher for the encoder: phonemes

@@ -708,7 +708,7 @@ print_table(
 # two utterances (the gaps of 0.5 s: each cut within them, give or take a frame), and
 # each piece holds exactly the words of the utterances spoken in it. That last check
 # depends on the alignment, which is only as good as the model: with the book's model
-# (about 30% CER) a word beside a cut now and then lands on the wrong side of it
+# (about 21% CER) a word beside a cut now and then lands on the wrong side of it
 # (`tests/test_corpora.py` allows two words per cut on another recording).
 
 # %%
@@ -1030,7 +1030,8 @@ assert cer(said, cut) - cer(said, full) < 0.06  # a few points: not the gap
 # those three voices at varied speed, then fine-tunes the book's model (`train --init`)
 # for 500 steps twice: on the espeak-ng corpus alone (the control: the same steps, the
 # same schedule) and on the corpus plus the Festival utterances. Neither run hears a
-# real recording. Its stored results:
+# real recording. Its stored results, measured from an earlier release of the book's
+# model (7,000 steps; the figures above are today's):
 
 # %%
 stored = json.loads((ROOT / "benchmarks" / "results" / "natural_voices.json").read_text())

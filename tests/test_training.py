@@ -325,6 +325,10 @@ def test_averaging_refuses_one_checkpoint_and_checkpoints_of_other_models(tiny, 
                     replace(tiny.config, model=replace(tiny.config.model, decoder_layers=2)))
     with pytest.raises(CheckpointError, match="hold different models .*average checkpoints of one run"):
         paraformer_edu.average_checkpoints([tiny.out_dir / "best.pt", tmp_path / "other.pt"], tmp_path / "x.pt")
+    misfit = paraformer_edu.Paraformer(replace(tiny.config.model, vocab_size=50))  # its config says 60
+    save_checkpoint(tmp_path / "misfit.pt", misfit, tiny.tokenizer, tiny.frontend, tiny.config)
+    with pytest.raises(CheckpointError, match="weight shapes"):
+        paraformer_edu.average_checkpoints([tiny.out_dir / "best.pt", tmp_path / "misfit.pt"], tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
     done = run_cli("average", tiny.out_dir / "best.pt", tiny.out_dir / "latest.pt", "--out", tmp_path / "y.pt")
     assert done.returncode == 0 and "averaged 2 checkpoints" in done.stdout, done.stderr
