@@ -2252,7 +2252,7 @@ off = next(
 fell = [dev_at[off - 1000] - dev_at[off], dev_at[off] - dev_at[off + 1000]]
 print(
     f"SpecAugment off at step {off:,}: dev CER fell {100 * fell[0]:.1f} points in the 1,000 "
-    f"steps before, {100 * fell[1]:.1f} in the 1,000 after"
+    f"steps before, {100 * fell[1]:.1f} after"
 )
 assert fell[1] > fell[0]
 
@@ -2285,7 +2285,7 @@ base = runs["live recipe"]
 k, every = base["averaged"]["checkpoints"], base["averaged"]["every"]
 runs = {
     "live recipe": base,
-    f"  its final weights and {k - 1} before (every {every}), averaged": {
+    f"  final + {k - 1} before (every {every}), averaged": {
         **base,
         **base["averaged"],
     },
@@ -2386,8 +2386,8 @@ print_table(
 last = [r for r in rows if "k" not in r][-1]
 best = min((r for r in rows if "k" in r), key=lambda r: r["dev"]["cer"])  # chosen on dev
 gain = {s: 100 * (last[s]["cer"] - best[s]["cer"]) for s in ("dev", "test", "test-voices")}
-print(f"{best['checkpoint']} against the last checkpoint alone (points of CER):", end=" ")
-print(", ".join(f"{s} {g:+.1f}" for s, g in gain.items()))
+print(f"{best['checkpoint']} against the last checkpoint alone, points of CER:")
+print("  " + ", ".join(f"{s} {g:+.1f}" for s, g in gain.items()))
 assert all(abs(g) < 0.5 for g in gain.values()) and min(gain.values()) < 0 < max(gain.values())
 
 # %% [markdown]

@@ -257,7 +257,7 @@ print(
     tuple(inside.cross_attention[0].shape),
     "(heads, tokens, frames)",
 )
-print("tokens:", inside.tokens)
+print(textwrap.fill(f"tokens: {inside.tokens}", 100, subsequent_indent=" " * 8))
 print(
     "same tokens and timestamps as transcribe:",
     inside.tokens == transcript.tokens and inside.timestamps == transcript.timestamps,
@@ -459,9 +459,9 @@ print(
 # The numbers say what the pictures suggested, and the cell below checks it: an
 # untrained model's heads are close to uniform (entropy 0.98 to 0.99, no preference
 # for pauses); after training, the first layer's heads are nearly one-hot (entropy 0.01
-# or less), far sharper than any later layer (0.27 to 0.41 on average per layer). Two
+# or less), far sharper than any later layer (0.35 to 0.53 on average per layer). Two
 # of the four first-layer heads put more than three times their fair share of weight
-# on the pauses; the other two avoid them (0.3 times their share). A pause is a
+# on the pauses; the other two avoid them (0.2 to 0.3 times their share). A pause is a
 # landmark: the frames of a word can find the word boundaries around them, and from the
 # boundaries, their own position in the word.
 
@@ -564,8 +564,8 @@ assert within > 0.75 and offsets.mean() > 0 and forward > 0.9
 
 # %% [markdown]
 # The peaks keep their order: for 99% of consecutive tokens the next one looks at the
-# same or later audio. And each peak comes a little before the fire, 0.84 frames
-# (50 ms) on average, within two frames for 91% of the tokens: a token's weight is
+# same or later audio. And each peak comes a little before the fire, 0.74 frames
+# (44 ms) on average, within two frames for 92% of the tokens: a token's weight is
 # integrated over its frames, and the threshold is only crossed at its last frame. That
 # lag will show up again in the timestamps.
 #
@@ -819,15 +819,15 @@ plot_onset_errors(
 plt.show()
 
 # %% [markdown]
-# The raw starts lag the truth by about 50 ms, most of one 60 ms encoder frame (the
+# The raw starts lag the truth by about 40 to 45 ms, most of one 60 ms encoder frame (the
 # cell checks 0.5 to 1.5 frames). A word starts at the frame after the previous token
 # fired, and the fires come late: the cross-attention peaks above were most of a frame
 # before them, and the frame convention adds about 18 ms. Shifting every start by the
 # dev bias centres the histogram (a median error of a few ms on test) and cuts the mean
-# error from about 62 ms to 48 ms, the 90th percentile from about 123 ms to 93 ms.
+# error from about 57 ms to 47 ms, the 90th percentile from about 114 ms to 94 ms.
 # `word_timestamps(recognizer, audio, offset=-bias)` is the tested function that
 # returns corrected word timestamps for any audio. A caveat: only correctly recognised
-# words are measured, about a third of the words after the first (the matched counts
+# words are measured, fewer than half of the words after the first (the matched counts
 # above); with a model that makes fewer errors, more and harder words enter the
 # measurement.
 #
@@ -849,14 +849,14 @@ def plot_training_log(rows: list, marks: dict | None = None):
     grid = fig.add_gridspec(2, 2)
     # the losses over the whole width; below, the dev CER and the token count
     axes = [fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])]
-    for label, step in (marks or {}).items():
+    for i, (label, step) in enumerate((marks or {}).items()):
         for ax in axes:
             ax.axvline(step, color="grey", ls=":", lw=1)
         axes[0].annotate(
             label,
             (step, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -10),
+            xytext=(3, -10 - 11 * (i % 2)),  # every other label lower: neighbours do not overlap
             textcoords="offset points",
             fontsize=8,
             color="grey",
@@ -889,7 +889,7 @@ def plot_training_log(rows: list, marks: dict | None = None):
     return fig
 
 
-# %% mystnb={"figure": {"caption": "The training log of the book's model. Top: each part of the loss, on a log scale. Bottom: the dev CER, and the token count the predictor gives on dev (its mean absolute error in tokens, and the share of utterances with the exact count). The dotted line is the step from which SpecAugment was on.", "name": "fig-ch08-training-log"}, "image": {"alt": "Top: three falling loss curves over 7,000 steps, with a jump at a dotted line at step 4,000. Bottom left: the dev CER falling from about 67% to 30%. Bottom right: the mean token-count error falling from about 1.9 to 1.1 while the exact-count share rises from about 0.17 to 0.29."}}
+# %% mystnb={"figure": {"caption": "The training log of the book's model. Top: each part of the loss, on a log scale. Bottom: the dev CER, and the token count the predictor gives on dev (its mean absolute error in tokens, and the share of utterances with the exact count). The dotted lines mark SpecAugment switched on (step 4,000), two new runs from the weights so far (7,000 and 11,000) and SpecAugment switched off (13,000).", "name": "fig-ch08-training-log"}, "image": {"alt": "Top: three falling loss curves over 20,000 steps, with a jump up at a dotted line at step 4,000 and a drop at another at step 13,000. Bottom left: the dev CER falling from about 67% to 21%. Bottom right: the mean token-count error falling from about 1.9 to 1.0 while the exact-count share rises from about 0.17 to 0.35."}}
 log_file = CHECKPOINT.parent / "train_log.jsonl"
 log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
 evaluations = [r for r in log if "dev_cer" in r]
@@ -925,28 +925,34 @@ if log:
         early, late = (sum(r[part] for r in rows) / k for rows in (train_rows[:k], train_rows[-k:]))
         print(f"{part:<14} first tenth {early:.2f} -> last tenth {late:.2f}")
         assert late < early
-    if "SpecAugment on" in marks:
-        step = marks["SpecAugment on"]
-        before = [r["loss_quantity"] for r in train_rows if step - 250 <= r["step"] < step]
-        after = [r["loss_quantity"] for r in train_rows if step <= r["step"] < step + 250]
-        print(
-            f"quantity loss in the 250 steps before SpecAugment {sum(before) / len(before):.2f}, "
-            f"after {sum(after) / len(after):.2f}"
-        )
-        assert sum(after) / len(after) > sum(before) / len(before)
+    for label, step in marks.items():  # each loss part, the 250 steps either side of a switch
+        if label.startswith("SpecAugment"):
+            mean = lambda rows, part: sum(r[part] for r in rows) / len(rows)  # noqa: E731
+            before = [r for r in train_rows if step - 250 <= r["step"] < step]
+            after = [r for r in train_rows if step <= r["step"] < step + 250]
+            parts = ("loss_ce", "loss_ctc", "loss_quantity")
+            change = {p: (mean(before, p), mean(after, p)) for p in parts}
+            print(f"{label} at step {step:,}:", end=" ")
+            print(", ".join(f"{p[5:]} {b:.2f} -> {a:.2f}" for p, (b, a) in change.items()))
+            harder = [a > b for b, a in change.values()]  # masks make the task harder
+            assert all(harder) if label.endswith("on") else not any(harder)
 else:
     print(f"no train_log.jsonl beside {CHECKPOINT}")
 
 # %% [markdown]
 # All three loss parts fall (the cell compares the first and last tenth of the log).
-# The jump at the dotted line, step 4,000, is the recipe switching SpecAugment on
-# (chapter 7): the masked features make every part of the loss harder at once, the CTC
-# loss most. The quantity loss rises from 1.39 to 1.69 (the 250 steps either side), as
-# a masked stretch hides how many tokens it held. The dev CER falls from 66.7% at step
-# 1,000 to 30.5% at step 7,000; the best evaluation is the last, so the model was still
-# improving when training stopped. The token count on dev improves slowly (the printed
-# rows): exact for 17% of the dev utterances at step 1,000 and only 29% at step 7,000,
-# off by 1.13 tokens on average. A wrong count shifts every token after it.
+# The dotted lines are the stretches printed above the figure. At step 4,000 the recipe
+# switched SpecAugment on (chapter 7): the masked features make every part of the loss
+# harder at once, the quantity loss too, as a masked stretch hides how many tokens it
+# held (the cell compares the 250 steps either side). At 7,000 and 11,000 new runs went
+# on from the weights so far, each with a new warm-up, the second with the phoneme CTC
+# loss. At 13,000 that run was resumed with SpecAugment off: every part of the loss
+# drops at once, as the task becomes easier, and the dev CER falls faster. The dev CER
+# falls from 66.7% at step 1,000 to 21.1% at step 20,000; the best evaluation is the
+# last, so the model was still improving when training stopped. The token count on dev
+# improves slowly (the printed rows): exact for 17% of the dev utterances at step 1,000
+# and 35% at step 20,000, off by 0.97 tokens on average. A wrong count shifts every
+# token after it.
 #
 # ## Where the errors are
 #
@@ -1071,7 +1077,8 @@ for split, groups in by_voice.items():
 # voice is an accent and a variant (`en-us+m5`: the US accent, male variant 5). The two
 # held-out halves of test-voices, taken apart: utterances whose accent was heard in
 # training but whose variant was not, and the other way round. (In the run stored here a
-# new variant of a known accent cost about two points over test, a new accent about ten.)
+# new variant of a known accent cost about three points over test, a new accent about
+# fifteen.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -1225,13 +1232,13 @@ for r in worst:
 #   audio that ends where the predictor fired it.
 # - **The predictor** spreads each token's weight over about two frames and fires at its
 #   last frame; the audio between two fires is the token.
-# - **Timestamps**: raw word starts lag the synthesiser's word onsets by about 50 ms,
+# - **Timestamps**: raw word starts lag the synthesiser's word onsets by about 45 ms,
 #   most of one frame; the bias measured on dev, subtracted on test, brings the mean
-#   error to about 48 ms and the 90th percentile to about 93 ms, within the goals of
+#   error to about 47 ms and the 90th percentile to about 94 ms, within the goals of
 #   one and two frames. `word_timestamps(recognizer, audio, offset=-bias)` returns
 #   corrected word timestamps for any audio.
-# - **Errors**: unseen voices are harder than unseen sentences (a CER of 38.2% on
-#   test-voices against 29.8% on test); length and speaking rate matter little; a
+# - **Errors**: unseen voices are harder than unseen sentences (a CER of 33.0% on
+#   test-voices against 20.8% on test); length and speaking rate matter little; a
 #   letter heard as a word boundary splits a word, and vowels substitute for each other.
 #
 # In `paraformer_edu.inspection`: `Inside`, `look_inside`,

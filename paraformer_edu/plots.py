@@ -212,14 +212,14 @@ def plot_training_log(rows: list, marks: dict | None = None):
     grid = fig.add_gridspec(2, 2)
     # the losses over the whole width; below, the dev CER and the token count
     axes = [fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])]
-    for label, step in (marks or {}).items():
+    for i, (label, step) in enumerate((marks or {}).items()):
         for ax in axes:
             ax.axvline(step, color="grey", ls=":", lw=1)
         axes[0].annotate(
             label,
             (step, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -10),
+            xytext=(3, -10 - 11 * (i % 2)),  # every other label lower: neighbours do not overlap
             textcoords="offset points",
             fontsize=8,
             color="grey",
