@@ -452,12 +452,14 @@ class LongTranscript(NamedTuple):
 
 
 def _decode_blocks(recognizer, batch: list) -> list:
-    """Transcripts of (offset s, wave) blocks, with timestamps moved onto the recording's clock."""
+    """Transcripts of (offset s, wave) blocks, timestamps moved onto the recording's clock."""
     transcripts = recognizer.recognize_features([recognizer.frontend(w) for _, w in batch])
-    return [
-        Transcript(t.text, t.tokens, [(s + offset, e + offset) for s, e in t.timestamps])
-        for (offset, _), t in zip(batch, transcripts)
-    ]
+    out = []
+    for (offset, wave), t in zip(batch, transcripts):
+        end = offset + len(wave) / SAMPLE_RATE  # a last 60 ms frame can run past the block
+        stamps = [(min(s + offset, end), min(e + offset, end)) for s, e in t.timestamps]
+        out.append(Transcript(t.text, t.tokens, stamps))
+    return out
 
 
 def transcribe_long(
