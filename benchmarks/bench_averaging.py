@@ -58,24 +58,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "averaging.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    paths = sorted(args.checkpoints, key=step_of)
+    steps = {path: step_of(path) for path in args.checkpoints}  # each file read once for its step
+    paths = sorted(args.checkpoints, key=steps.get)
     rows, manifests = [], None
     for path in paths:
         scores, manifests = score(path, args.utterances, manifests)
-        rows.append({"checkpoint": path.name, "step": step_of(path), **scores})
+        rows.append({"checkpoint": path.name, "step": steps[path], **scores})
         print(f"{path.name}: dev CER {scores['dev']['cer']:.2%}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for k in range(2, min(args.max_k, len(paths)) + 1):
             mean = Path(folder) / f"last-{k}.pt"
             average_checkpoints(paths[-k:], mean)
             scores, _ = score(mean, args.utterances, manifests)
-            rows.append({"checkpoint": f"average of the last {k}", "step": step_of(paths[-1]), "k": k,
+            rows.append({"checkpoint": f"average of the last {k}", "step": steps[paths[-1]], "k": k,
                          **scores})
             print(f"average of the last {k}: dev CER {scores['dev']['cer']:.2%}", flush=True)
     print(f"{'checkpoint':28} " + " ".join(f"{s + ' CER':>16} {s + ' WER':>16}" for s in SPLITS))
     for r in rows:
         print(f"{r['checkpoint']:28} " + " ".join(f"{r[s]['cer']:16.2%} {r[s]['wer']:16.2%}" for s in SPLITS))
-    config = load_checkpoint(paths[-1])["config"]
+    config = load_checkpoint(paths[-1])["config"]  # the corpus's name, for the record
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "corpus": config["data"]["corpus"], "utterances": args.utterances,

@@ -91,6 +91,12 @@ def shifted(row: dict, steps: int, seconds: float) -> dict:
             **({"train_seconds": row["train_seconds"] + seconds} if "train_seconds" in row else {})}
 
 
+def continued(rows: list, steps: int, seconds: float, source) -> list:
+    """A continued run's log rows on the whole training's steps and clock; the first names its source."""
+    return [{**shifted(row, steps, seconds), **({"continued_from": str(source)} if j == 0 and source else {})}
+            for j, row in enumerate(rows)]
+
+
 def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[dict]]:
     """Steps, training seconds, log rows and history of what a run continued: a released folder, then runs."""
     steps, seconds, log, history = 0, 0.0, [], []
@@ -107,8 +113,7 @@ def earlier_training(folders: list[Path]) -> tuple[int, float, list[dict], list[
             continue
         state = load_checkpoint(folder / "latest.pt")["trainer"]  # the next run started from it
         rows = [row for row in rows if row["step"] <= state["step"]]
-        log += [{**shifted(row, steps, seconds), **({"continued_from": str(folders[i - 1])} if j == 0 and i else {})}
-                for j, row in enumerate(rows)]
+        log += continued(rows, steps, seconds, folders[i - 1] if i else None)
         history += stretches(folder, steps, steps + state["step"], load_config(folder / "config.yaml"), rows, history)
         steps, seconds = steps + state["step"], seconds + state["train_seconds"]
     return steps, seconds, log, history
@@ -150,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     step = payload.get("step", max(row["step"] for row in log))
     seconds = max(row["train_seconds"] for row in log if row["step"] <= step and "train_seconds" in row)
     # a continued run's rows carry on from the released model's last step and time
-    moved = [{**shifted(row, earlier_steps, earlier_seconds),
-              **({"continued_from": str(args.continues[-1])} if i == 0 and args.continues else {})}
-             for i, row in enumerate(log)]
+    moved = continued(log, earlier_steps, earlier_seconds, args.continues[-1] if args.continues else None)
     (args.folder / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in earlier_log + moved))
     history += stretches(args.checkpoint.parent, earlier_steps, step + earlier_steps, config,
                          [row for row in log if row["step"] <= step], history)
@@ -178,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics[split]["with_lm"] = {k: v for k, v in fused.items() if not isinstance(v, list)}
         print(f"{split}: CER {scores['cer']:.2%} WER {scores['wer']:.2%}; with the LM: CER {fused['cer']:.2%} "
               f"WER {fused['wer']:.2%}", file=sys.stderr)
-    metrics["train_sample"] = train_sample_scores(Recognizer(model, tokenizer, frontend, config), config.data.corpus)
-    print(f"300 training utterances: CER {metrics['train_sample']['cer']:.2%}", file=sys.stderr)
-    metrics["rtf_cpu"] = {f"batch_{b}": real_time_factor(model, datasets["test"], b) for b in (1, 16)}
     recognizer = Recognizer(model, tokenizer, frontend, config)
+    sample = metrics["train_sample"] = train_sample_scores(recognizer, config.data.corpus)
+    print(f"{sample['utterances']} training utterances: CER {sample['cer']:.2%}", file=sys.stderr)
+    metrics["rtf_cpu"] = {f"batch_{b}": real_time_factor(model, datasets["test"], b) for b in (1, 16)}
     dev_errors, _ = onset_errors(recognizer, read_manifest(manifests["dev"]))
     bias = dev_errors.median().item()
     test_errors, _ = onset_errors(recognizer, read_manifest(manifests["test"]), offset=-bias)
