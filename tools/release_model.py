@@ -124,10 +124,14 @@ def train_sample_scores(recognizer: Recognizer, corpus: str, n: int = 300) -> di
     as the model heard them): beside dev's, it tells underfitting from overfitting."""
     train = read_manifest(build_corpus(corpus_config(corpus), splits=("train",))["train"])
     entries = random.Random(0).sample(train, min(n, len(train)))
-    hypotheses = [t.text for t in recognizer.recognize_features(
-        [recognizer.features(e["audio_filepath"]) for e in entries])]
+    transcripts = recognizer.recognize_features([recognizer.features(e["audio_filepath"]) for e in entries])
+    hypotheses = [t.text for t in transcripts]
     references = [normalize_text(e["text"]) for e in entries]
-    return {"cer": cer(references, hypotheses), "wer": wer(references, hypotheses), "utterances": len(entries)}
+    # the predictor's token count against the truth, as evaluate() reports it for dev
+    errors = [len(t.tokens) - len(recognizer.tokenizer.encode(r)) for t, r in zip(transcripts, references)]
+    return {"cer": cer(references, hypotheses), "wer": wer(references, hypotheses), "utterances": len(entries),
+            "length_exact": sum(e == 0 for e in errors) / len(errors),
+            "length_mae": sum(abs(e) for e in errors) / len(errors)}
 
 
 def main(argv: list[str] | None = None) -> int:
