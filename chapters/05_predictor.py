@@ -45,7 +45,8 @@
 # - train the predictor: scale the weights to the target length so it fires exactly
 #   $|y|$ times, and learn the length with the quantity (MAE) loss;
 # - decode the length at inference with FunASR's tail rule, and know what it does for
-#   sums like 2.999999 and 3.000001;
+#   sums like 2.999999 and 3.000001; then integrate the weights scaled to that length,
+#   as in training;
 # - turn firing positions into token timestamps;
 # - train the predictor on real speech and measure how well it counts tokens;
 # - measure how fast each version is.
@@ -601,8 +602,9 @@ assert torch.equal(f_loop, f_vec) and max_abs_diff(e_loop, e_vec) < 1e-5
 # We zero the padding of $H$ *before* the convolution too, so that the last valid
 # frame's weight does not depend on how much padding its batch has. `CifPredictor`
 # returns the embeddings with their counts, the (unscaled) weights and the fire
-# frames. With `target_lengths` it works in training mode, otherwise it applies the
-# tail rule.
+# frames. With `target_lengths` it works in training mode; otherwise it counts the
+# tokens with the tail rule and integrates the weights scaled to that count (both
+# explained below, in "Inference: the tail").
 
 # %%
 #| export
@@ -619,11 +621,14 @@ class CifOutput(NamedTuple):
 class CifPredictor(nn.Module):
     """Paraformer's predictor: weights alpha from encoder states, then integrate-and-fire."""
 
-    def __init__(self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45):
+    def __init__(
+        self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45, rescale: bool = True
+    ):
         super().__init__()
         self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
         self.linear = nn.Linear(d_model, 1)
         self.beta, self.tail_threshold = beta, tail_threshold
+        self.rescale = rescale  # inference: integrate the weights scaled to the count
 
     def weights(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The weights alpha (B, T) of encoder states h (B, T, D); 0 on padding."""
@@ -636,9 +641,11 @@ class CifPredictor(nn.Module):
     def forward(
         self, h: torch.Tensor, lengths: torch.Tensor, target_lengths: torch.Tensor | None = None
     ) -> CifOutput:
-        """Integrate h (B, T, D) into tokens: |y| given target_lengths (B,), else the tail rule."""
+        """Integrate h (B, T, D) into |y| tokens given target_lengths (B,), else the tail rule's."""
         alphas = self.weights(h, lengths)  # (B, T)
         tail = 0.0 if target_lengths is not None else self.tail_threshold
+        if target_lengths is None and self.rescale:  # count first, then integrate as in training
+            tail, target_lengths = 0.0, cif_count(alphas, lengths, self.beta, tail)[1]  # (B,)
         embeds, token_lengths, fires = cif(h, alphas, lengths, self.beta, tail, target_lengths)
         return CifOutput(embeds, token_lengths, alphas, fires)
 
@@ -834,6 +841,74 @@ assert n_pad[1] == 0 and (e_pad[1] == 0).all()
 #
 # `torch-cif` with `tail_thres=0.55` counts the same. (Its tail embedding is rescaled
 # by $1/r$; ours keeps the partial weight, as FunASR's does.)
+
+# %% [markdown]
+# ### Count first, then integrate as in training
+#
+# The tail rule decides *how many* tokens there are. How the frames are shared among
+# them is a second choice. Integrating the raw weights, as the paper and FunASR do at
+# inference, puts each boundary where the running sum of the raw weights crosses an
+# integer, and gives the tail's token only its partial weight $r$. The decoder never saw
+# such embeddings in training: there the weights were scaled to sum to $|y|$, so every
+# token integrated exactly $\beta$ and the last one ended on the last frame. Once the
+# count $\hat N$ is known, inference can integrate the same way: scale the weights to
+# sum to $\hat N$, which is `cif` with `target_lengths` $= \hat N$,
+#
+# $$
+# \alpha'_t = \alpha_t \cdot \frac{\beta \hat N}{\sum_s \alpha_s}.
+# $$
+#
+# The count stays the same; only the embeddings and the fire frames move. On two
+# utterances whose weights sum to 3.6 and 2.6 (with $h_t$ unit vectors again, so each
+# embedding shows the weights it integrated):
+
+# %%
+alphas_r = torch.tensor(
+    [[0.3, 0.5, 0.4, 0.6, 0.2, 0.5, 0.4, 0.7], [0.6, 0.5, 0.6, 0.5, 0.3, 0.1, 0.0, 0.0]]
+)  # (B, T): sums 3.6 and 2.6
+lengths_r = torch.tensor([8, 6])  # (B,)
+h_r = torch.eye(8).expand(2, 8, 8)  # (B, T, D): h_t = unit vectors
+e_raw, n_raw, f_raw = cif(h_r, alphas_r, lengths_r, tail_threshold=0.45)  # the paper's inference
+e_sc, n_sc, f_sc = cif(h_r, alphas_r, lengths_r, target_lengths=n_raw)  # scaled to N-hat
+rows = []
+for b in range(2):
+    for k in range(n_raw[b]):
+        raw, scaled = e_raw[b, k].sum().item(), e_sc[b, k].sum().item()
+        rows.append(
+            [f"utterance {b}, token {k}", raw, f_raw[b, k].item(), scaled, f_sc[b, k].item()]
+        )
+print_table(
+    rows,
+    ["", "raw weight", "raw fire", "scaled weight", "scaled fire"],
+    {"raw weight": ".2f", "scaled weight": ".2f"},
+)
+valid = torch.arange(e_sc.size(1)) < n_sc[:, None]  # (B, N): the tokens that exist
+assert torch.equal(n_raw, n_sc)  # the same count
+assert torch.allclose(e_sc.sum(-1)[valid], torch.ones(int(valid.sum())))  # each weighs beta
+assert abs(e_raw[0, 3].sum() - 0.6) < 1e-6  # the paper's tail token: only r = 0.6
+
+# %% [markdown]
+# Scaled, every token weighs exactly $\beta = 1$, and the last one fires on the last
+# real frame instead of the tail frame (index 8 for the first utterance, 6 for the
+# second). This is what `CifPredictor` does at inference by default (`rescale=True`),
+# checked here against `cif` with the count as target on the untrained predictor
+# above. It is our choice, not the paper's: `CifPredictor(..., rescale=False)`
+# integrates the raw weights as FunASR does. Whether it pays can only be measured on a
+# trained model; chapter 8 does, on the book's model.
+
+# %%
+h_p, lengths_p = torch.randn(3, 50, 192), torch.tensor([50, 31, 12])  # (B, T, D), (B,)
+out_scaled = predictor(h_p, lengths_p)  # the default: counted, then scaled
+predictor.rescale = False
+out_raw = predictor(h_p, lengths_p)  # the paper's inference
+predictor.rescale = True
+by_hand = cif(h_p, out_raw.alphas, lengths_p, target_lengths=out_raw.token_lengths)[0]
+diff = max_abs_diff(out_scaled.embeds, by_hand)
+print(
+    f"counts {out_scaled.token_lengths.tolist()} both ways; "
+    f"CifPredictor against cif scaled to the count: max abs diff {diff:.1e}"
+)
+assert torch.equal(out_scaled.token_lengths, out_raw.token_lengths) and diff < 1e-6
 
 # %% [markdown]
 # ## Timestamps
@@ -1298,8 +1373,9 @@ plt.show()
 # - `CifPredictor`: Conv1d(k=3) - ReLU - Linear - sigmoid, masked. **Training**: the
 #   quantity loss $|\,|y| - \sum \alpha_t|$ on unscaled weights; the weights scaled to
 #   $\beta|y|$ for integration, done on the running sum so that exactly $|y|$ tokens come
-#   out. **Inference**: FunASR's tail frame ($\tau = 0.45$), so
-#   $\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$ for $\beta = 1$.
+#   out. **Inference**: FunASR's tail frame ($\tau = 0.45$) counts,
+#   $\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$ for $\beta = 1$; then, our choice
+#   (`rescale=True`), the weights scaled to $\beta \hat N$ are integrated, as in training.
 # - `cif_timestamps` turns fire frames into token times, 60 ms per frame.
 # - On real speech, a small encoder with CTC and the predictor, trained for a minute
 #   or so on 1,000 utterances, brings the length error of the dev set under

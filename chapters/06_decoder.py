@@ -723,9 +723,9 @@ assert diff < 1e-5
 # on the second pass (helped by the target tokens it was shown) and on the first (the
 # honest one), the share of tokens replaced, and the predicted and true lengths.
 #
-# `Paraformer.recognize` is inference: encoder; predictor with the unscaled weights and
-# the tail rule ($\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$); one decoder pass;
-# argmax. Each utterance gets a `Hypothesis`: its token ids and, from the frames where
+# `Paraformer.recognize` is inference: encoder; predictor counting with the tail rule
+# ($\hat N = \lfloor \sum_t \alpha_t + 0.45 \rfloor$) and integrating the weights scaled
+# to $\hat N$, as in training (chapter 5); one decoder pass; argmax. Each utterance gets a `Hypothesis`: its token ids and, from the frames where
 # each token fired, its start and end times (chapter 5's `cif_timestamps`, 60 ms per
 # frame). By default there is no beam and no language model: the decoder's single pass
 # is the result. Its `search` argument takes a function that picks the tokens from the
@@ -833,7 +833,7 @@ class Paraformer(nn.Module):
 # the chapter adds the rest of `Paraformer`'s methods in cells of their own, in the
 # style of d2l: `add_to_class(Paraformer)` attaches the function below it to the
 # class (in the package, the exporter writes them into the class body).
-# `Paraformer.infer` runs encoder, predictor (unscaled weights, tail rule) and decoder
+# `Paraformer.infer` runs encoder, predictor (tail rule, scaled weights) and decoder
 # and returns everything it computed as an `Inference`: the encoder output and its
 # lengths, the predictor's output, the decoder's argmax tokens and its
 # log-probabilities. Chapter 8 reads it, chapter 9 searches the log-probabilities;
@@ -877,7 +877,7 @@ def infer(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> Infere
     self.eval()
     try:
         h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
-        cif = self.predictor(h, h_lengths)  # unscaled weights, tail rule: embeds (B, N, D)
+        cif = self.predictor(h, h_lengths)  # tail rule, weights scaled to it: embeds (B, N, D)
         if cif.embeds.size(1) == 0:  # no utterance fired a token
             log_probs = h.new_zeros(h.size(0), 0, self.config.vocab_size)  # (B, 0, V)
         else:

@@ -918,7 +918,7 @@ print(
     f"beta = {best_ctc[1]} ({ctc_grid[best_ctc]:.2%})"
 )
 
-# %% mystnb={"figure": {"caption": "Dev CER of the first 200 dev utterances against the LM weight, for the Paraformer's beam search and for the CTC prefix beam search with three token bonuses, all with a beam of 4.", "name": "fig-ch09-lm-weight-tuning"}, "image": {"alt": "A line chart of dev CER in percent against the LM weight, from 0 to 0.7. The Paraformer curve falls from about 21% at weight 0 to about 14% at 0.4 and flattens there, to 0.7. The three CTC curves, for weights 0 to 0.4, start higher; the one with bonus 3.0 falls from about 45% to about 15%."}}
+# %% mystnb={"figure": {"caption": "Dev CER of the first 200 dev utterances against the LM weight, for the Paraformer's beam search and for the CTC prefix beam search with three token bonuses, all with a beam of 4.", "name": "fig-ch09-lm-weight-tuning"}, "image": {"alt": "A line chart of dev CER in percent against the LM weight, from 0 to 0.7. The Paraformer curve falls from about 19% at weight 0 to about 12.5% at 0.4 and flattens there, to about 12% at 0.7. The three CTC curves, for weights 0 to 0.4, start higher; the one with bonus 3.0 falls from about 41% to about 14%."}}
 fig, ax = plt.subplots(figsize=(8, 3.2))
 ax.plot(weights, [100 * paraformer_grid[w] for w in weights], "o-", label="Paraformer, beam 4")
 for b in bonuses:
@@ -1097,7 +1097,7 @@ print(
     f"dev CER: no LM {paraformer_grid[0.0]:.2%}, glosses only {gloss_cer:.2%}, "
     f"glosses + training sentences {paraformer_grid[best_w]:.2%}"
 )
-# The glosses alone give about 70% of the gain: the LM's knowledge of English
+# The glosses alone give about three quarters of the gain: the LM's knowledge of English
 # spelling and word order carries over from definitions to example sentences. The
 # training sentences, a fifth of the text in the style of the test sentences, add the rest.
 

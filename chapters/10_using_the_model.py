@@ -268,8 +268,8 @@ print_table(rows, ["input", "CER"], {"CER": ".1%"})
 assert rows[-2][1] > rows[0][1] + 0.02 and rows[-1][1] > rows[0][1] + 0.02
 
 # %% [markdown]
-# Silence costs accuracy, even a few hundredths of a second of it, and so does a pause
-# between two sentences: this model has heard neither. (Training with silence around and between
+# Silence costs accuracy, half a second of it a great deal (a tenth of a second already
+# a little), and so does a pause between two sentences: this model has heard neither. (Training with silence around and between
 # sentences would teach it otherwise; that is a lever for the training recipe, not for
 # the decoder.) Blocks of 20 seconds would hold several sentences and their pauses. So the
 # VAD decides the blocks: a block is a **stretch of speech**, speech frames joined across
@@ -451,15 +451,21 @@ class LongTranscript(NamedTuple):
     duration: float  # seconds of audio read
 
 
+def on_recording_clock(t: Transcript, offset: float, seconds: float) -> Transcript:
+    """A block's transcript, its timestamps moved by offset s and none past the block's end."""
+    end = offset + seconds  # a last 60 ms frame can run past the block
+    return Transcript(
+        t.text, t.tokens, [(min(s + offset, end), min(e + offset, end)) for s, e in t.timestamps]
+    )
+
+
 def _decode_blocks(recognizer, batch: list) -> list:
     """Transcripts of (offset s, wave) blocks, timestamps moved onto the recording's clock."""
     transcripts = recognizer.recognize_features([recognizer.frontend(w) for _, w in batch])
-    out = []
-    for (offset, wave), t in zip(batch, transcripts):
-        end = offset + len(wave) / SAMPLE_RATE  # a last 60 ms frame can run past the block
-        stamps = [(min(s + offset, end), min(e + offset, end)) for s, e in t.timestamps]
-        out.append(Transcript(t.text, t.tokens, stamps))
-    return out
+    return [
+        on_recording_clock(t, offset, len(wave) / SAMPLE_RATE)
+        for (offset, wave), t in zip(batch, transcripts)
+    ]
 
 
 def transcribe_long(
@@ -774,10 +780,14 @@ from paraformer_edu.model import Hypothesis
 from paraformer_edu.predictor import cif_count, cif_timestamps
 
 
-def cif_bounded(h, alphas, lengths, beta: float = 1.0, tail_threshold: float = 0.45):
+def cif_bounded(
+    h, alphas, lengths, beta: float = 1.0, tail_threshold: float = 0.45, rescale: bool = True
+):
     """CIF with T' token slots (N <= T'), no data-dependent size: embeds (B, T', D), N, fires."""
     B, T, D = h.shape
     C, N = cif_count(alphas, lengths, beta, tail_threshold)  # (B, T + 1), (B,)
+    if rescale:  # chapter 5's default: the weights scaled to the count, as in training
+        C, N = cif_count(alphas, lengths, beta, 0.0, N)  # (B, T + 1), (B,)
     k = torch.arange(T, dtype=C.dtype, device=h.device)  # (K,) with K = T'
     fires = (C[:, None, 1:] < (k + 1)[None, :, None]).sum(-1)  # (B, K): first t, C_t >= k + 1
     j = C[:, :-1].floor()  # (B, T): the token each frame starts in
@@ -796,11 +806,13 @@ def cif_bounded(h, alphas, lengths, beta: float = 1.0, tail_threshold: float = 0
 
 # %% [markdown]
 # Same tokens as chapter 5's `cif`? On random weights and padded batches, the first $N$
-# slots must equal `cif`'s embeddings and firing frames, and the other slots be empty:
+# slots must equal `cif`'s embeddings and firing frames, and the other slots be empty,
+# both for chapter 5's default (count with the tail rule, then integrate the weights
+# scaled to the count) and for the paper's raw integration (`rescale=False`):
 
 # %%
 from paraformer_edu.onnx_export import cif_bounded
-from paraformer_edu.predictor import cif
+from paraformer_edu.predictor import cif, cif_count
 
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -809,15 +821,20 @@ for trial in range(50):
     h = torch.randn(B, T, D, generator=g)  # (B, T, D)
     lengths = torch.randint(1, T + 1, (B,), generator=g)  # (B,)
     alphas = torch.rand(B, T, generator=g) * (torch.arange(T) < lengths[:, None])  # (B, T)
-    ref_embeds, ref_n, ref_fires = cif(h, alphas, lengths, 1.0, 0.45)
-    embeds, n, fires = cif_bounded(h, alphas, lengths, 1.0, 0.45)
-    K = ref_embeds.size(1)
-    assert torch.equal(n, ref_n) and torch.equal(fires[:, :K], ref_fires)
-    assert (fires[:, K:] == -1).all() and embeds[:, K:].abs().max().item() == 0.0 if K < T else True
-    worst = max(worst, (embeds[:, :K] - ref_embeds).abs().max().item())
+    count = cif_count(alphas, lengths, 1.0, 0.45)[1]  # (B,): the tail rule's
+    for rescale in (True, False):
+        if rescale:
+            ref_embeds, ref_n, ref_fires = cif(h, alphas, lengths, 1.0, 0.0, count)
+        else:
+            ref_embeds, ref_n, ref_fires = cif(h, alphas, lengths, 1.0, 0.45)
+        embeds, n, fires = cif_bounded(h, alphas, lengths, 1.0, 0.45, rescale)
+        K = ref_embeds.size(1)
+        assert torch.equal(n, ref_n) and torch.equal(fires[:, :K], ref_fires)
+        assert (fires[:, K:] == -1).all() and embeds[:, K:].abs().sum().item() == 0.0
+        worst = max(worst, (embeds[:, :K] - ref_embeds).abs().max().item())
 print(
-    "cif_bounded vs cif, 50 random batches: counts and fires exact, "
-    f"embeddings max abs diff {worst:.1e}"
+    "cif_bounded vs cif, 50 random batches, both ways: counts and fires exact, "
+    f"embeddings within {worst:.1e}"
 )
 assert worst < 1e-5
 
@@ -841,7 +858,8 @@ class ExportableParaformer(nn.Module):
         h, h_lengths = m.encoder(features, feature_lengths)  # (B, T', D), (B,)
         alphas = m.predictor.weights(h, h_lengths)  # (B, T')
         beta, tau = m.predictor.beta, m.predictor.tail_threshold
-        embeds, n, fires = cif_bounded(h, alphas, h_lengths, beta, tau)  # (B, T', D), (B,), (B, T')
+        # (B, T', D), (B,), (B, T')
+        embeds, n, fires = cif_bounded(h, alphas, h_lengths, beta, tau, m.predictor.rescale)
         log_probs = m.decoder(embeds, n, h, h_lengths).log_softmax(-1)  # (B, T', V)
         return log_probs, n, fires, h_lengths
 
@@ -1008,7 +1026,7 @@ import torch
 
 from paraformer_edu.audio import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.inference import Transcript, load_model
-from paraformer_edu.transcription import audio_blocks, audio_pieces
+from paraformer_edu.transcription import audio_blocks, audio_pieces, on_recording_clock
 
 try:
     from fastapi import FastAPI, HTTPException, Request
@@ -1178,11 +1196,9 @@ def create_app(
         blocks = [] if is_silent(wave) else list(audio_blocks(audio_pieces(wave, SAMPLE_RATE)))
         parts = await asyncio.gather(*(batcher.transcribe(w) for _, w, _ in blocks))
         tokens, stamps = [], []
-        for (offset, _, _), t in zip(blocks, parts):
-            tokens += t.tokens
-            stamps += [
-                (s + offset / SAMPLE_RATE, e + offset / SAMPLE_RATE) for s, e in t.timestamps
-            ]
+        for (offset, block, _), t in zip(blocks, parts):
+            t = on_recording_clock(t, offset / SAMPLE_RATE, len(block) / SAMPLE_RATE)
+            tokens, stamps = tokens + t.tokens, stamps + t.timestamps
         words = Transcript("", tokens, stamps).words
         return {
             "text": " ".join(t.text for t in parts if t.text),

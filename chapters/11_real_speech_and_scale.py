@@ -708,7 +708,7 @@ print_table(
 # two utterances (the gaps of 0.5 s: each cut within them, give or take a frame), and
 # each piece holds exactly the words of the utterances spoken in it. That last check
 # depends on the alignment, which is only as good as the model: with the book's model
-# (about 21% CER) a word beside a cut now and then lands on the wrong side of it
+# (about 19% CER) a word beside a cut now and then lands on the wrong side of it
 # (`tests/test_corpora.py` allows two words per cut on another recording).
 
 # %%

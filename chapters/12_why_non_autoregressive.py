@@ -838,9 +838,9 @@ plt.show()
 # On two CPU cores the CTC model is far ahead of the Paraformer and the AR model at
 # equal time: about 28% dev CER after five minutes, where those two are near 50%. Part
 # of it is speed: with no decoder, no predictor and no second (GLM) pass, a CTC step
-# costs less, and it made about 1.7 times as many steps as the Paraformer in the same
-# minutes. But Paraformer-v2, whose steps cost a little less than the Paraformer's, follows
-# CTC closely and catches it by the end: speed is not the whole story. The CTC curve has
+# costs less, and it made about 1.6 times as many steps as the Paraformer in the same
+# minutes. But Paraformer-v2, which made fewer steps than the Paraformer in this run,
+# follows CTC closely, a few points behind: speed is not the whole story. The CTC curve has
 # nearly stopped falling after two and a half minutes; the Paraformer's and the AR
 # model's are still falling. These are runs of five minutes and one seed each:
 # differences of a few points are within what another run changes.
@@ -917,11 +917,11 @@ if min(t.step for t in trainers.values()) >= 1000:  # the stored runs (CI trains
 
 
 # %% [markdown]
-# The AR model decoded greedily is the weakest of the four; its beam of four gains more
-# than ten points (a young AR model often repeats or drops a word, and a beam with
+# The AR model decoded greedily is the weakest of the four; its beam of four gains about
+# ten points (a young AR model often repeats or drops a word, and a beam with
 # length normalisation recovers from many of those), which puts it ahead of the
-# Paraformer at this budget. Paraformer-v2 is about level with CTC, 18 points ahead of
-# the Paraformer. On held-out voices every system loses six to twelve points. The
+# Paraformer at this budget. Paraformer-v2 is a few points behind CTC, 17 points ahead of
+# the Paraformer. On held-out voices every system loses five to twelve points. The
 # paper's claim of accuracy *comparable to AR* is about models trained to convergence on
 # a thousand hours; five minutes on a CPU decides which model learns fastest, and there
 # CTC and Paraformer-v2 win.
@@ -975,7 +975,7 @@ print(f"the Paraformer's count is exactly right on {exact:.0%} of the test utter
 
 # %% [markdown]
 # The count is not the problem: told the true number of tokens, the Paraformer is no
-# better, although its own count is exactly right on only about a fifth of the
+# better, although its own count is exactly right on only about a quarter of the
 # utterances. The encoder is: decoded by its own CTC head, the Paraformer's encoder
 # is about twice as wrong as the CTC model's, trained for the same minutes with the same
 # architecture. A likely reason: in the Paraformer most of the encoder's gradient arrives
@@ -983,7 +983,7 @@ print(f"the Paraformer's count is exactly right on {exact:.0%} of the test utter
 # while the predictor is still learning where the tokens are, that signal is blurred.
 # Paraformer-v2 keeps the cross-entropy and CTC losses but takes its queries from CTC's
 # posteriors, and its encoder learns about as fast as the CTC model's (its CTC head
-# alone: exercise 2), with the decoder's pass adding a point on top. That is what closes
+# alone: exercise 2), with the decoder's pass adding little on top. That is what closes
 # the gap at this budget: not a better count, a better-trained encoder.
 
 # %% [markdown]
@@ -1060,12 +1060,12 @@ print_table(
 
 # %% [markdown]
 # The Paraformer decodes about three times as fast as the AR model's greedy decoder, at
-# batch 1 and at batch 16, and about five times as fast as its beam of four; Paraformer-v2
+# batch 1 and at batch 16, and four to seven times as fast as its beam of four; Paraformer-v2
 # (CTC's greedy path instead of the predictor) is as fast. That is not the paper's "more
 # than ten times" here. Two reasons, both visible in this setting. The utterances are
 # short (about 15 tokens), and the AR cost grows with the number of tokens; and the
 # encoder, which all four systems share, takes a large part of the time: greedy CTC, the
-# encoder alone plus an argmax, is only about 1.5 times faster than the whole
+# encoder alone plus an argmax, is only about 1.5 to 2.3 times faster than the whole
 # Paraformer. The paper's models have decoders of many layers, utterances of about 30
 # tokens, and GPUs, where a sequential decoder leaves most of the device idle.
 
@@ -1162,7 +1162,7 @@ assert cer_of["Paraformer, characters"] > cer_of["Paraformer"]  # BPE beats char
 #   key/value cache (checked against recomputing the prefix) or with a batched,
 #   length-normalised beam search (checked against exhaustive search; beam 1 = greedy).
 # - On the book's corpus, five minutes each on two CPU cores: CTC and Paraformer-v2
-#   about 27-28% test CER, the Paraformer about 47%, the AR model 54% greedy and 40%
+#   about 28% and 31% test CER, the Paraformer about 48%, the AR model 54% greedy and 44%
 #   with a beam of four. The paper's accuracy claim (Paraformer close to AR) is about
 #   converged models, which five-minute runs do not test.
 # - The Paraformer's gap to CTC is not its token count (the true count changes nothing)

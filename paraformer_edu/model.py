@@ -178,7 +178,7 @@ class Paraformer(nn.Module):
         self.eval()
         try:
             h, h_lengths = self.encoder(features, feature_lengths)  # (B, T, D), (B,)
-            cif = self.predictor(h, h_lengths)  # unscaled weights, tail rule: embeds (B, N, D)
+            cif = self.predictor(h, h_lengths)  # tail rule, weights scaled to it: embeds (B, N, D)
             if cif.embeds.size(1) == 0:  # no utterance fired a token
                 log_probs = h.new_zeros(h.size(0), 0, self.config.vocab_size)  # (B, 0, V)
             else:

@@ -18,13 +18,17 @@ from paraformer_edu.model import Hypothesis
 from paraformer_edu.predictor import cif_count, cif_timestamps
 
 
-def cif_bounded(h, alphas, lengths, beta: float = 1.0, tail_threshold: float = 0.45):
+def cif_bounded(
+    h, alphas, lengths, beta: float = 1.0, tail_threshold: float = 0.45, rescale: bool = True
+):
     """CIF with T' token slots (N <= T'), no data-dependent size: embeds (B, T', D), N, fires.
 
     Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
     """
     B, T, D = h.shape
     C, N = cif_count(alphas, lengths, beta, tail_threshold)  # (B, T + 1), (B,)
+    if rescale:  # chapter 5's default: the weights scaled to the count, as in training
+        C, N = cif_count(alphas, lengths, beta, 0.0, N)  # (B, T + 1), (B,)
     k = torch.arange(T, dtype=C.dtype, device=h.device)  # (K,) with K = T'
     fires = (C[:, None, 1:] < (k + 1)[None, :, None]).sum(-1)  # (B, K): first t, C_t >= k + 1
     j = C[:, :-1].floor()  # (B, T): the token each frame starts in
@@ -56,7 +60,8 @@ class ExportableParaformer(nn.Module):
         h, h_lengths = m.encoder(features, feature_lengths)  # (B, T', D), (B,)
         alphas = m.predictor.weights(h, h_lengths)  # (B, T')
         beta, tau = m.predictor.beta, m.predictor.tail_threshold
-        embeds, n, fires = cif_bounded(h, alphas, h_lengths, beta, tau)  # (B, T', D), (B,), (B, T')
+        # (B, T', D), (B,), (B, T')
+        embeds, n, fires = cif_bounded(h, alphas, h_lengths, beta, tau, m.predictor.rescale)
         log_probs = m.decoder(embeds, n, h, h_lengths).log_softmax(-1)  # (B, T', V)
         return log_probs, n, fires, h_lengths
 

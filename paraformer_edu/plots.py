@@ -144,15 +144,21 @@ def plot_cross_attention(inside, layer: int = -1):
     return fig
 
 
-def plot_cif(inside, beta: float = 1.0):
+def plot_cif(inside, beta: float = 1.0, rescale: bool = True):
     """The predictor under the spectrogram: alphas, accumulated weight, labelled firing points.
+
+    rescale: the predictor integrated the weights scaled to its count (chapter 5's default).
 
     Defined in chapter 8, "Seeing inside the model".
     """
     alphas = inside.alphas.double()  # (T,)
     T = alphas.size(0)
     t = (torch.arange(T) + 0.5) * inside.frame_shift  # (T,) frame centres in seconds
-    accumulated = alphas.cumsum(0) % beta  # (T,) weight of the token being integrated after frame t
+    if rescale and len(inside.tokens):  # the weights as integrated: scaled to sum to N-hat
+        scaled = alphas * (len(inside.tokens) * beta / alphas.sum())  # (T,)
+    else:
+        scaled = alphas  # (T,)
+    accumulated = scaled.cumsum(0) % beta  # (T,) weight of the token being integrated after frame t
     fires = [(min(f, T - 1) + 0.5) * inside.frame_shift for f in inside.fires]  # (N,) seconds
     fig, axes = plt.subplots(
         3, 1, figsize=(9, 5.8), sharex=True, gridspec_kw={"height_ratios": [1.3, 1, 1]}

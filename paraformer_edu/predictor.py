@@ -191,11 +191,14 @@ class CifPredictor(nn.Module):
     Defined in chapter 5, "The predictor: continuous integrate-and-fire".
     """
 
-    def __init__(self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45):
+    def __init__(
+        self, d_model: int, beta: float = 1.0, tail_threshold: float = 0.45, rescale: bool = True
+    ):
         super().__init__()
         self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
         self.linear = nn.Linear(d_model, 1)
         self.beta, self.tail_threshold = beta, tail_threshold
+        self.rescale = rescale  # inference: integrate the weights scaled to the count
 
     def weights(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The weights alpha (B, T) of encoder states h (B, T, D); 0 on padding."""
@@ -208,9 +211,11 @@ class CifPredictor(nn.Module):
     def forward(
         self, h: torch.Tensor, lengths: torch.Tensor, target_lengths: torch.Tensor | None = None
     ) -> CifOutput:
-        """Integrate h (B, T, D) into tokens: |y| given target_lengths (B,), else the tail rule."""
+        """Integrate h (B, T, D) into |y| tokens given target_lengths (B,), else the tail rule's."""
         alphas = self.weights(h, lengths)  # (B, T)
         tail = 0.0 if target_lengths is not None else self.tail_threshold
+        if target_lengths is None and self.rescale:  # count first, then integrate as in training
+            tail, target_lengths = 0.0, cif_count(alphas, lengths, self.beta, tail)[1]  # (B,)
         embeds, token_lengths, fires = cif(h, alphas, lengths, self.beta, tail, target_lengths)
         return CifOutput(embeds, token_lengths, alphas, fires)
 

@@ -17,7 +17,7 @@ import torch
 
 from paraformer_edu.audio import SAMPLE_RATE, AudioError, is_silent, load_audio
 from paraformer_edu.inference import Transcript, load_model
-from paraformer_edu.transcription import audio_blocks, audio_pieces
+from paraformer_edu.transcription import audio_blocks, audio_pieces, on_recording_clock
 
 try:
     from fastapi import FastAPI, HTTPException, Request
@@ -191,11 +191,9 @@ def create_app(
         blocks = [] if is_silent(wave) else list(audio_blocks(audio_pieces(wave, SAMPLE_RATE)))
         parts = await asyncio.gather(*(batcher.transcribe(w) for _, w, _ in blocks))
         tokens, stamps = [], []
-        for (offset, _, _), t in zip(blocks, parts):
-            tokens += t.tokens
-            stamps += [
-                (s + offset / SAMPLE_RATE, e + offset / SAMPLE_RATE) for s, e in t.timestamps
-            ]
+        for (offset, block, _), t in zip(blocks, parts):
+            t = on_recording_clock(t, offset / SAMPLE_RATE, len(block) / SAMPLE_RATE)
+            tokens, stamps = tokens + t.tokens, stamps + t.timestamps
         words = Transcript("", tokens, stamps).words
         return {
             "text": " ".join(t.text for t in parts if t.text),

@@ -471,7 +471,6 @@ class Trainer:
 
     def _log_changed_settings(self, stored: dict) -> None:
         """Log the settings a resumed run changed ({setting: [before, after]}) at its step."""
-        # settings the stored configuration predates count as their defaults
         before = flat_settings(config_to_dict(config_from_dict(stored)))
         after = flat_settings(config_to_dict(self.config))
         changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v}

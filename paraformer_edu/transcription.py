@@ -165,15 +165,24 @@ class LongTranscript(NamedTuple):
     duration: float  # seconds of audio read
 
 
+def on_recording_clock(t: Transcript, offset: float, seconds: float) -> Transcript:
+    """A block's transcript, its timestamps moved by offset s and none past the block's end.
+
+    Defined in chapter 10, "Using the model: long audio, files, ONNX and a service".
+    """
+    end = offset + seconds  # a last 60 ms frame can run past the block
+    return Transcript(
+        t.text, t.tokens, [(min(s + offset, end), min(e + offset, end)) for s, e in t.timestamps]
+    )
+
+
 def _decode_blocks(recognizer, batch: list) -> list:
     """Transcripts of (offset s, wave) blocks, timestamps moved onto the recording's clock."""
     transcripts = recognizer.recognize_features([recognizer.frontend(w) for _, w in batch])
-    out = []
-    for (offset, wave), t in zip(batch, transcripts):
-        end = offset + len(wave) / SAMPLE_RATE  # a last 60 ms frame can run past the block
-        stamps = [(min(s + offset, end), min(e + offset, end)) for s, e in t.timestamps]
-        out.append(Transcript(t.text, t.tokens, stamps))
-    return out
+    return [
+        on_recording_clock(t, offset, len(wave) / SAMPLE_RATE)
+        for (offset, wave), t in zip(batch, transcripts)
+    ]
 
 
 def transcribe_long(
@@ -290,6 +299,7 @@ __all__ = [
     "audio_blocks",
     "audio_pieces",
     "LongTranscript",
+    "on_recording_clock",
     "transcribe_long",
     "AUDIO_SUFFIXES",
     "audio_files",

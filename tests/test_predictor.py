@@ -275,6 +275,33 @@ def test_predictor():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in predictor.parameters())
 
 
+def test_inference_counts_with_the_tail_rule_then_integrates_scaled_weights():
+    torch.manual_seed(0)
+    predictor = CifPredictor(d_model=16)
+    with torch.no_grad():
+        predictor.linear.bias.fill_(1.0)  # weights near 0.7: several tokens, leftovers on either side
+    h, lengths = torch.randn(4, 30, 16), torch.tensor([30, 17, 5, 0])
+    out = predictor(h, lengths)  # the default, rescale=True
+    predictor.rescale = False
+    raw = predictor(h, lengths)  # the paper's inference
+    count = torch.floor(out.alphas.double().sum(1) + 0.45).long()
+    assert torch.equal(out.token_lengths, count) and torch.equal(raw.token_lengths, count)
+    # the plain loop, given the count as target: the same embeddings and fires as the default
+    looped, n, fires = cif_loop(h.double(), out.alphas.double(), lengths, target_lengths=count)
+    assert torch.equal(n, count) and torch.equal(fires, out.fires)
+    assert max_diff(looped.float(), out.embeds) < 1e-5
+    weights = cif(torch.eye(30).expand(4, 30, 30), out.alphas, lengths, target_lengths=count)[0].sum(-1)
+    valid = torch.arange(weights.size(1)) < count[:, None]
+    assert torch.allclose(weights[valid], torch.ones(int(valid.sum())))  # every token weighs beta
+    assert not torch.allclose(raw.embeds, out.embeds)  # the raw integration differs
+    for b in range(3):  # batched equals alone
+        predictor.rescale = True
+        alone = predictor(h[b : b + 1, : lengths[b]], lengths[b : b + 1])
+        assert torch.equal(alone.token_lengths, count[b : b + 1])
+        assert max_diff(alone.embeds[0], out.embeds[b, : count[b]]) < 1e-5
+    assert (out.embeds[3] == 0).all() and out.token_lengths[3] == 0  # padding only: nothing
+
+
 # ---------------------------------------------------------------- timestamps
 
 def test_timestamps_from_known_fire_frames():

@@ -20,7 +20,7 @@ from paraformer_edu.encoder import EncoderConfig
 from paraformer_edu.metrics import cer
 from paraformer_edu.model import Paraformer, ParaformerConfig
 from paraformer_edu.onnx_export import cif_bounded, export_onnx, onnx_recognizer
-from paraformer_edu.predictor import cif
+from paraformer_edu.predictor import cif, cif_count
 from paraformer_edu.transcription import (audio_blocks, audio_pieces, finished_paths, frame_energy_db,
                                           speech_frames, transcribe_files, transcribe_long)
 
@@ -195,13 +195,16 @@ def test_cif_bounded_equals_cif():
         h = torch.randn(B, T, D, generator=g)
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         alphas = torch.rand(B, T, generator=g) * (torch.arange(T) < lengths[:, None])
-        embeds, n, fires = cif(h, alphas, lengths, 1.0, 0.45)
-        bounded, n2, fires2 = cif_bounded(h, alphas, lengths, 1.0, 0.45)
-        K = embeds.size(1)
-        assert torch.equal(n, n2) and torch.equal(fires, fires2[:, :K]) and (fires2[:, K:] == -1).all()
-        assert torch.allclose(embeds, bounded[:, :K], atol=1e-5) and bounded[:, K:].abs().sum() == 0
-        one = cif_bounded(h[1:2, : lengths[1]], alphas[1:2, : lengths[1]], lengths[1:2], 1.0, 0.45)[0]
-        assert torch.allclose(one[0, : n[1]], bounded[1, : n[1]], atol=1e-5)  # batched = alone
+        count = cif_count(alphas, lengths, 1.0, 0.45)[1]
+        for rescale in (True, False):  # chapter 5's default, and the paper's raw integration
+            embeds, n, fires = (cif(h, alphas, lengths, 1.0, 0.0, count) if rescale
+                                else cif(h, alphas, lengths, 1.0, 0.45))
+            bounded, n2, fires2 = cif_bounded(h, alphas, lengths, 1.0, 0.45, rescale)
+            K = embeds.size(1)
+            assert torch.equal(n, n2) and torch.equal(fires, fires2[:, :K]) and (fires2[:, K:] == -1).all()
+            assert torch.allclose(embeds, bounded[:, :K], atol=1e-5) and bounded[:, K:].abs().sum() == 0
+            one = cif_bounded(h[1:2, : lengths[1]], alphas[1:2, : lengths[1]], lengths[1:2], 1.0, 0.45, rescale)[0]
+            assert torch.allclose(one[0, : n[1]], bounded[1, : n[1]], atol=1e-5)  # batched = alone
 
 
 def test_onnx_export_matches_pytorch(tmp_path):

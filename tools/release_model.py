@@ -5,6 +5,8 @@
                                   # a run that started from the released model (train --init)
     python tools/release_model.py runs/c/best.pt models/paraformer-book --continues models/paraformer-book runs/b
                                   # runs/b started from the released model, runs/c from runs/b/latest.pt
+    python tools/release_model.py --remeasure models/paraformer-book
+                                  # the same file scored again, after a change to decoding
 
 Writes into the folder:
 - model.pt        one file for `paraformer_edu.load_model`: float16 weights, configuration,
@@ -137,8 +139,11 @@ def train_sample_scores(recognizer: Recognizer, corpus: str, n: int = 300) -> di
 def main(argv: list[str] | None = None) -> int:
     """Convert, copy and measure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("checkpoint", type=Path, nargs="?")
+    parser.add_argument("folder", type=Path, nargs="?")
+    parser.add_argument("--remeasure", type=Path, metavar="FOLDER",
+                        help="score a released model again with today's code (after a change to decoding): "
+                             "its model.pt, steps, training time and history are kept")
     parser.add_argument("--log", type=Path, help="training log (default: train_log.jsonl beside the checkpoint)")
     parser.add_argument("--continues", type=Path, nargs="+", default=[], metavar="FOLDER",
                         help="what the run started from (train --init), oldest first: a released model's "
@@ -146,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                              "steps, training time and logs come first, so the figures count the whole training")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    if args.remeasure:
+        return remeasure(args.remeasure)
+    if args.checkpoint is None or args.folder is None:
+        parser.error("give CHECKPOINT FOLDER, or --remeasure FOLDER")
     # read before the folder is overwritten (it may be the same folder)
     earlier_steps, earlier_seconds, earlier_log, history = earlier_training(args.continues)
     payload = load_checkpoint(args.checkpoint)
@@ -163,16 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     (args.folder / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in earlier_log + moved))
     history += stretches(args.checkpoint.parent, earlier_steps, step + earlier_steps, config,
                          [row for row in log if row["step"] <= step], history)
-    step, seconds = step + earlier_steps, seconds + earlier_seconds
-    # measure the released file, not the float32 checkpoint: what users load is what is scored
-    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(args.folder / "model.pt"))
-    manifests = build_corpus(corpus_config(config.data.corpus), splits=("dev", "test", "test-voices"))
-    metrics = {"checkpoint": args.checkpoint.name, "steps": step, "train_hours": seconds / 3600,
+    metrics = {"checkpoint": args.checkpoint.name, "steps": step + earlier_steps,
+               "train_hours": (seconds + earlier_seconds) / 3600,
                "device": "cuda" if choose_device(config.training.device).type == "cuda"
                else f"{platform.machine()} CPU, {config.training.threads} threads",
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "size_mb": (args.folder / "model.pt").stat().st_size / 2**20,
                "history": history}  # each stretch of training: its steps and the settings it changed
+    measure(args.folder, metrics)
+    return 0
+
+
+def measure(folder: Path, metrics: dict) -> dict:
+    """Score the released file in folder (what users load is what is scored) into metrics.json."""
+    model, tokenizer, frontend, config = model_from_checkpoint(load_checkpoint(folder / "model.pt"))
+    manifests = build_corpus(corpus_config(config.data.corpus), splits=("dev", "test", "test-voices"))
+    metrics |= {"parameters": sum(p.numel() for p in model.parameters()),
+                "size_mb": (folder / "model.pt").stat().st_size / 2**20}
     datasets = {split: SpeechDataset(manifests[split], frontend, tokenizer.encode) for split in manifests}
     lm = book_language_model(tokenizer)
     dev_cer = {w: evaluate(model, datasets["dev"], tokenizer, search=LMSearch(lm, w, 4))["cer"] for w in LM_WEIGHTS}
@@ -193,8 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     bias = dev_errors.median().item()
     test_errors, _ = onset_errors(recognizer, read_manifest(manifests["test"]), offset=-bias)
     metrics["word_onsets"] = {"dev_bias_ms": round(1000 * bias, 1), "test_corrected": error_summary(test_errors)}
-    (args.folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics))
+    return metrics
+
+
+def remeasure(folder: Path) -> int:
+    """Score a released model again with today's code (its file, steps, hours and history kept)."""
+    kept = ("checkpoint", "steps", "train_hours", "device", "history")
+    old = json.loads((folder / "metrics.json").read_text())
+    measure(folder, {k: old[k] for k in kept if k in old})
     return 0
 
 
