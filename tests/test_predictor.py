@@ -294,8 +294,8 @@ def test_inference_counts_with_the_tail_rule_then_integrates_scaled_weights():
     valid = torch.arange(weights.size(1)) < count[:, None]
     assert torch.allclose(weights[valid], torch.ones(int(valid.sum())))  # every token weighs beta
     assert not torch.allclose(raw.embeds, out.embeds)  # the raw integration differs
+    predictor.rescale = True
     for b in range(3):  # batched equals alone
-        predictor.rescale = True
         alone = predictor(h[b : b + 1, : lengths[b]], lengths[b : b + 1])
         assert torch.equal(alone.token_lengths, count[b : b + 1])
         assert max_diff(alone.embeds[0], out.embeds[b, : count[b]]) < 1e-5
